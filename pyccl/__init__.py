@@ -1,0 +1,39 @@
+"""pyccl: fault-tolerant collective communication for training over the internet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyccl.errors import CCLError, MismatchError, PeerFailure, ProtocolError, Timeout
+
+__all__ = [
+    "CCLError",
+    "PeerFailure",
+    "Timeout",
+    "ProtocolError",
+    "MismatchError",
+    "Master",
+    "Communicator",
+    "ReduceOp",
+    "ReduceInfo",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy imports keep `import pyccl` cheap and let the master run without the
+    # compiled core (and the core without uvloop).
+    if name == "Master":
+        from pyccl.master import Master
+
+        return Master
+    if name in ("Communicator", "ReduceInfo", "AsyncHandle"):
+        from pyccl import comm
+
+        return getattr(comm, name)
+    if name == "ReduceOp":
+        from pyccl.types import ReduceOp
+
+        return ReduceOp
+    raise AttributeError(f"module 'pyccl' has no attribute {name!r}")

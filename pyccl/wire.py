@@ -1,0 +1,130 @@
+"""Control-plane framing: ``u32 big-endian length | msgpack map``.
+
+Shared by the master (asyncio) and the peer's control client (blocking
+sockets). Decoding never trusts the peer: lengths are bounded before any
+allocation, msgpack limits are set, and the result must be a map with a
+string ``type``. Field-level validation lives with whoever consumes the frame
+(:mod:`pyccl.master.state` for the master, :mod:`pyccl.control` for peers),
+using the small checkers below.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any, Mapping
+
+import msgpack
+
+MAX_FRAME_BYTES = 1 << 20
+_LEN = struct.Struct(">I")
+MAX_INT = (1 << 63) - 1
+MAX_TAG = (1 << 31) - 1
+
+
+class FrameError(ValueError):
+    """A frame that cannot be accepted; the message says why."""
+
+
+def encode(frame: Mapping[str, Any]) -> bytes:
+    """Serialise one frame (length prefix included)."""
+    body = msgpack.packb(frame, use_bin_type=True)
+    if len(body) > MAX_FRAME_BYTES:
+        raise FrameError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    return _LEN.pack(len(body)) + body
+
+
+def decode_length(header: bytes) -> int:
+    """Return the body length announced by a 4-byte header, or raise FrameError."""
+    (n,) = _LEN.unpack(header)
+    if n == 0:
+        raise FrameError("empty frame")
+    if n > MAX_FRAME_BYTES:
+        raise FrameError(f"frame length {n} exceeds the {MAX_FRAME_BYTES}-byte limit")
+    return n
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Unpack a frame body into a dict with a string ``type``, or raise FrameError."""
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=False,
+            max_buffer_size=MAX_FRAME_BYTES,
+        )
+    except Exception as exc:  # msgpack raises many types for garbage
+        raise FrameError(f"undecodable msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise FrameError(f"frame is a {type(obj).__name__}, expected a map")
+    t = obj.get("type")
+    if not isinstance(t, str):
+        raise FrameError("frame has no string 'type' field")
+    return obj
+
+
+def recv_frame(sock: socket.socket) -> dict[str, Any]:
+    """Blocking read of one frame. Raises ConnectionError on EOF, FrameError on garbage."""
+    n = decode_length(_recv_exact(sock, 4))
+    return decode_body(_recv_exact(sock, n))
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("connection closed by the other side")
+        got += k
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def get_int(frame: Mapping[str, Any], key: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    v = frame.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise FrameError(f"'{frame.get('type')}' field '{key}' must be an integer")
+    if not lo <= v <= hi:
+        raise FrameError(f"'{frame.get('type')}' field '{key}'={v} outside [{lo}, {hi}]")
+    return v
+
+
+def get_str(frame: Mapping[str, Any], key: str, max_len: int, optional: bool = False) -> str:
+    v = frame.get(key)
+    if v is None and optional:
+        return ""
+    if not isinstance(v, str):
+        raise FrameError(f"'{frame.get('type')}' field '{key}' must be a string")
+    if len(v) > max_len:
+        raise FrameError(f"'{frame.get('type')}' field '{key}' longer than {max_len}")
+    return v
+
+
+def get_float(frame: Mapping[str, Any], key: str, lo: float, hi: float) -> float:
+    v = frame.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise FrameError(f"'{frame.get('type')}' field '{key}' must be a number in [{lo}, {hi}]")
+    return float(v)
+
+
+def get_pairs(frame: Mapping[str, Any], key: str, max_len: int, hi_first: int = MAX_TAG) -> list[tuple[int, int]]:
+    """A list of ``[int, int]`` pairs (tag counters, fences)."""
+    v = frame.get(key)
+    if not isinstance(v, (list, tuple)) or len(v) > max_len:
+        raise FrameError(f"'{frame.get('type')}' field '{key}' must be a list of at most {max_len} pairs")
+    out = []
+    for item in v:
+        if (
+            not isinstance(item, (list, tuple))
+            or len(item) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+            or not 0 <= item[0] <= hi_first
+            or not 0 <= item[1] <= MAX_INT
+        ):
+            raise FrameError(f"'{frame.get('type')}' field '{key}' has a malformed pair {item!r}")
+        out.append((int(item[0]), int(item[1])))
+    return out
