@@ -1,0 +1,105 @@
+// pyccl._core: the pybind11 face of the C++ data plane.
+//
+// Deliberately thin: buffers cross as raw addresses (Python keeps the
+// arrays alive for the duration of the call) and every call that can block
+// releases the GIL, so the peer's control thread keeps heart-beating while
+// bytes move.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/log.h"
+#include "common/status.h"
+#include "dataplane.h"
+#include "kernels/dtype.h"
+#include "kernels/reduce.h"
+
+namespace py = pybind11;
+using namespace pyccl;
+
+namespace {
+
+DType to_dtype(int code) {
+  if (!valid_dtype(static_cast<uint8_t>(code))) throw py::value_error("unknown dtype code " + std::to_string(code));
+  return static_cast<DType>(code);
+}
+
+RedOp to_redop(int code) {
+  if (!valid_redop(static_cast<uint8_t>(code))) throw py::value_error("unknown reduce op code " + std::to_string(code));
+  return static_cast<RedOp>(code);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pyccl data plane (C++): ring collectives over pooled TCP connections";
+
+  py::enum_<FailKind>(m, "FailKind")
+      .value("NONE", FailKind::None)
+      .value("PEER", FailKind::Peer)
+      .value("MISMATCH", FailKind::Mismatch)
+      .value("PROTOCOL", FailKind::Protocol)
+      .value("ABORTED", FailKind::Aborted)
+      .value("INVALID", FailKind::Invalid);
+
+  py::class_<DataPlane>(m, "DataPlane")
+      .def(py::init<const std::string&, uint16_t, int>(), py::arg("host"), py::arg("port"), py::arg("connections"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("port", &DataPlane::port)
+      .def_property_readonly("connections", &DataPlane::connections)
+      .def(
+          "set_epoch",
+          [](DataPlane& d, uint64_t epoch, uint64_t my_id, int rank, int world_size, uint64_t next_id,
+             const std::string& next_host, uint16_t next_port, uint64_t prev_id) {
+            net::EpochInfo info{epoch, my_id, rank, world_size, next_id, next_host, next_port, prev_id};
+            py::gil_scoped_release release;
+            d.set_epoch(info);
+          },
+          py::arg("epoch"), py::arg("my_id"), py::arg("rank"), py::arg("world_size"), py::arg("next_id"),
+          py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"))
+      .def("abort_through", &DataPlane::abort_through, py::arg("epoch"), py::arg("why"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("close", &DataPlane::close, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "all_reduce",
+          [](DataPlane& d, uint64_t epoch, uint32_t tag, uint64_t seq, uintptr_t input, uintptr_t work, size_t count,
+             int dtype, int op) {
+            const DType t = to_dtype(dtype);
+            const RedOp o = to_redop(op);
+            OpResult r;
+            {
+              py::gil_scoped_release release;
+              r = d.all_reduce(epoch, tag, seq, reinterpret_cast<const void*>(input), reinterpret_cast<void*>(work),
+                               count, t, o);
+            }
+            return py::make_tuple(r.status.kind, r.status.message, r.tx_bytes, r.rx_bytes);
+          },
+          py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("input"), py::arg("work"), py::arg("count"),
+          py::arg("dtype"), py::arg("op"),
+          "Run one ring all-reduce; returns (FailKind, message, tx_bytes, rx_bytes).");
+
+  m.def(
+      "copy",
+      [](uintptr_t dst, uintptr_t src, size_t nbytes) {
+        py::gil_scoped_release release;
+        std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("nbytes"), "memmove without the GIL (commits large results).");
+
+  m.def(
+      "reduce",
+      [](uintptr_t dst, uintptr_t src, size_t count, int dtype, int op, bool final_step, int world_size) {
+        const DType t = to_dtype(dtype);
+        const RedOp o = to_redop(op);
+        py::gil_scoped_release release;
+        if (final_step) reduce_final(t, o, reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), count, world_size);
+        else reduce_step(t, o, reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), count);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("final_step") = false,
+      py::arg("world_size") = 1, "dst = op(dst, src) elementwise; exposed for tests and benchmarks.");
+
+  m.def(
+      "set_log_level", [](const std::string& name) { log::set_level(log::parse_level(name)); }, py::arg("name"));
+}

@@ -1,0 +1,88 @@
+// One in-flight collective as seen by the data plane.
+//
+// An Op is shared by three kinds of threads: the caller's thread drives the
+// ring algorithm, reader threads place incoming chunks into its buffers, and
+// sender threads transmit from them. The Op is the meeting point: chunk
+// arrival flags, the count of outstanding sends and active writes (so the
+// caller never returns while another thread still touches user memory), and
+// the first failure, which wakes everybody.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "collectives/layout.h"
+#include "common/status.h"
+#include "kernels/dtype.h"
+#include "net/wire_format.h"
+
+namespace pyccl {
+
+struct OpKey {
+  uint64_t epoch;
+  uint32_t tag;
+  uint64_t seq;
+};
+
+class Op {
+ public:
+  Op(OpKey key, DType dtype, RedOp redop, const void* input, void* work, RingLayout layout, int rank);
+
+  const OpKey& key() const { return key_; }
+  const RingLayout& layout() const { return layout_; }
+  DType dtype() const { return dtype_; }
+  RedOp redop() const { return redop_; }
+  int rank() const { return rank_; }
+  const void* input() const { return input_; }
+  char* work() const { return static_cast<char*>(work_); }
+
+  // Header template for frames this op sends.
+  net::DataHeader header(net::Phase phase, uint32_t chunk) const;
+
+  // --- receiving side (reader threads)
+  // Validates a frame against this op. On success returns where its payload
+  // goes and counts an active writer (call end_write afterwards). Returns
+  // nullptr if the payload must be discarded: the op already failed, or the
+  // frame is wrong for it, in which case the op is failed with a message.
+  char* begin_write(const net::DataHeader& h, const std::string& from);
+  void end_write(const net::DataHeader& h, bool ok);
+
+  // --- driving side (caller thread)
+  // Blocks until the chunk arrived; false if the op failed meanwhile.
+  bool wait_arrived(net::Phase phase, uint32_t chunk);
+  void add_pending_send();
+  void send_done(bool ok, uint64_t bytes);
+  // Blocks until no reader writes into and no sender reads from our buffers.
+  void wait_quiescent();
+
+  // First failure wins; wakes every waiter.
+  void fail(FailKind kind, const std::string& message);
+  Status status() const;
+  bool failed() const;
+
+  uint64_t tx_bytes() const;
+  uint64_t rx_bytes() const;
+
+ private:
+  std::vector<uint8_t>& arrived(net::Phase phase) { return phase == net::Phase::ReduceScatter ? arrived_rs_ : arrived_ag_; }
+
+  const OpKey key_;
+  const DType dtype_;
+  const RedOp redop_;
+  const void* const input_;
+  void* const work_;
+  const RingLayout layout_;
+  const int rank_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<uint8_t> arrived_rs_, arrived_ag_;
+  int active_writers_ = 0;
+  int pending_sends_ = 0;
+  uint64_t tx_bytes_ = 0, rx_bytes_ = 0;
+  Status status_;
+};
+
+}  // namespace pyccl

@@ -1,0 +1,241 @@
+#include "dataplane.h"
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "collectives/ring_allreduce.h"
+#include "common/log.h"
+
+namespace pyccl {
+
+DataPlane::DataPlane(const std::string& host, uint16_t port, int connections)
+    : connections_(std::clamp(connections, 1, static_cast<int>(net::kMaxConnections))) {
+  listener_ = net::listen_tcp(host, port);
+  port_ = net::local_port(listener_);
+  accept_thread_ = std::thread([this] { accept_loop(); });
+  PYCCL_LOG(Info, "data plane listening on " << host << ":" << port_ << " with " << connections_
+                                             << " connections per neighbour");
+}
+
+DataPlane::~DataPlane() { close(); }
+
+void DataPlane::close() {
+  std::shared_ptr<net::RingLinks> links;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    closed_ = true;
+    links.swap(links_);
+    cv_.notify_all();
+  }
+  registry_.close();
+  if (links) links->shutdown("the communicator was closed");
+  listener_.shutdown_both();
+  if (accept_thread_.joinable()) accept_thread_.join();
+  {
+    std::lock_guard<std::mutex> lock(workers_mu_);
+    for (int fd : incoming_fds_) ::shutdown(fd, SHUT_RDWR);
+  }
+  reap_threads(true);
+  links.reset();  // joins the connector and sender threads
+  listener_.close();
+}
+
+void DataPlane::set_epoch(const net::EpochInfo& info) {
+  auto fresh = std::make_shared<net::RingLinks>(
+      info, connections_, [this](uint64_t epoch, const std::string& why) { on_link_broken(epoch, why); });
+  std::shared_ptr<net::RingLinks> old;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    old = links_;
+    links_ = fresh;
+    cv_.notify_all();  // incoming hellos for this epoch may be waiting
+  }
+  registry_.begin_epoch(info.epoch);
+  if (old) old->shutdown("epoch " + std::to_string(info.epoch) + " replaced it");
+  PYCCL_LOG(Debug, "epoch " << info.epoch << ": rank " << info.rank << "/" << info.world_size << ", next peer "
+                            << info.next_id << " at " << info.next_host << ":" << info.next_port << ", prev peer "
+                            << info.prev_id);
+  old.reset();  // joins its threads (they exit promptly after shutdown)
+  reap_threads(false);
+}
+
+void DataPlane::abort_through(uint64_t epoch, const std::string& why) {
+  std::shared_ptr<net::RingLinks> links;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (links_ && links_->epoch() <= epoch) links = links_;
+  }
+  registry_.abort_through(epoch, why);
+  if (links) links->shutdown(why);
+}
+
+void DataPlane::on_link_broken(uint64_t epoch, const std::string& reason) {
+  PYCCL_LOG(Info, "epoch " << epoch << ": " << reason);
+  registry_.fail_epoch(epoch, FailKind::Peer, reason);
+  registry_.wake_all();
+}
+
+OpResult DataPlane::all_reduce(uint64_t epoch, uint32_t tag, uint64_t seq, const void* input, void* work,
+                               size_t count, DType dtype, RedOp redop) {
+  std::shared_ptr<net::RingLinks> links;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return {Status::Fail(FailKind::Aborted, "the communicator was closed")};
+    links = links_;
+  }
+  if (!links || links->epoch() != epoch)
+    return {Status::Fail(FailKind::Aborted, "epoch " + std::to_string(epoch) + " is no longer current")};
+  const net::EpochInfo& info = links->info();
+  const size_t elem = dtype_size(dtype);
+  if (info.world_size == 1) {
+    if (work != input) std::memmove(work, input, count * elem);
+    return {};
+  }
+  auto op = std::make_shared<Op>(OpKey{epoch, tag, seq}, dtype, redop, input, work,
+                                 RingLayout(count, elem, info.world_size), info.rank);
+  Status st = registry_.add(op);
+  if (!st.ok()) return {st};
+  st = links->wait_ready();
+  if (!st.ok()) op->fail(st.kind, st.message);
+  if (!op->failed()) run_ring_all_reduce(op, *links);
+  // Never return while a sender still reads from, or a reader still writes
+  // into, the caller's buffers.
+  op->wait_quiescent();
+  registry_.remove(*op);
+  return {op->status(), op->tx_bytes(), op->rx_bytes()};
+}
+
+// ----------------------------------------------------------------- incoming
+
+void DataPlane::accept_loop() {
+  for (;;) {
+    net::Socket s = net::accept_tcp(listener_);
+    if (!s.valid()) return;
+    std::lock_guard<std::mutex> lock(workers_mu_);
+    if (closed_) return;
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    int fd = s.fd();
+    incoming_fds_.push_back(fd);
+    workers_.push_back(Worker{std::thread([this, sock = std::move(s), done, fd]() mutable {
+                                serve_incoming(std::move(sock));
+                                {
+                                  std::lock_guard<std::mutex> l(workers_mu_);
+                                  incoming_fds_.remove(fd);
+                                }
+                                done->store(true);
+                              }),
+                              done});
+  }
+}
+
+std::shared_ptr<net::RingLinks> DataPlane::links_for(uint64_t epoch, double timeout_s) {
+  // A neighbour that learned the new epoch first may connect before we have
+  // it: hold its hello until our epoch catches up (or moves past it).
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, std::chrono::duration<double>(timeout_s),
+               [&] { return closed_ || (links_ && links_->epoch() >= epoch); });
+  if (closed_ || !links_ || links_->epoch() != epoch) return nullptr;
+  return links_;
+}
+
+void DataPlane::serve_incoming(net::Socket sock) {
+  const std::string addr = sock.peer_name();
+  net::LinkHello hello;
+  try {
+    sock.set_recv_timeout(10.0);
+    sock.recv_exact(&hello, sizeof(hello));
+  } catch (const net::SocketError& e) {
+    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": no valid hello (" << e.what() << ")");
+    return;
+  }
+  if (hello.magic != net::kLinkMagic || hello.version != net::kWireVersion || hello.conn_count == 0 ||
+      hello.conn_count > net::kMaxConnections || hello.conn_index >= hello.conn_count) {
+    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": malformed hello (magic 0x" << std::hex
+                                                        << hello.magic << std::dec << ", slot " << hello.conn_index
+                                                        << "/" << hello.conn_count << ")");
+    return;
+  }
+  auto links = links_for(hello.epoch, 30.0);
+  std::string why;
+  if (!links) {
+    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": epoch " << hello.epoch << " is not current");
+    return;
+  }
+  if (!links->attach_incoming(sock, hello, why)) {
+    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": " << why);
+    return;
+  }
+  const std::string from = "peer " + std::to_string(hello.from_peer) + " (" + addr + ")";
+  sock.set_recv_timeout(0);
+  sock.tune_for_bulk();
+  try {
+    read_frames(sock, *links, from);
+  } catch (const net::SocketError& e) {
+    if (!links->broken()) {
+      std::string reason = "lost connection from " + from + " (" + e.what() + ")";
+      on_link_broken(links->epoch(), reason);
+      links->shutdown(reason);
+    }
+  }
+  links->detach_incoming(sock);
+}
+
+void DataPlane::read_frames(net::Socket& sock, net::RingLinks& links, const std::string& from) {
+  const uint64_t epoch = links.epoch();
+  for (;;) {
+    net::DataHeader h;
+    sock.recv_exact(&h, sizeof(h));
+    std::string bad;
+    if (h.magic != net::kDataMagic || h.version != net::kWireVersion) bad = "bad magic/version";
+    else if (h.epoch != epoch) bad = "frame for epoch " + std::to_string(h.epoch) + " on a link of epoch " + std::to_string(epoch);
+    else if (h.phase != static_cast<uint8_t>(net::Phase::ReduceScatter) && h.phase != static_cast<uint8_t>(net::Phase::AllGather)) bad = "unknown phase";
+    else if (h.length > net::kMaxChunkBytes) bad = "payload of " + std::to_string(h.length) + " bytes exceeds the chunk limit";
+    if (!bad.empty()) {
+      std::string reason = "protocol error from " + from + ": " + bad + "; closing the connection";
+      PYCCL_LOG(Warning, "rejected frame: " << reason);
+      registry_.fail_epoch(epoch, FailKind::Protocol, reason);
+      links.shutdown(reason);
+      return;
+    }
+    auto op = registry_.wait_for(epoch, h.tag, h.seq, [&] { return !links.broken(); });
+    char* dest = op ? op->begin_write(h, from) : nullptr;
+    if (dest == nullptr) {
+      if (links.broken()) return;
+      PYCCL_LOG(Debug, "dropping " << h.length << " bytes from " << from << " for op tag " << h.tag << " seq "
+                                   << h.seq << (op ? " (rejected by the op)" : " (op not running)"));
+      sock.discard(h.length);
+      continue;
+    }
+    bool ok = false;
+    try {
+      sock.recv_exact(dest, h.length);
+      ok = true;
+    } catch (...) {
+      op->end_write(h, false);
+      throw;
+    }
+    op->end_write(h, ok);
+  }
+}
+
+void DataPlane::reap_threads(bool all) {
+  std::list<Worker> finished;
+  {
+    std::lock_guard<std::mutex> lock(workers_mu_);
+    for (auto it = workers_.begin(); it != workers_.end();) {
+      if (all || it->done->load()) {
+        finished.splice(finished.end(), workers_, it++);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& w : finished) w.thread.join();
+}
+
+}  // namespace pyccl

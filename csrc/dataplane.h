@@ -1,0 +1,77 @@
+// The data plane of one peer: a listener for its ring predecessor, the links
+// of the current epoch, and the ops in flight.
+//
+// Python drives it: set_epoch() when the master commits an epoch,
+// abort_through() when the master drains one, all_reduce() per op. Every
+// method may block and is called with the GIL released.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "collectives/op_registry.h"
+#include "common/status.h"
+#include "kernels/dtype.h"
+#include "net/ring_links.h"
+#include "net/socket.h"
+
+namespace pyccl {
+
+struct OpResult {
+  Status status;
+  uint64_t tx_bytes = 0;
+  uint64_t rx_bytes = 0;
+};
+
+class DataPlane {
+ public:
+  DataPlane(const std::string& host, uint16_t port, int connections);
+  ~DataPlane();
+  DataPlane(const DataPlane&) = delete;
+  DataPlane& operator=(const DataPlane&) = delete;
+
+  uint16_t port() const { return port_; }
+  int connections() const { return connections_; }
+
+  void set_epoch(const net::EpochInfo& info);
+  void abort_through(uint64_t epoch, const std::string& why);
+  void close();
+
+  OpResult all_reduce(uint64_t epoch, uint32_t tag, uint64_t seq, const void* input, void* work, size_t count,
+                      DType dtype, RedOp op);
+
+ private:
+  void accept_loop();
+  void serve_incoming(net::Socket sock);
+  void read_frames(net::Socket& sock, net::RingLinks& links, const std::string& from);
+  std::shared_ptr<net::RingLinks> links_for(uint64_t epoch, double timeout_s);
+  void on_link_broken(uint64_t epoch, const std::string& reason);
+  void reap_threads(bool all);
+
+  const int connections_;
+  net::Socket listener_;
+  uint16_t port_ = 0;
+  OpRegistry registry_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::shared_ptr<net::RingLinks> links_;
+  bool closed_ = false;
+
+  struct Worker {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::mutex workers_mu_;
+  std::list<Worker> workers_;      // one per accepted connection
+  std::list<int> incoming_fds_;    // accepted sockets, shut down on close
+  std::thread accept_thread_;
+};
+
+}  // namespace pyccl

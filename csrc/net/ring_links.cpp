@@ -1,0 +1,155 @@
+#include "net/ring_links.h"
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "common/log.h"
+
+namespace pyccl::net {
+
+RingLinks::RingLinks(EpochInfo info, int connections, BrokenFn on_broken)
+    : info_(std::move(info)), connections_(connections), on_broken_(std::move(on_broken)) {
+  if (info_.world_size > 1) {
+    connector_ = std::thread([this] { connect_all(); });
+  } else {
+    out_ready_ = true;
+    connector_done_ = true;
+  }
+}
+
+RingLinks::~RingLinks() {
+  shutdown("the links were destroyed");
+  join();
+}
+
+void RingLinks::connect_all() {
+  const std::string desc = "peer " + std::to_string(info_.next_id) + " (" + info_.next_host + ":" +
+                           std::to_string(info_.next_port) + ")";
+  // The neighbour's listener is up for its whole life, but it may still be a
+  // few milliseconds from learning this epoch; it holds early hellos until
+  // then. Retries cover transient refusals (a restarting network path).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  std::string last_error;
+  for (int i = 0; i < connections_ && !broken_;) {
+    try {
+      Socket s = connect_tcp(info_.next_host, info_.next_port, 1.0);
+      LinkHello hello;
+      hello.epoch = info_.epoch;
+      hello.from_peer = info_.my_id;
+      hello.to_peer = info_.next_id;
+      hello.conn_index = static_cast<uint32_t>(i);
+      hello.conn_count = static_cast<uint32_t>(connections_);
+      s.send_all(&hello, sizeof(hello));
+      auto conn = std::make_unique<SendConn>(std::move(s), desc,
+                                             [this](const std::string& why) { report_broken(why); });
+      std::lock_guard<std::mutex> lock(mu_);
+      if (broken_) {
+        conn->shutdown();
+        out_.push_back(std::move(conn));
+        break;
+      }
+      out_.push_back(std::move(conn));
+      ++i;
+    } catch (const SocketError& e) {
+      last_error = e.what();
+      if (std::chrono::steady_clock::now() > deadline) {
+        report_broken("cannot connect to " + desc + ": " + last_error);
+        break;
+      }
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return broken_.load(); });
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    out_ready_ = static_cast<int>(out_.size()) == connections_ && !broken_;
+    cv_.notify_all();
+  }
+  connector_done_ = true;
+}
+
+Status RingLinks::wait_ready() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return out_ready_ || broken_ || connector_done_; });
+  if (out_ready_ && !broken_) return Status::Ok();
+  return Status::Fail(FailKind::Peer, broken_reason_.empty() ? "the ring links of this epoch are down" : broken_reason_);
+}
+
+void RingLinks::send(const std::shared_ptr<Op>& op, const DataHeader& header, const void* payload) {
+  SendConn* conn = nullptr;
+  std::string why;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!broken_ && out_ready_) conn = out_[rr_++ % out_.size()].get();
+    else why = broken_reason_.empty() ? "the ring links of this epoch are down" : broken_reason_;
+  }
+  if (conn == nullptr) {
+    op->fail(FailKind::Peer, why);
+    return;
+  }
+  conn->submit(op, header, payload);
+}
+
+bool RingLinks::attach_incoming(const Socket& sock, const LinkHello& hello, std::string& why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (broken_) {
+    why = "the epoch's links are closed";
+    return false;
+  }
+  if (info_.world_size < 2 || hello.from_peer != info_.prev_id || hello.to_peer != info_.my_id) {
+    why = "peer " + std::to_string(hello.from_peer) + " is not this peer's ring predecessor in epoch " +
+          std::to_string(info_.epoch);
+    return false;
+  }
+  if (in_slots_.empty()) in_slots_.assign(hello.conn_count, 0);
+  if (hello.conn_count != in_slots_.size() || hello.conn_index >= in_slots_.size() || in_slots_[hello.conn_index]) {
+    why = "connection slot " + std::to_string(hello.conn_index) + "/" + std::to_string(hello.conn_count) +
+          " is invalid or taken";
+    return false;
+  }
+  in_slots_[hello.conn_index] = 1;
+  in_fds_.push_back(sock.fd());
+  return true;
+}
+
+void RingLinks::detach_incoming(const Socket& sock) {
+  std::lock_guard<std::mutex> lock(mu_);
+  in_fds_.erase(std::remove(in_fds_.begin(), in_fds_.end(), sock.fd()), in_fds_.end());
+}
+
+void RingLinks::report_broken(const std::string& reason) {
+  bool first = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    first = !broken_;
+  }
+  if (first) on_broken_(info_.epoch, reason);
+  shutdown(reason);
+}
+
+void RingLinks::shutdown(const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!broken_) {
+    broken_reason_ = reason;
+    broken_ = true;
+  }
+  for (auto& c : out_) c->shutdown();
+  for (int fd : in_fds_) ::shutdown(fd, SHUT_RDWR);
+  cv_.notify_all();
+}
+
+void RingLinks::join() {
+  // Only joins threads; the SendConn objects live until ~RingLinks so that a
+  // late send() from an aborting op never touches freed memory.
+  if (connector_.joinable()) connector_.join();
+  std::vector<SendConn*> conns;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& c : out_) conns.push_back(c.get());
+  }
+  for (auto* c : conns) c->join();  // outside mu_: a failing sender takes mu_ to report
+}
+
+}  // namespace pyccl::net

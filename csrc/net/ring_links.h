@@ -1,0 +1,86 @@
+// The connections of one epoch: K outgoing to the next ring neighbour, and
+// the incoming ones accepted from the previous neighbour.
+//
+// Links are never reused across epochs: a new epoch gets fresh connections,
+// so bytes of an aborted op can never be mistaken for a new op's. Shutting
+// the links down is how an abort wakes every thread blocked on them.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "net/send_conn.h"
+#include "net/socket.h"
+#include "net/wire_format.h"
+
+namespace pyccl::net {
+
+struct EpochInfo {
+  uint64_t epoch = 0;
+  uint64_t my_id = 0;
+  int rank = 0;
+  int world_size = 1;
+  uint64_t next_id = 0;
+  std::string next_host;
+  uint16_t next_port = 0;
+  uint64_t prev_id = 0;
+};
+
+class RingLinks {
+ public:
+  using BrokenFn = std::function<void(uint64_t epoch, const std::string& reason)>;
+
+  RingLinks(EpochInfo info, int connections, BrokenFn on_broken);
+  ~RingLinks();
+
+  const EpochInfo& info() const { return info_; }
+  uint64_t epoch() const { return info_.epoch; }
+
+  // Blocks until every outgoing connection is up; fails if the link broke.
+  Status wait_ready();
+  // Stripe frames round-robin over the pool.
+  void send(const std::shared_ptr<Op>& op, const DataHeader& header, const void* payload);
+
+  // Incoming side: claim the slot a hello names. Returns false with `why`
+  // if the hello does not fit this epoch's ring. The socket stays owned by
+  // the caller; we keep its fd only to shut it down.
+  bool attach_incoming(const Socket& sock, const LinkHello& hello, std::string& why);
+  void detach_incoming(const Socket& sock);
+
+  bool broken() const { return broken_.load(); }
+  // Mark broken with a reason (first reason wins) and wake every thread.
+  void shutdown(const std::string& reason);
+  // True once the connector and all sender threads have exited.
+  bool finished() const { return connector_done_.load(); }
+  void join();
+
+ private:
+  void connect_all();
+  void report_broken(const std::string& reason);
+
+  const EpochInfo info_;
+  const int connections_;
+  const BrokenFn on_broken_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::unique_ptr<SendConn>> out_;
+  bool out_ready_ = false;
+  std::string broken_reason_;
+  std::atomic<bool> broken_{false};
+  std::atomic<bool> connector_done_{false};
+  std::vector<int> in_fds_;        // fds of attached incoming sockets (for shutdown)
+  std::vector<uint8_t> in_slots_;  // which incoming slots are taken
+  uint64_t rr_ = 0;  // round-robin cursor, guarded by mu_
+  std::thread connector_;
+};
+
+}  // namespace pyccl::net

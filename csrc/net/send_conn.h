@@ -1,0 +1,65 @@
+// One outgoing TCP connection of a pool, with its own sender thread.
+//
+// Large frames are queued and written by the sender thread, so K connections
+// transmit in parallel while the ring driver keeps reducing. Small frames
+// (latency-bound ops) are written inline by the caller when the connection
+// is idle, which saves a thread hand-off per ring hop.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "collectives/op.h"
+#include "net/socket.h"
+#include "net/wire_format.h"
+
+namespace pyccl::net {
+
+class SendConn {
+ public:
+  using BrokenFn = std::function<void(const std::string& reason)>;
+
+  SendConn(Socket sock, std::string peer_desc, BrokenFn on_broken);
+  ~SendConn();
+  SendConn(const SendConn&) = delete;
+  SendConn& operator=(const SendConn&) = delete;
+
+  // Transmit one frame of `op`. The op counts it as pending until it is
+  // written or dropped; a write error fails the op and breaks the link.
+  void submit(const std::shared_ptr<Op>& op, const DataHeader& header, const void* payload);
+
+  // Wake the sender thread, fail queued frames; safe from any thread.
+  void shutdown();
+  void join();
+
+ private:
+  struct Job {
+    std::shared_ptr<Op> op;
+    DataHeader header;
+    const void* payload;
+  };
+  static constexpr uint32_t kInlineBytes = 64u << 10;
+
+  void run();
+  // Writes one frame; returns false (and reports) if the connection broke.
+  bool write_frame(const Job& job);
+
+  Socket sock_;
+  const std::string peer_desc_;
+  const BrokenFn on_broken_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> queue_;
+  std::atomic<bool> stopping_{false};
+  bool broken_ = false;
+  std::mutex write_mu_;  // one writer at a time: the sender thread or an inline caller
+  std::thread thread_;
+};
+
+}  // namespace pyccl::net

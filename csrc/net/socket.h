@@ -1,0 +1,64 @@
+// Thin RAII wrappers over blocking TCP sockets.
+//
+// The data plane uses one thread per connection direction and blocking I/O:
+// an idle peer sleeps in recv()/condition variables and uses no CPU, and
+// shutdown() is the way another thread wakes a blocked one (abort).
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace pyccl::net {
+
+// Thrown for any socket-level failure; what() names the operation and errno.
+class SocketError : public std::exception {
+ public:
+  explicit SocketError(std::string msg) : msg_(std::move(msg)) {}
+  const char* what() const noexcept override { return msg_.c_str(); }
+
+ private:
+  std::string msg_;
+};
+
+class Socket {
+ public:
+  Socket() = default;
+  explicit Socket(int fd) : fd_(fd) {}
+  ~Socket() { close(); }
+  Socket(const Socket&) = delete;
+  Socket& operator=(const Socket&) = delete;
+  Socket(Socket&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
+  Socket& operator=(Socket&& o) noexcept;
+
+  int fd() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void close();
+  // Wake any thread blocked on this socket; safe to call from another thread.
+  void shutdown_both();
+
+  // Tuning for bulk transfer: TCP_NODELAY and large kernel buffers.
+  void tune_for_bulk();
+  void set_recv_timeout(double seconds);
+
+  // Blocking helpers; throw SocketError on error and on EOF.
+  void send_all(const void* data, size_t n);
+  void sendv_all(struct iovec* iov, int iovcnt);
+  void recv_exact(void* data, size_t n);
+  // Read and drop n bytes (used to skip the payload of a frame we reject).
+  void discard(size_t n);
+
+  std::string peer_name() const;
+
+ private:
+  int fd_ = -1;
+};
+
+Socket listen_tcp(const std::string& host, uint16_t port, int backlog = 128);
+uint16_t local_port(const Socket& s);
+Socket accept_tcp(const Socket& listener);  // returns an invalid Socket when the listener was shut down
+Socket connect_tcp(const std::string& host, uint16_t port, double timeout_s);
+
+}  // namespace pyccl::net

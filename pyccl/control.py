@@ -1,0 +1,153 @@
+"""The peer's end of the master connection.
+
+One ``ControlClient`` per Communicator. It owns the TCP connection to the
+master, a reader thread that validates every incoming frame and hands it to
+the Communicator, and a heartbeat timer thread. Sending is thread-safe (op
+threads report ``done``/``failed`` directly, without a hand-off).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any, Callable, Mapping
+
+from pyccl import wire
+from pyccl.errors import CCLError, ProtocolError, Timeout
+
+log = logging.getLogger("pyccl.control")
+
+FrameHandler = Callable[[dict[str, Any]], None]
+LostHandler = Callable[[str], None]
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"``; raise ValueError with the expected form otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"master address {address!r} is not of the form 'host:port'")
+    return host, int(port)
+
+
+class ControlClient:
+    """Blocking client of the master's control protocol (see docs/architecture.md)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.peer_id: int = 0
+        self.heartbeat_interval = 1.0
+        self.heartbeat_timeout = 5.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def open(self, timeout: float) -> str:
+        """Connect to the master; returns the local IP the master sees us on."""
+        host, port = parse_address(self.address)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise CCLError(
+                f"cannot reach the master at {self.address} ({exc}); check that `pyccl master` runs there"
+            ) from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        return sock.getsockname()[0]
+
+    def handshake(self, hello: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        """Send ``hello`` and wait for ``welcome``; returns the welcome frame."""
+        assert self._sock is not None
+        self.send(hello)
+        self._sock.settimeout(timeout)
+        try:
+            frame = wire.recv_frame(self._sock)
+        except socket.timeout:
+            raise Timeout(f"the master at {self.address} did not answer the hello within {timeout:.1f} s") from None
+        except (ConnectionError, OSError) as exc:
+            raise CCLError(f"the master at {self.address} closed the connection during the hello ({exc})") from None
+        except wire.FrameError as exc:
+            raise ProtocolError(f"the master at {self.address} sent an invalid frame: {exc}") from None
+        finally:
+            self._sock.settimeout(None)
+        if frame["type"] == "error":
+            raise CCLError(f"the master refused this peer: {frame.get('reason', '?')}")
+        if frame["type"] != "welcome":
+            raise ProtocolError(f"expected 'welcome' from the master, got {frame['type']!r}")
+        self.peer_id = wire.get_int(frame, "peer_id", 1)
+        self.heartbeat_interval = wire.get_float(frame, "heartbeat_interval", 0.001, 3600.0)
+        self.heartbeat_timeout = wire.get_float(frame, "heartbeat_timeout", 0.001, 36000.0)
+        return frame
+
+    def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
+        """Start the reader and heartbeat threads."""
+        reader = threading.Thread(target=self._read_loop, args=(on_frame, on_lost), name="pyccl-control", daemon=True)
+        beat = threading.Thread(target=self._heartbeat_loop, name="pyccl-heartbeat", daemon=True)
+        self._threads = [reader, beat]
+        for t in self._threads:
+            t.start()
+
+    def close(self, say_bye: bool = True) -> None:
+        """Leave (optionally with ``bye``), close the socket and join the threads."""
+        self._stop.set()
+        sock = self._sock
+        if sock is not None:
+            if say_bye:
+                try:
+                    self.send({"type": "bye"})
+                except CCLError:
+                    pass
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5.0)
+        self._threads = []
+
+    # -------------------------------------------------------------- sending
+
+    def send(self, frame: Mapping[str, Any]) -> None:
+        data = wire.encode(frame)
+        sock = self._sock
+        if sock is None:
+            raise CCLError("not connected to the master")
+        try:
+            with self._send_lock:
+                sock.sendall(data)
+        except OSError as exc:
+            raise CCLError(f"lost the connection to the master at {self.address} ({exc})") from None
+
+    # -------------------------------------------------------------- threads
+
+    def _read_loop(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
+        assert self._sock is not None
+        reason = "the master closed the connection"
+        try:
+            while not self._stop.is_set():
+                frame = wire.recv_frame(self._sock)
+                on_frame(frame)
+        except wire.FrameError as exc:
+            reason = f"the master sent an invalid frame ({exc})"
+            log.error("%s; leaving the group", reason)
+        except (ConnectionError, OSError) as exc:
+            if not self._stop.is_set():
+                reason = f"lost the connection to the master at {self.address} ({exc})"
+        except Exception as exc:  # a bug in a handler must not die silently
+            reason = f"control thread failed: {type(exc).__name__}: {exc}"
+            log.exception("control thread failed")
+        if not self._stop.is_set():
+            on_lost(reason)
+
+    def _heartbeat_loop(self) -> None:
+        # A timer, not a poll: sleeps on the stop event between beats.
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                self.send({"type": "heartbeat"})
+            except CCLError:
+                return
