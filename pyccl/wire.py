@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import msgpack
 
@@ -82,40 +82,75 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 # ---------------------------------------------------------------- field checks
+#
+# Every checker raises FrameError with a message naming the frame type and the
+# field. Messages end up in logs and in ``error`` frames, so anything echoed
+# from the (untrusted) frame is clipped first: a 1 MiB string must not become
+# a 1 MiB log line.
+
+
+def clip(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters (for messages and logs)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _ftype(frame: Mapping[str, Any]) -> str:
+    t = frame.get("type")
+    return t if isinstance(t, str) and len(t) <= 32 else clip(t, 32)
 
 
 def get_int(frame: Mapping[str, Any], key: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    """Field ``key`` as an int in ``[lo, hi]`` (bools are not ints here)."""
     v = frame.get(key)
     if not isinstance(v, int) or isinstance(v, bool):
-        raise FrameError(f"'{frame.get('type')}' field '{key}' must be an integer")
+        raise FrameError(f"'{_ftype(frame)}' field '{key}' must be an integer")
     if not lo <= v <= hi:
-        raise FrameError(f"'{frame.get('type')}' field '{key}'={v} outside [{lo}, {hi}]")
+        raise FrameError(f"'{_ftype(frame)}' field '{key}'={v} outside [{lo}, {hi}]")
     return v
 
 
 def get_str(frame: Mapping[str, Any], key: str, max_len: int, optional: bool = False) -> str:
+    """Field ``key`` as a str of at most ``max_len`` characters; ``""`` if optional and absent."""
     v = frame.get(key)
     if v is None and optional:
         return ""
     if not isinstance(v, str):
-        raise FrameError(f"'{frame.get('type')}' field '{key}' must be a string")
+        raise FrameError(f"'{_ftype(frame)}' field '{key}' must be a string")
     if len(v) > max_len:
-        raise FrameError(f"'{frame.get('type')}' field '{key}' longer than {max_len}")
+        raise FrameError(f"'{_ftype(frame)}' field '{key}' longer than {max_len}")
     return v
 
 
 def get_float(frame: Mapping[str, Any], key: str, lo: float, hi: float) -> float:
+    """Field ``key`` as a float in ``[lo, hi]`` (ints accepted, bools and NaN not)."""
     v = frame.get(key)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
-        raise FrameError(f"'{frame.get('type')}' field '{key}' must be a number in [{lo}, {hi}]")
+        raise FrameError(f"'{_ftype(frame)}' field '{key}' must be a number in [{lo}, {hi}]")
     return float(v)
+
+
+def get_bool(frame: Mapping[str, Any], key: str) -> bool:
+    """Field ``key`` as a bool (ints are not accepted)."""
+    v = frame.get(key)
+    if not isinstance(v, bool):
+        raise FrameError(f"'{_ftype(frame)}' field '{key}' must be a boolean")
+    return v
+
+
+def get_choice(frame: Mapping[str, Any], key: str, choices: Collection[str]) -> str:
+    """Field ``key`` as one of the strings in ``choices``."""
+    v = frame.get(key)
+    if not isinstance(v, str) or v not in choices:
+        raise FrameError(f"'{_ftype(frame)}' field '{key}'={clip(v, 40)} is not one of {sorted(choices)}")
+    return v
 
 
 def get_pairs(frame: Mapping[str, Any], key: str, max_len: int, hi_first: int = MAX_TAG) -> list[tuple[int, int]]:
     """A list of ``[int, int]`` pairs (tag counters, fences)."""
     v = frame.get(key)
     if not isinstance(v, (list, tuple)) or len(v) > max_len:
-        raise FrameError(f"'{frame.get('type')}' field '{key}' must be a list of at most {max_len} pairs")
+        raise FrameError(f"'{_ftype(frame)}' field '{key}' must be a list of at most {max_len} pairs")
     out = []
     for item in v:
         if (
@@ -125,6 +160,6 @@ def get_pairs(frame: Mapping[str, Any], key: str, max_len: int, hi_first: int = 
             or not 0 <= item[0] <= hi_first
             or not 0 <= item[1] <= MAX_INT
         ):
-            raise FrameError(f"'{frame.get('type')}' field '{key}' has a malformed pair {item!r}")
+            raise FrameError(f"'{_ftype(frame)}' field '{key}' has a malformed pair {clip(item, 60)}")
         out.append((int(item[0]), int(item[1])))
     return out
