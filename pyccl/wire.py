@@ -47,12 +47,10 @@ def decode_length(header: bytes) -> int:
 def decode_body(body: bytes) -> dict[str, Any]:
     """Unpack a frame body into a dict with a string ``type``, or raise FrameError."""
     try:
-        obj = msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=False,
-            max_buffer_size=MAX_FRAME_BYTES,
-        )
+        # No size knobs needed: the body is already bounded by decode_length,
+        # and unpackb caps every container/string at the input's length.
+        # (max_buffer_size exists only on msgpack.Unpacker, not unpackb.)
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises many types for garbage
         raise FrameError(f"undecodable msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):

@@ -1,0 +1,81 @@
+"""The ``pyccl`` command line: ``pyccl master | demo | stress | bench``.
+
+Each subcommand is one entry of :data:`COMMANDS`: a function that adds its
+arguments to an argparse sub-parser, and a function that runs it and returns
+the process exit code. Adding a subcommand = adding one entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+__all__ = ["main", "COMMANDS", "Command"]
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------- master
+
+
+def _master_arguments(p: argparse.ArgumentParser) -> None:
+    from pyccl.master.server import DEFAULT_PORT
+
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="TCP port; 0 picks a free one, logged at start (default: %(default)s)")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="seconds without a frame before a peer is declared dead (default: %(default)s)")
+
+
+def _master_run(args: argparse.Namespace) -> int:
+    # Imported here so that other subcommands do not pay for uvloop.
+    from pyccl.master import Master
+
+    master = Master(host=args.host, port=args.port, heartbeat_timeout=args.heartbeat_timeout)
+    master.serve_forever()  # logs "pyccl master listening on HOST:PORT"; returns on SIGINT/SIGTERM
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "master": Command("run the coordinator of a training run", _master_arguments, _master_run),
+}
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyccl", description="pyccl: fault-tolerant collective communication")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p.add_argument("--log-level", default="INFO", type=str.upper,
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                       help="logging level (default: %(default)s)")
+        cmd.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return COMMANDS[args.command].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The master's I/O layer: an asyncio (uvloop) TCP server around MasterState.
+
+This module only moves bytes and time: it splits the byte stream into frames
+(bounded by :data:`pyccl.wire.MAX_FRAME_BYTES` before anything is buffered),
+hands each frame to :class:`~pyccl.master.state.MasterState`, and carries
+out the returned actions. Every protocol decision lives in the state machine.
+
+Latency matters here: an ``op_ok`` sits on every collective's critical path.
+So frames are parsed straight out of the received chunk when possible, each
+fan-out frame is encoded once and written with ``transport.write`` (no
+awaits), and the timer sleeps until the state's next deadline instead of
+polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+import socket
+import threading
+from typing import Any, Callable, Iterable, cast
+
+from pyccl.master.state import Action, MasterState, Send
+from pyccl.wire import FrameError, decode_body, decode_length, encode
+
+__all__ = ["Master", "DEFAULT_PORT"]
+
+log = logging.getLogger("pyccl.master")
+
+DEFAULT_PORT = 48148
+# A peer whose unsent control bytes pile up past this is not reading its
+# connection; it is treated as dead rather than buffered without bound.
+MAX_WRITE_BUFFER = 8 << 20
+# How long stop() lets closed connections flush before aborting them.
+_CLOSE_GRACE_S = 1.0
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; degrade, don't die
+        log.warning("uvloop is not installed; the master runs on the default asyncio loop")
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _format_addr(sockaddr: Any) -> str:
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        host, port = sockaddr[0], sockaddr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(sockaddr)
+
+
+class _Core:
+    """Loop-thread glue: connections <-> state machine, plus the deadline timer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: MasterState) -> None:
+        self.loop = loop
+        self.state = state
+        self.transports: dict[int, asyncio.Transport] = {}
+        self._ids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._now = 0.0
+        self._closing = False
+        self._all_closed: asyncio.Event | None = None
+
+    def now(self) -> float:
+        # The state machine wants non-decreasing times; loop timers may fire a
+        # hair early, and we report those as exactly on time (see _on_timer).
+        t = self.loop.time()
+        if t > self._now:
+            self._now = t
+        return self._now
+
+    # -- connections
+
+    def accept(self, transport: asyncio.Transport) -> tuple[int, str]:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):  # not TCP (tests may use other transports)
+                pass
+        conn_id = next(self._ids)
+        addr = _format_addr(transport.get_extra_info("peername"))
+        self.transports[conn_id] = transport
+        if self._closing:
+            transport.close()
+            return conn_id, addr
+        self.apply(self.state.on_connect(conn_id, self.now(), addr))
+        self.rearm()
+        return conn_id, addr
+
+    def lost(self, conn_id: int) -> None:
+        self.transports.pop(conn_id, None)
+        if self._closing:
+            # Shutting down: nobody is left to tell, and logging every member
+            # as "died" would only be noise.
+            if not self.transports and self._all_closed is not None:
+                self._all_closed.set()
+            return
+        self.apply(self.state.on_disconnect(conn_id, self.now()))
+        self.rearm()
+
+    def frame(self, conn_id: int, frame: dict[str, Any], now: float) -> None:
+        try:
+            actions = self.state.on_frame(conn_id, frame, now)
+        except Exception:  # a bug in the state machine must not take the server down
+            log.exception("internal error handling a %r frame on connection %d", frame.get("type"), conn_id)
+            actions = self.state.on_bad_frame(conn_id, "internal error in the master", now)
+        self.apply(actions)
+
+    def bad_frame(self, conn_id: int, why: str, now: float) -> None:
+        self.apply(self.state.on_bad_frame(conn_id, why, now))
+        t = self.transports.get(conn_id)
+        if t is not None and not t.is_closing():  # the state no longer knew it: close anyway
+            t.close()
+
+    # -- actions
+
+    def apply(self, actions: Iterable[Action]) -> None:
+        """Carry out actions in order; fan-outs of one frame object are encoded once."""
+        transports = self.transports
+        last_frame: Any = None
+        data = b""
+        overflow: list[int] = []
+        for action in actions:
+            t = transports.get(action.conn_id)
+            if t is None or t.is_closing():
+                continue
+            if type(action) is Send:
+                frame = action.frame
+                if frame is not last_frame:
+                    data = encode(frame)
+                    last_frame = frame
+                t.write(data)
+                if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                    overflow.append(action.conn_id)
+            else:
+                t.close()  # flushes the error frame sent just before, then closes
+        for conn_id in overflow:
+            t = transports.get(conn_id)
+            if t is None or t.is_closing():
+                continue
+            cause = f"not reading its connection (over {MAX_WRITE_BUFFER} bytes unsent)"
+            more = self.state.on_disconnect(conn_id, self.now(), cause)
+            t.abort()
+            self.apply(more)
+
+    # -- timer
+
+    def rearm(self) -> None:
+        """Make sure the timer fires no later than the state's next deadline.
+
+        Deadlines only move later when peers send frames, so an armed timer is
+        kept unless the new deadline is earlier: at worst it fires once for
+        nothing and re-arms. That keeps the per-frame cost at one comparison.
+        """
+        deadline = self.state.next_deadline()
+        if deadline is None or self._closing:
+            return
+        if self._timer is not None:
+            if deadline >= self._timer_at:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self.now()
+        if now < self._timer_at:  # fired early by the loop's clock granularity
+            now = self._now = self._timer_at
+        self.apply(self.state.on_tick(now))
+        self.rearm()
+
+    # -- shutdown
+
+    async def close_all(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._all_closed = asyncio.Event()
+        for t in list(self.transports.values()):
+            t.close()
+        if self.transports:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), _CLOSE_GRACE_S)
+            except asyncio.TimeoutError:
+                for t in list(self.transports.values()):
+                    t.abort()
+                await asyncio.sleep(0)  # let connection_lost run
+
+
+class _Connection(asyncio.Protocol):
+    """One control connection: splits the byte stream into frames."""
+
+    def __init__(self, core: _Core) -> None:
+        self._core = core
+        self._transport: asyncio.Transport | None = None
+        self._conn_id = 0
+        self._addr = "?"
+        self._buf = bytearray()  # bytes of an incomplete frame
+        self._need = 4  # bytes _buf must hold before parsing is worth trying
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they quack alike.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        self._conn_id, self._addr = self._core.accept(transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        if transport.is_closing():
+            return
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return
+            data = bytes(buf)
+            buf.clear()
+        core = self._core
+        now = core.now()
+        conn_id = self._conn_id
+        pos = 0
+        end = len(data)
+        try:
+            while end - pos >= 4:
+                n = decode_length(data[pos : pos + 4])
+                if end - pos - 4 < n:
+                    break
+                frame = decode_body(data[pos + 4 : pos + 4 + n])
+                pos += 4 + n
+                core.frame(conn_id, frame, now)
+                if transport.is_closing():
+                    return
+        except FrameError as exc:
+            core.bad_frame(conn_id, str(exc), now)
+            return
+        finally:
+            core.rearm()
+        if pos < end:
+            buf += data[pos:]
+            self._need = 4 if len(buf) < 4 else 4 + int.from_bytes(buf[:4], "big")
+
+    def eof_received(self) -> bool:
+        if self._buf and self._transport is not None and not self._transport.is_closing():
+            self._core.bad_frame(
+                self._conn_id,
+                f"truncated frame: connection closed with {len(self._buf)} of {self._need} bytes received",
+                self._core.now(),
+            )
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._core.lost(self._conn_id)
+
+
+class Master:
+    """The coordinator of one training run: one instance, one listening port.
+
+    Contract:
+        * ``Master(host, port=0)``: port 0 picks a free port. Nothing happens
+          until :meth:`start` or :meth:`serve_forever`.
+        * :meth:`start` runs the server on a daemon thread and returns once it
+          listens; it raises ``OSError`` if the address cannot be bound.
+        * :attr:`address` is ``"host:port"`` as bound, for ``Communicator``.
+        * :meth:`stop` closes every connection, stops the loop and joins the
+          thread; it is idempotent and safe to call if never started.
+        * A Master is single-use: it cannot be started again after stop().
+        * Usable as a context manager (``with Master() as m:`` starts it).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        heartbeat_timeout: float = 5.0,
+        heartbeat_interval: float | None = None,
+    ) -> None:
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {port}")
+        self._host = host
+        self._port = port
+        # Built now so that bad timeouts fail in the caller's thread.
+        self._state = MasterState(heartbeat_timeout, heartbeat_interval)
+        self._lock = threading.Lock()
+        self._used = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._bound: tuple[str, int] | None = None
+
+    # -- public API
+
+    @property
+    def address(self) -> str:
+        """``"host:port"`` the master listens on (after start)."""
+        host, port = self._require_bound()
+        return _format_addr((host, port))
+
+    @property
+    def host(self) -> str:
+        return self._require_bound()[0]
+
+    @property
+    def port(self) -> int:
+        return self._require_bound()[1]
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        return self._state.heartbeat_timeout
+
+    def start(self) -> "Master":
+        """Listen and serve on a daemon thread; return once listening."""
+        self._claim()
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = _new_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._main(loop, ready.set, install_signals=False))
+            except BaseException as exc:  # bind failure (reported to start()) or a crash
+                if not ready.is_set():
+                    failure.append(exc)
+                    ready.set()
+                else:
+                    log.exception("master loop crashed")
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="pyccl-master", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            raise failure[0]
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until SIGINT/SIGTERM (or :meth:`stop`)."""
+        self._claim()
+        loop = _new_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(
+                self._main(loop, lambda: None, install_signals=threading.current_thread() is threading.main_thread())
+            )
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    def stop(self) -> None:
+        """Close every connection, stop serving, join the thread. Idempotent."""
+        with self._lock:
+            loop, event, thread = self._loop, self._stop_event, self._thread
+            self._used = True  # a never-started Master cannot be started after stop()
+        if thread is not None and thread is threading.current_thread():
+            raise RuntimeError("Master.stop() called from the master's own thread")
+        if loop is not None and event is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # loop closed in between: already stopped
+                pass
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> "Master":
+        if self._bound is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.address if self._bound else f"{self._host}:{self._port} (not started)"
+        return f"Master({where})"
+
+    # -- internals
+
+    def _claim(self) -> None:
+        with self._lock:
+            if self._used:
+                raise RuntimeError("this Master was already started (or stopped); create a new one")
+            self._used = True
+
+    def _require_bound(self) -> tuple[str, int]:
+        if self._bound is None:
+            raise RuntimeError("the master is not listening; call start() first")
+        return self._bound
+
+    async def _main(self, loop: asyncio.AbstractEventLoop, ready: Callable[[], None], install_signals: bool) -> None:
+        core = _Core(loop, self._state)
+        server = await loop.create_server(
+            lambda: _Connection(core), self._host, self._port, reuse_address=True, backlog=1024
+        )
+        stop_event = asyncio.Event()
+        sockname = server.sockets[0].getsockname()
+        with self._lock:
+            self._loop, self._stop_event = loop, stop_event
+            self._bound = (str(sockname[0]), int(sockname[1]))
+        log.info("pyccl master listening on %s (heartbeat timeout %g s)", self.address, self._state.heartbeat_timeout)
+        signals = (signal.SIGINT, signal.SIGTERM) if install_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, stop_event.set)
+        ready()
+        try:
+            await stop_event.wait()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            log.info("pyccl master on %s stopping", self.address)
+            server.close()
+            await core.close_all()
+            await server.wait_closed()
