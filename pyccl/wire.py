@@ -36,7 +36,7 @@ def encode(frame: Mapping[str, Any]) -> bytes:
 
 def decode_length(header: bytes) -> int:
     """Return the body length announced by a 4-byte header, or raise FrameError."""
-    (n,) = _LEN.unpack(header)
+    n: int = _LEN.unpack(header)[0]
     if n == 0:
         raise FrameError("empty frame")
     if n > MAX_FRAME_BYTES:

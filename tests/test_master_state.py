@@ -733,3 +733,34 @@ def test_invalid_constructor_arguments():
         MasterState(heartbeat_timeout=0)
     with pytest.raises(ValueError):
         MasterState(heartbeat_timeout=1.0, heartbeat_interval=2.0)
+
+
+def test_silent_pending_peer_is_expelled():
+    h = Harness()
+    a = h.join_group(1)[0]
+    p = h.hello()
+    h.take(p)
+    h.now += 3
+    h.send(a, {"type": "heartbeat"})
+    h.tick(h.now + 2)  # p silent for 5 s, a for 2 s
+    assert "heartbeat timeout" in h.closed[p] and a not in h.closed
+    assert h.info().pending == ()
+    h.vote(a)  # nobody pending any more
+    assert h.take(a) == [{"type": "round_done", "round": 0, "changed": False}]
+
+
+def test_member_dies_during_admission_drain_joiner_still_admitted():
+    h = Harness()
+    a, b, c = h.join_group(3)
+    j = h.hello()
+    h.take(j)
+    for m in (a, b, c):
+        h.vote(m)
+    h.drained(a)
+    h.disconnect(b)
+    h.drained(c)
+    frames = h.take(a)
+    assert [f["type"] for f in frames] == ["drain", "epoch", "round_done"]
+    assert ring(frames[1]) == [1, 3, h.pid(j)] and frames[1]["kind"] == "admit"
+    assert frames[2]["changed"] is True
+    assert h.take(j) == [frames[1]]

@@ -23,7 +23,7 @@ import threading
 from typing import Any, Callable, Iterable, cast
 
 from pyccl.master.state import Action, MasterState, Send
-from pyccl.wire import FrameError, decode_body, decode_length, encode
+from pyccl.wire import FrameError, clip, decode_body, decode_length, encode
 
 __all__ = ["Master", "DEFAULT_PORT"]
 
@@ -44,6 +44,28 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         log.warning("uvloop is not installed; the master runs on the default asyncio loop")
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _run_and_close(loop: asyncio.AbstractEventLoop, main: Any) -> None:
+    """``loop.run_until_complete(main)``, then asyncio.run-style cleanup and close.
+
+    Cancelling leftover tasks matters: the default loop accepts connections
+    in a task, and one caught by shutdown must close its socket rather than
+    leak it (the peer would never see EOF).
+    """
+    try:
+        loop.run_until_complete(main)
+    finally:
+        try:
+            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(asyncio.sleep(0))  # transports' close callbacks
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
 
 
 def _format_addr(sockaddr: Any) -> str:
@@ -109,7 +131,7 @@ class _Core:
         try:
             actions = self.state.on_frame(conn_id, frame, now)
         except Exception:  # a bug in the state machine must not take the server down
-            log.exception("internal error handling a %r frame on connection %d", frame.get("type"), conn_id)
+            log.exception("internal error handling a %s frame on connection %d", clip(frame.get("type"), 40), conn_id)
             actions = self.state.on_bad_frame(conn_id, "internal error in the master", now)
         self.apply(actions)
 
@@ -134,7 +156,11 @@ class _Core:
             if type(action) is Send:
                 frame = action.frame
                 if frame is not last_frame:
-                    data = encode(frame)
+                    try:
+                        data = encode(frame)
+                    except FrameError:  # over the frame limit (a ring of thousands of long hostnames)
+                        log.error("cannot send a %r frame: larger than the frame limit", frame.get("type"))
+                        continue
                     last_frame = frame
                 t.write(data)
                 if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
@@ -174,16 +200,29 @@ class _Core:
         now = self.now()
         if now < self._timer_at:  # fired early by the loop's clock granularity
             now = self._now = self._timer_at
-        self.apply(self.state.on_tick(now))
-        self.rearm()
+        try:
+            self.apply(self.state.on_tick(now))
+        except Exception:  # never lose the timer: without it nobody is ever declared dead
+            log.exception("internal error in the master's timer")
+        finally:
+            self.rearm()
 
     # -- shutdown
 
-    async def close_all(self) -> None:
+    async def close_all(self, server: asyncio.AbstractServer) -> None:
+        """Stop accepting, close every connection (flushing briefly), stop the timer."""
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        server.close()
+        # The default asyncio loop finishes accepting in a task; let those run
+        # so that late arrivals are closed by accept() instead of leaking.
+        # (On CPython < 3.12 a connection whose accept task starts after
+        # server.close() hits an assertion inside asyncio and its socket is
+        # only closed by the GC; uvloop, the normal case, has no such race.)
+        for _ in range(3):
+            await asyncio.sleep(0)
         self._all_closed = asyncio.Event()
         for t in list(self.transports.values()):
             t.close()
@@ -327,15 +366,13 @@ class Master:
             loop = _new_loop()
             asyncio.set_event_loop(loop)
             try:
-                loop.run_until_complete(self._main(loop, ready.set, install_signals=False))
+                _run_and_close(loop, self._main(loop, ready.set, install_signals=False))
             except BaseException as exc:  # bind failure (reported to start()) or a crash
                 if not ready.is_set():
                     failure.append(exc)
                     ready.set()
                 else:
                     log.exception("master loop crashed")
-            finally:
-                loop.close()
 
         self._thread = threading.Thread(target=run, name="pyccl-master", daemon=True)
         self._thread.start()
@@ -351,12 +388,10 @@ class Master:
         loop = _new_loop()
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(
-                self._main(loop, lambda: None, install_signals=threading.current_thread() is threading.main_thread())
-            )
+            main_thread = threading.current_thread() is threading.main_thread()
+            _run_and_close(loop, self._main(loop, lambda: None, install_signals=main_thread))
         finally:
             asyncio.set_event_loop(None)
-            loop.close()
 
     def stop(self) -> None:
         """Close every connection, stop serving, join the thread. Idempotent."""
@@ -419,6 +454,5 @@ class Master:
             for sig in signals:
                 loop.remove_signal_handler(sig)
             log.info("pyccl master on %s stopping", self.address)
-            server.close()
-            await core.close_all()
+            await core.close_all(server)
             await server.wait_closed()

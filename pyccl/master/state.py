@@ -207,7 +207,7 @@ class _Group:
         return GroupPhase.RUNNING if self.drain is None else GroupPhase.DRAINING
 
 
-_Handler = Callable[["MasterState", _Peer, Mapping[str, Any], float, list], None]
+_Handler = Callable[["MasterState", _Peer, Mapping[str, Any], float, "list[Action]"], None]
 _ANY_PEER = frozenset({PeerPhase.PENDING, PeerPhase.MEMBER})
 _MEMBER = frozenset({PeerPhase.MEMBER})
 _NEW = frozenset({PeerPhase.CONNECTED})
@@ -314,11 +314,11 @@ class MasterState:
     def on_tick(self, now: float) -> list[Action]:
         """The clock reached (or passed) :meth:`next_deadline`: expire what is due."""
         out: list[Action] = []
-        limit = now - self.heartbeat_timeout
+        timeout = self.heartbeat_timeout
         live = self._live
         while live:
             conn_id, seen = next(iter(live.items()))
-            if seen > limit:
+            if seen + timeout > now:  # same expression as next_deadline(): no float drift
                 break
             peer = self._conns[conn_id]
             if peer.phase is PeerPhase.CONNECTED:
