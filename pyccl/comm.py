@@ -33,6 +33,8 @@ from pyccl.types import Buffer, ReduceOp, as_buffer
 log = logging.getLogger("pyccl.comm")
 
 MAX_TAG = (1 << 31) - 1
+_VOTE_BITS = 20
+_VOTE_MASK = (1 << _VOTE_BITS) - 1
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,9 @@ class Communicator:
         self._fence_debt: dict[int, int] = {}      # per tag: ops to fail at once
         self._decided: set[tuple[int, int, int]] = set()
         self._inflight = 0
-        self._round = 0
+        # Program position, which names topology rounds (see update_topology).
+        self._ops_begun = 0
+        self._votes_since_op = 0
         self._round_results: dict[int, bool] = {}
         self._lost: str | None = None
         self._closed = False
@@ -250,25 +254,31 @@ class Communicator:
 
     # -------------------------------------------------------------- topology
 
-    def update_topology(self, timeout: float | None = None) -> bool:
+    def update_topology(self) -> bool:
         """Admit waiting peers. Every member calls it; safe on every iteration.
 
         Waits for this peer's own outstanding async ops first. Returns True if
         the membership changed (joiners were admitted).
+
+        The round a call votes in is named by this peer's program position:
+        (collectives begun so far, update_topology calls since the last one).
+        Members at the same point of the same program therefore vote in the
+        same round, and a joiner inherits the position of the round that
+        admitted it, so its first call lines up with the members' next one
+        whether its loop starts with update_topology() or with a collective.
         """
         with self._cv:
             self._check_usable()
             self._cv.wait_for(lambda: self._inflight == 0 or self._lost is not None or self._closed)
             self._check_usable()
-            k = self._round
-            self._round += 1
+            if self._votes_since_op >= _VOTE_MASK:
+                raise CCLError("update_topology() was called over a million times in a row without a collective")
+            k = (self._ops_begun << _VOTE_BITS) | self._votes_since_op
+            self._votes_since_op += 1
+        log.debug("peer %d votes round %d", self.peer_id, k)
         self._control.send({"type": "vote", "round": k})
         with self._cv:
-            ok = self._cv.wait_for(
-                lambda: k in self._round_results or self._lost is not None or self._closed, timeout
-            )
-            if not ok:
-                raise Timeout(f"update_topology did not complete within {timeout} s")
+            self._cv.wait_for(lambda: k in self._round_results or self._lost is not None or self._closed)
             self._check_usable()
             return self._round_results.pop(k)
 
@@ -332,6 +342,8 @@ class Communicator:
             self._cv.wait_for(lambda: self._draining is None or self._lost is not None or self._closed)
             self._check_usable()
             assert self._epoch is not None
+            self._ops_begun += 1
+            self._votes_since_op = 0
             debt = self._fence_debt.get(tag, 0)
             if debt:
                 # Other members started (and failed) this op in the epoch that
@@ -357,9 +369,11 @@ class Communicator:
                 work_ptr = scratch.ctypes.data
             else:
                 work_ptr = dst.ptr
+            log.debug("peer %d: op epoch %d tag %d seq %d starts", self.peer_id, epoch.number, tag, seq)
             kind, message, tx, rx = self._dp.all_reduce(
                 epoch.number, tag, seq, src.ptr, work_ptr, src.count, src.dtype_code, int(rop)
             )
+            log.debug("peer %d: op epoch %d tag %d seq %d data done: %s %s", self.peer_id, epoch.number, tag, seq, kind, message)
             if epoch.world_size > 1:
                 self._report(kind, message, epoch.number, tag, seq)
                 self._await_verdict(epoch.number, tag, seq, kind, message)
@@ -466,7 +480,9 @@ class Communicator:
         with self._cv:
             admitted_now = self._epoch is None
             if admitted_now:
-                self._round = wire.get_int(frame, "next_round")
+                position = wire.get_int(frame, "next_round")
+                self._ops_begun = position >> _VOTE_BITS
+                self._votes_since_op = position & _VOTE_MASK
             else:
                 for tag, target in fence:
                     owed = target - self._next_seq.get(tag, 0)
@@ -508,6 +524,7 @@ class Communicator:
 
         k = wire.get_int(frame, "round")
         changed = bool(frame.get("changed", False))
+        log.debug("peer %d: round %d done (changed=%s)", self.peer_id, k, changed)
         with self._cv:
             self._round_results[k] = changed
             self._cv.notify_all()

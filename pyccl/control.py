@@ -138,9 +138,12 @@ class ControlClient:
         except (ConnectionError, OSError) as exc:
             if not self._stop.is_set():
                 reason = f"lost the connection to the master at {self.address} ({exc})"
+        except CCLError as exc:  # a handler could not answer the master
+            reason = str(exc)
         except Exception as exc:  # a bug in a handler must not die silently
             reason = f"control thread failed: {type(exc).__name__}: {exc}"
-            log.exception("control thread failed")
+            if not self._stop.is_set():
+                log.exception("control thread failed")
         if not self._stop.is_set():
             on_lost(reason)
 

@@ -1,6 +1,7 @@
 #include "collectives/layout.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace pyccl {
 
@@ -8,7 +9,12 @@ uint32_t RingLayout::chunk_bytes_for(uint64_t segment_bytes, size_t elem_size) {
   // ~16 chunks per segment keeps enough frames in flight to stripe over many
   // connections and overlap receive/reduce/send, while 64 KiB..1 MiB keeps
   // per-frame overhead (a syscall and a wake-up) small relative to copying.
-  constexpr uint64_t kMin = 64u << 10, kMax = 1u << 20;
+  static const uint64_t kMax = [] {
+    const char* env = std::getenv("PYCCL_MAX_CHUNK_BYTES");  // tuning knob; every peer must use the same value
+    uint64_t v = env ? std::strtoull(env, nullptr, 10) : 0;
+    return v >= (64u << 10) && v <= (4u << 20) ? v : uint64_t{1} << 20;
+  }();
+  constexpr uint64_t kMin = 64u << 10;
   uint64_t c = std::clamp<uint64_t>(segment_bytes / 16, kMin, kMax);
   c -= c % elem_size;
   return static_cast<uint32_t>(std::max<uint64_t>(c, elem_size));

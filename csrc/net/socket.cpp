@@ -10,11 +10,30 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 namespace pyccl::net {
 namespace {
+
+// Kernel socket buffer size to request, from PYCCL_SOCKET_BUFFER (bytes);
+// 0 leaves Linux's autotuning on, which is the default: an explicit size
+// disables autotuning and is clamped to net.core.{r,w}mem_max.
+int socket_buffer_bytes() {
+  static const int bytes = [] {
+    const char* env = std::getenv("PYCCL_SOCKET_BUFFER");
+    return env ? std::atoi(env) : 0;
+  }();
+  return bytes;
+}
+
+void apply_buffer_size(int fd) {
+  int buf = socket_buffer_bytes();
+  if (buf <= 0) return;
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
+}
 
 [[noreturn]] void fail(const std::string& what, int err) {
   throw SocketError(what + ": " + std::strerror(err));
@@ -65,11 +84,7 @@ void Socket::shutdown_both() {
 void Socket::tune_for_bulk() {
   int one = 1;
   setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  // Large buffers let one connection keep a long fat pipe full; the kernel
-  // clamps these to net.core.{w,r}mem_max, which is fine.
-  int buf = 8 << 20;
-  setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
-  setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
+  apply_buffer_size(fd_);
 }
 
 void Socket::set_recv_timeout(double seconds) {
@@ -147,8 +162,7 @@ Socket listen_tcp(const std::string& host, uint16_t port, int backlog) {
   setsockopt(s.fd(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
   // Buffer sizes must be set on the listener to apply to accepted sockets
   // before the handshake (window scaling is negotiated in the SYN).
-  int buf = 8 << 20;
-  setsockopt(s.fd(), SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
+  apply_buffer_size(s.fd());
   sockaddr_in addr = resolve(host, port);
   if (::bind(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0)
     fail("bind " + host + ":" + std::to_string(port), errno);
@@ -181,9 +195,7 @@ Socket connect_tcp(const std::string& host, uint16_t port, double timeout_s) {
   sockaddr_in addr = resolve(host, port);
   Socket s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!s.valid()) fail("socket", errno);
-  int buf = 8 << 20;
-  setsockopt(s.fd(), SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
-  setsockopt(s.fd(), SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
+  apply_buffer_size(s.fd());
   // Non-blocking connect bounded by poll(), then back to blocking mode.
   int flags = fcntl(s.fd(), F_GETFL, 0);
   fcntl(s.fd(), F_SETFL, flags | O_NONBLOCK);

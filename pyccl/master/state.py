@@ -440,8 +440,11 @@ class MasterState:
         k = get_int(frame, "round")
         if peer.waiting_round is not None:
             raise FrameError(f"'vote' for round {k} while round {peer.waiting_round} is undecided")
-        if k != peer.next_round:
-            raise FrameError(f"'vote' for round {k}, expected round {peer.next_round}")
+        if k < peer.next_round:
+            # Round numbers encode the voter's program position (ops begun,
+            # votes since the last op), so they only ever grow; members at the
+            # same point of the program vote the same number.
+            raise FrameError(f"'vote' for round {k}, expected round {peer.next_round} or later")
         group = peer.group
         assert group is not None
         rnd = group.rounds.get(k)

@@ -1,0 +1,177 @@
+"""pyccl vs torch.distributed gloo: all-reduce time and bus bandwidth, side by side.
+
+Both run in the same worker processes on loopback, interleaved per repetition
+(gloo, pyccl with each connection count, gloo, ...), so machine noise hits all
+of them alike. Reported: the median over repetitions of the slowest rank's
+time per op, and bus bandwidth as NCCL-tests define it:
+bytes / time * 2 (n - 1) / n.
+
+    python benchmarks/allreduce.py                       # full table (a few minutes)
+    python benchmarks/allreduce.py --world-sizes 2 --sizes 4 16MiB --reps 5
+
+Needs torch (pip install torch==2.13.0) for the gloo side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_size(s: str) -> int:
+    for unit in sorted(UNITS, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * UNITS[unit])
+    return int(s)
+
+
+def fmt_size(n: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if n >= UNITS[unit] and n % UNITS[unit] == 0:
+            return f"{n // UNITS[unit]} {unit}"
+    return f"{n} B"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reps_for(nbytes: int, base: int) -> int:
+    # Small messages are cheap and noisy: more repetitions; huge ones fewer.
+    if nbytes <= 64 << 10:
+        return base * 40
+    if nbytes <= 16 << 20:
+        return base * 2
+    return base
+
+
+def worker(rank: int, n: int, gloo_port: int, master_addr: str, sizes: list[int], conns: list[int], base_reps: int, q) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import pyccl
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=rank, world_size=n)
+    comms = {}
+    for k in conns:
+        c = pyccl.Communicator(master_addr, peer_group=k, connections=k)
+        c.connect(timeout=60)
+        while c.world_size < n:
+            c.update_topology()
+        comms[k] = c
+    dist.barrier()
+
+    results: dict[tuple[str, int], list[float]] = {}
+    for nbytes in sizes:
+        count = max(1, nbytes // 4)
+        x = torch.ones(count, dtype=torch.float32)
+        xa = x.numpy()
+        backends = ["gloo"] + [f"pyccl c={k}" for k in conns]
+        # one warm-up each (allocations, connection slow start)
+        dist.all_reduce(x)
+        for k in conns:
+            comms[k].all_reduce(xa)
+        for _ in range(reps_for(nbytes, base_reps)):
+            for b in backends:
+                x.fill_(1.0)
+                dist.barrier()
+                t0 = time.perf_counter()
+                if b == "gloo":
+                    dist.all_reduce(x)
+                else:
+                    comms[int(b.split("=")[1])].all_reduce(xa)
+                dt = time.perf_counter() - t0
+                if not bool((x == n).all()):
+                    raise SystemExit(f"{b}: wrong result at {nbytes} bytes")
+                # the op takes as long as its slowest rank
+                t = torch.tensor([dt], dtype=torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                results.setdefault((b, nbytes), []).append(float(t.item()))
+        del x, xa
+    for c in comms.values():
+        c.close()
+    dist.destroy_process_group()
+    if rank == 0:
+        q.put({f"{b}|{s}": v for (b, s), v in results.items()})
+
+
+def busbw(nbytes: int, seconds: float, n: int) -> float:
+    return nbytes / seconds * 2 * (n - 1) / n / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--sizes", nargs="+", default=["4", "1MiB", "16MiB", "64MiB", "256MiB"])
+    ap.add_argument("--connections", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--reps", type=int, default=5, help="repetitions for large sizes (small ones get more)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "allreduce.md"))
+    args = ap.parse_args()
+    sizes = [parse_size(s) for s in args.sizes]
+
+    import pyccl
+
+    lines = [
+        f"# all-reduce: pyccl vs gloo ({datetime.date.today()}, {platform.node()}, {os.cpu_count()} cores, loopback)",
+        "",
+        f"Command: `python benchmarks/allreduce.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        "Median over repetitions of the slowest rank's time; busbw = bytes/time x 2(n-1)/n.",
+        "",
+        "| n | size | gloo time | gloo busbw | "
+        + " | ".join(f"pyccl c={k} time | pyccl c={k} busbw | ratio c={k}" for k in args.connections)
+        + " |",
+        "|---" * (4 + 3 * len(args.connections)) + "|",
+    ]
+    ctx = mp.get_context("spawn")
+    for n in args.world_sizes:
+        with pyccl.Master(host="127.0.0.1", port=0) as master:
+            q = ctx.Queue()
+            gloo_port = free_port()
+            procs = [
+                ctx.Process(target=worker, args=(r, n, gloo_port, master.address, sizes, args.connections, args.reps, q))
+                for r in range(n)
+            ]
+            for p in procs:
+                p.start()
+            try:
+                res = q.get(timeout=1800)
+            finally:
+                for p in procs:
+                    p.join(timeout=60)
+                    if p.is_alive():
+                        p.kill()
+        for s in sizes:
+            g = statistics.median(res[f"gloo|{s}"])
+            row = [str(n), fmt_size(s), f"{g * 1e3:.3f} ms", f"{busbw(s, g, n):.2f} GB/s"]
+            for k in args.connections:
+                t = statistics.median(res[f"pyccl c={k}|{s}"])
+                # ratio > 1 means pyccl is faster (higher busbw / lower time)
+                row += [f"{t * 1e3:.3f} ms", f"{busbw(s, t, n):.2f} GB/s", f"{g / t:.2f}x"]
+            lines.append("| " + " | ".join(row) + " |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

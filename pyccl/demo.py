@@ -1,0 +1,182 @@
+"""``pyccl demo``: a master and 4 peers all-reducing on this machine through churn.
+
+Every step each peer all-reduces a 16 MiB float32 tensor whose values are a
+deterministic function of its peer id, then checks the result element by
+element against the exact sum over the peers that took part (known from the
+op's ReduceInfo). Part-way through, one peer is killed with SIGKILL and a
+new one is started; the survivors see PeerFailure, retry, and the newcomer is
+admitted at the next update_topology().
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("pyccl.demo")
+
+# Values stay below 2**24, so float32 sums are exact and the check is strict.
+_PATTERN = 1000
+
+
+def peer_input(peer_id: int, count: int) -> np.ndarray:
+    """The tensor peer ``peer_id`` contributes: peer_id * 1000 + (i mod 1000)."""
+    return (np.arange(count, dtype=np.int64) % _PATTERN + peer_id * _PATTERN).astype(np.float32)
+
+
+def expected_sum(peer_ids: tuple[int, ...], count: int) -> np.ndarray:
+    base = (np.arange(count, dtype=np.int64) % _PATTERN) * len(peer_ids)
+    return (base + sum(peer_ids) * _PATTERN).astype(np.float32)
+
+
+def _peer_main(master: str, count: int, connections: int, pace: float, stop: Any, out: Any) -> None:
+    import pyccl
+
+    logging.basicConfig(level=logging.WARNING)
+    comm = pyccl.Communicator(master, connections=connections)
+    comm.connect(timeout=60)
+    me = comm.peer_id
+    out.put(("admitted", me, os.getpid(), comm.world_size))
+    x = peer_input(me, count)
+    pristine = x.copy()
+    epoch, index = -1, 0
+    try:
+        while not stop.is_set():
+            comm.update_topology()
+            try:
+                info = comm.all_reduce(x)
+            except pyccl.PeerFailure as exc:
+                intact = bool(np.array_equal(x, pristine))
+                out.put(("failure", me, comm.world_size, intact, str(exc)))
+                continue
+            if info.epoch != epoch:
+                epoch, index = info.epoch, 0
+            exact = bool(np.array_equal(x, expected_sum(info.peers, count)))
+            out.put(("step", me, info.epoch, index, info.world_size, info.seconds, exact))
+            index += 1
+            np.copyto(x, pristine)
+            time.sleep(pace)
+    except pyccl.CCLError as exc:
+        if not stop.is_set():
+            out.put(("error", me, str(exc)))
+    finally:
+        comm.close()
+
+
+@dataclass
+class _Step:
+    world_size: int
+    seconds: list[float] = field(default_factory=list)
+    exact: list[bool] = field(default_factory=list)
+
+
+def run(args: argparse.Namespace) -> int:
+    import pyccl
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING))
+    count = args.size // 4
+    nbytes = count * 4
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    events = ctx.Queue()
+    procs: dict[int, mp.Process] = {}
+    pids: dict[int, int] = {}  # peer id -> pid
+    steps: dict[tuple[int, int], _Step] = {}
+    stats = {"steps": 0, "checked": 0, "wrong": 0, "failures": 0, "dirty_inputs": 0, "errors": 0}
+
+    def spawn() -> None:
+        p = ctx.Process(target=_peer_main, args=(master.address, count, args.connections, args.pace, stop, events))
+        p.start()
+        procs[p.pid] = p
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    with pyccl.Master(host="127.0.0.1", port=0) as master:
+        say(f"pyccl demo: master at {master.address}; {args.peers} peers all-reduce {nbytes >> 20} MiB float32 "
+            f"per step over {args.connections} connections each")
+        say(f"{'step':>5} {'epoch':>5} {'world':>5} {'time':>9} {'busbw':>10}  check")
+        t_start = time.monotonic()
+        killed = joined = False
+        for _ in range(args.peers):
+            spawn()
+        try:
+            while time.monotonic() - t_start < args.duration:
+                elapsed = time.monotonic() - t_start
+                if not killed and elapsed > args.duration * 0.35 and len(pids) >= 2:
+                    victim = sorted(pids)[1]
+                    os.kill(pids.pop(victim), signal.SIGKILL)
+                    say(f"----- killed peer {victim} with SIGKILL")
+                    killed = True
+                if killed and not joined and elapsed > args.duration * 0.55:
+                    spawn()
+                    say("----- started a new peer; it joins at the next update_topology()")
+                    joined = True
+                try:
+                    ev = events.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                kind, peer = ev[0], ev[1]
+                if kind == "admitted":
+                    pids[peer] = ev[2]
+                    say(f"----- peer {peer} admitted (world size {ev[3]} when it got in)")
+                elif kind == "failure":
+                    stats["failures"] += 1
+                    stats["dirty_inputs"] += 0 if ev[3] else 1
+                    say(f"      peer {peer}: PeerFailure, input {'intact' if ev[3] else 'CHANGED'}; "
+                        f"retrying with world size {ev[2]}")
+                elif kind == "error":
+                    stats["errors"] += 1
+                    say(f"      peer {peer}: error: {ev[2]}")
+                elif kind == "step":
+                    _, _, epoch, index, ws, secs, exact = ev
+                    st = steps.setdefault((epoch, index), _Step(ws))
+                    st.seconds.append(secs)
+                    st.exact.append(exact)
+                    stats["checked"] += 1
+                    stats["wrong"] += 0 if exact else 1
+                    if len(st.exact) == ws:
+                        stats["steps"] += 1
+                        t = max(st.seconds)
+                        busbw = nbytes / t * 2 * (ws - 1) / ws / 1e9 if ws > 1 else 0.0
+                        verdict = f"{sum(st.exact)}/{ws} peers exact" if all(st.exact) else "MISMATCH"
+                        say(f"{stats['steps']:>5} {epoch:>5} {ws:>5} {t * 1e3:>7.1f}ms {busbw:>6.2f} GB/s  {verdict}")
+                        del steps[(epoch, index)]
+        finally:
+            stop.set()
+            deadline = time.monotonic() + 15
+            for p in procs.values():
+                p.join(timeout=max(0.1, deadline - time.monotonic()))
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    ok = stats["wrong"] == 0 and stats["dirty_inputs"] == 0 and stats["errors"] == 0 and stats["steps"] > 0
+    say(f"done: {stats['steps']} steps, {stats['checked']} results checked, {stats['wrong']} wrong, "
+        f"{stats['failures']} PeerFailures retried, {stats['dirty_inputs']} inputs changed by a failed op -> "
+        f"{'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--size", type=int, default=16 << 20, help="bytes per all-reduce (default 16 MiB)")
+    p.add_argument("--duration", type=float, default=25.0, help="seconds to run")
+    p.add_argument("--connections", type=int, default=4)
+    p.add_argument("--pace", type=float, default=0.15, help="seconds each peer sleeps between steps")
+    p.add_argument("--log-level", default="warning")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_arguments(ap)
+    sys.exit(run(ap.parse_args()))
