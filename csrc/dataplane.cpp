@@ -133,6 +133,11 @@ void DataPlane::accept_loop() {
   }
 }
 
+uint64_t DataPlane::current_epoch() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return links_ ? links_->epoch() : 0;
+}
+
 std::shared_ptr<net::RingLinks> DataPlane::links_for(uint64_t epoch, double timeout_s) {
   // A neighbour that learned the new epoch first may connect before we have
   // it: hold its hello until our epoch catches up (or moves past it).
@@ -163,7 +168,12 @@ void DataPlane::serve_incoming(net::Socket sock) {
   auto links = links_for(hello.epoch, 30.0);
   std::string why;
   if (!links) {
-    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": epoch " << hello.epoch << " is not current");
+    // An older epoch is ordinary churn (the neighbour had not yet heard of
+    // the newer one); a newer one that never arrived is worth a warning.
+    if (current_epoch() > hello.epoch)
+      PYCCL_LOG(Info, "ignored data connection from " << addr << " for superseded epoch " << hello.epoch);
+    else
+      PYCCL_LOG(Warning, "rejected data connection from " << addr << ": epoch " << hello.epoch << " is not current");
     return;
   }
   if (!links->attach_incoming(sock, hello, why)) {

@@ -51,6 +51,7 @@ class DataPlane {
   void serve_incoming(net::Socket sock);
   void read_frames(net::Socket& sock, net::RingLinks& links, const std::string& from);
   std::shared_ptr<net::RingLinks> links_for(uint64_t epoch, double timeout_s);
+  uint64_t current_epoch();
   void on_link_broken(uint64_t epoch, const std::string& reason);
   void reap_threads(bool all);
 

@@ -21,6 +21,7 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    default_log_level: str = "INFO"
 
 
 # ---------------------------------------------------------------- master
@@ -46,8 +47,26 @@ def _master_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from pyccl import demo
+
+    demo.add_arguments(p)
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    from pyccl import demo
+
+    return demo.run(args)
+
+
 COMMANDS: dict[str, Command] = {
     "master": Command("run the coordinator of a training run", _master_arguments, _master_run),
+    "demo": Command(
+        "local demo: a master and 4 peers all-reducing 16 MiB tensors through a kill and a join",
+        _demo_arguments,
+        _demo_run,
+        default_log_level="WARNING",
+    ),
 }
 
 
@@ -59,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        p.add_argument("--log-level", default="INFO", type=str.upper,
+        p.add_argument("--log-level", default=cmd.default_log_level, type=str.upper,
                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                        help="logging level (default: %(default)s)")
         cmd.add_arguments(p)

@@ -83,7 +83,6 @@ class _Step:
 def run(args: argparse.Namespace) -> int:
     import pyccl
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING))
     count = args.size // 4
     nbytes = count * 4
     ctx = mp.get_context("spawn")
@@ -172,11 +171,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=16 << 20, help="bytes per all-reduce (default 16 MiB)")
     p.add_argument("--duration", type=float, default=25.0, help="seconds to run")
     p.add_argument("--connections", type=int, default=4)
-    p.add_argument("--pace", type=float, default=0.15, help="seconds each peer sleeps between steps")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--pace", type=float, default=0.05, help="seconds each peer sleeps between steps")
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_arguments(ap)
-    sys.exit(run(ap.parse_args()))
+    from pyccl.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))
