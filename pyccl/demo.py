@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import signal
 import sys
 import time
@@ -39,10 +39,11 @@ def expected_sum(peer_ids: tuple[int, ...], count: int) -> np.ndarray:
     return (base + sum(peer_ids) * _PATTERN).astype(np.float32)
 
 
-def _peer_main(master: str, count: int, connections: int, pace: float, stop: Any, out: Any) -> None:
+def _peer_main(master: str, count: int, connections: int, pace: float, stop: Any, pipe: Any) -> None:
     import pyccl
 
     logging.basicConfig(level=logging.WARNING)
+    out = _Sender(pipe)
     comm = pyccl.Communicator(master, connections=connections)
     comm.connect(timeout=60)
     me = comm.peer_id
@@ -73,6 +74,19 @@ def _peer_main(master: str, count: int, connections: int, pace: float, stop: Any
         comm.close()
 
 
+class _Sender:
+    """Adapter giving a pipe end the ``put`` of a queue."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        try:
+            self._pipe.send(item)
+        except (BrokenPipeError, OSError):
+            pass  # the orchestrator is gone; keep going until told to stop
+
+
 @dataclass
 class _Step:
     world_size: int
@@ -87,19 +101,61 @@ def run(args: argparse.Namespace) -> int:
     nbytes = count * 4
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    events = ctx.Queue()
     procs: dict[int, mp.Process] = {}
+    # One pipe per peer, never a shared Queue: a SIGKILL that lands while a
+    # peer writes to a shared queue would wedge that queue for everyone.
+    readers: list[Any] = []
     pids: dict[int, int] = {}  # peer id -> pid
     steps: dict[tuple[int, int], _Step] = {}
     stats = {"steps": 0, "checked": 0, "wrong": 0, "failures": 0, "dirty_inputs": 0, "errors": 0}
 
-    def spawn() -> None:
-        p = ctx.Process(target=_peer_main, args=(master.address, count, args.connections, args.pace, stop, events))
-        p.start()
-        procs[p.pid] = p
-
     def say(msg: str) -> None:
         print(msg, flush=True)
+
+    def spawn(master_address: str) -> None:
+        reader, writer = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_peer_main, args=(master_address, count, args.connections, args.pace, stop, writer))
+        p.start()
+        writer.close()
+        readers.append(reader)
+        procs[p.pid] = p
+
+    def next_events(timeout: float) -> list[tuple[Any, ...]]:
+        out = []
+        for r in mp_connection.wait(readers, timeout):
+            try:
+                out.append(r.recv())
+            except (EOFError, OSError):
+                readers.remove(r)  # that peer exited or was killed
+        return out
+
+    def handle(ev: tuple[Any, ...]) -> None:
+        kind, peer = ev[0], ev[1]
+        if kind == "admitted":
+            pids[peer] = ev[2]
+            say(f"----- peer {peer} admitted (world size {ev[3]} when it got in)")
+        elif kind == "failure":
+            stats["failures"] += 1
+            stats["dirty_inputs"] += 0 if ev[3] else 1
+            say(f"      peer {peer}: PeerFailure, input {'intact' if ev[3] else 'CHANGED'}; "
+                f"retrying with world size {ev[2]}")
+        elif kind == "error":
+            stats["errors"] += 1
+            say(f"      peer {peer}: error: {ev[2]}")
+        elif kind == "step":
+            _, _, epoch, index, ws, secs, exact = ev
+            st = steps.setdefault((epoch, index), _Step(ws))
+            st.seconds.append(secs)
+            st.exact.append(exact)
+            stats["checked"] += 1
+            stats["wrong"] += 0 if exact else 1
+            if len(st.exact) == ws:
+                stats["steps"] += 1
+                t = max(st.seconds)
+                busbw = nbytes / t * 2 * (ws - 1) / ws / 1e9 if ws > 1 else 0.0
+                verdict = f"{sum(st.exact)}/{ws} peers exact" if all(st.exact) else "MISMATCH"
+                say(f"{stats['steps']:>5} {epoch:>5} {ws:>5} {t * 1e3:>7.1f}ms {busbw:>6.2f} GB/s  {verdict}")
+                del steps[(epoch, index)]
 
     with pyccl.Master(host="127.0.0.1", port=0) as master:
         say(f"pyccl demo: master at {master.address}; {args.peers} peers all-reduce {nbytes >> 20} MiB float32 "
@@ -108,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         t_start = time.monotonic()
         killed = joined = False
         for _ in range(args.peers):
-            spawn()
+            spawn(master.address)
         try:
             while time.monotonic() - t_start < args.duration:
                 elapsed = time.monotonic() - t_start
@@ -118,39 +174,11 @@ def run(args: argparse.Namespace) -> int:
                     say(f"----- killed peer {victim} with SIGKILL")
                     killed = True
                 if killed and not joined and elapsed > args.duration * 0.55:
-                    spawn()
+                    spawn(master.address)
                     say("----- started a new peer; it joins at the next update_topology()")
                     joined = True
-                try:
-                    ev = events.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                kind, peer = ev[0], ev[1]
-                if kind == "admitted":
-                    pids[peer] = ev[2]
-                    say(f"----- peer {peer} admitted (world size {ev[3]} when it got in)")
-                elif kind == "failure":
-                    stats["failures"] += 1
-                    stats["dirty_inputs"] += 0 if ev[3] else 1
-                    say(f"      peer {peer}: PeerFailure, input {'intact' if ev[3] else 'CHANGED'}; "
-                        f"retrying with world size {ev[2]}")
-                elif kind == "error":
-                    stats["errors"] += 1
-                    say(f"      peer {peer}: error: {ev[2]}")
-                elif kind == "step":
-                    _, _, epoch, index, ws, secs, exact = ev
-                    st = steps.setdefault((epoch, index), _Step(ws))
-                    st.seconds.append(secs)
-                    st.exact.append(exact)
-                    stats["checked"] += 1
-                    stats["wrong"] += 0 if exact else 1
-                    if len(st.exact) == ws:
-                        stats["steps"] += 1
-                        t = max(st.seconds)
-                        busbw = nbytes / t * 2 * (ws - 1) / ws / 1e9 if ws > 1 else 0.0
-                        verdict = f"{sum(st.exact)}/{ws} peers exact" if all(st.exact) else "MISMATCH"
-                        say(f"{stats['steps']:>5} {epoch:>5} {ws:>5} {t * 1e3:>7.1f}ms {busbw:>6.2f} GB/s  {verdict}")
-                        del steps[(epoch, index)]
+                for ev in next_events(0.2):
+                    handle(ev)
         finally:
             stop.set()
             deadline = time.monotonic() + 15

@@ -682,9 +682,12 @@ class MasterState:
             for j in joiners:
                 del group.pending[j.peer_id]
                 j.phase = PeerPhase.MEMBER
-                j.next_round = k + 1
+                # A joiner stands where the members stood when they voted k: its
+                # first update_topology() (if its loop starts with one) is
+                # round k itself, answered at once from the decided record.
+                j.next_round = k
                 group.members.append(j)
-        next_round = k + 1 if k is not None else group.next_unused_round
+        next_round = k if k is not None else group.next_unused_round
         self._send_epoch(group, drain.kind, drain.reason, sorted(fence.items()), next_round, out)
         for j in joiners:
             log.info("%s admitted to group %d in epoch %d", j.label(), group.gid, group.epoch)
