@@ -102,9 +102,13 @@ def make_group(address: str, group: int = 0) -> tuple[RawPeer, RawPeer, int]:
     a.send({"type": "drained", "epoch": 1, "next_seq": []})
     ep_a = a.expect("epoch", epoch=2)
     assert a.expect("round_done", round=0)["changed"] is True
-    ep_b = b.expect("epoch", epoch=2, next_round=1)
+    ep_b = b.expect("epoch", epoch=2, next_round=0)  # b inherits the admitting round's position
     assert ep_a == ep_b
     assert [m[0] for m in ep_a["members"]] == [a.peer_id, b.peer_id]
+    # b's loop starts with update_topology(): its first vote is round 0 itself,
+    # already decided, answered at once with the recorded result
+    b.send({"type": "vote", "round": 0})
+    b.expect("round_done", round=0, changed=True)
     return a, b, 2
 
 
@@ -136,6 +140,38 @@ def test_admission_round_and_op_ok_fan_out(master: Master):
     for s in range(4):
         a.expect("op_ok", seq=s, tag=1)
         b.expect("op_ok", seq=s, tag=1)
+
+
+@pytest.mark.timeout(30)
+def test_rounds_by_program_position_over_the_wire(master: Master):
+    a, b, epoch = make_group(master.address)
+    p = 3 << 20  # both begun 3 collectives: the votes jump from round 1 to 3 << 20
+    c = RawPeer(master.address)
+    c.hello(name="c")
+    a.send({"type": "vote", "round": p})  # c pending: ADMIT, a waits for b
+    b.send({"type": "vote", "round": p})
+    for x in (a, b):
+        x.expect("drain", epoch=epoch, kind="admit", reason=f"admitting peers [{c.peer_id}] at round {p}")
+        x.send({"type": "drained", "epoch": epoch, "next_seq": []})
+    ep = c.expect("epoch", epoch=epoch + 1, next_round=p)
+    assert [m[0] for m in ep["members"]] == [a.peer_id, b.peer_id, c.peer_id]
+    for x in (a, b):
+        assert x.expect("epoch") == ep
+        x.expect("round_done", round=p, changed=True)
+    c.send({"type": "vote", "round": p})  # c's first update_topology(): round p, answered at once
+    c.expect("round_done", round=p, changed=True)
+    check_op([a, b, c], epoch + 1)
+    p2 = 4 << 20
+    for x in (a, b, c):
+        x.send({"type": "vote", "round": p2})  # nobody pending: NO_CHANGE for everyone
+        x.expect("round_done", round=p2, changed=False)
+    # a vote below the last one + 1 is a protocol error that expels the sender
+    c.send({"type": "vote", "round": p2})
+    frames = c.until_closed()
+    assert [f["type"] for f in frames] == ["error"]
+    assert frames[0]["reason"] == f"'vote' for round {p2}, expected round {p2 + 1} or later"
+    for x in (a, b):
+        x.expect("drain", epoch=epoch + 1, kind="peer")
 
 
 @pytest.mark.timeout(30)

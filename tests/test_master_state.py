@@ -79,22 +79,38 @@ class Harness:
         return c
 
     def join_group(self, n: int, group: int = 0) -> list[int]:
-        """n members in one group, inboxes emptied; returns their connection ids (ring order)."""
+        """n members in one group, inboxes emptied; returns their connection ids (ring order).
+
+        Every peer runs a loop that starts with update_topology(): each joiner's
+        first vote is the round that admitted it (answered at once), so at the
+        end every member stands at the same position (next_round == n - 1).
+        """
         conns = [self.hello(group)]
         for _ in range(n - 1):
             conns.append(self.hello(group))
-            self.admit_round(conns[:-1], group)
+            k = self.admit_round(conns[:-1], group)
+            joiner = conns[-1]
+            assert last_epoch(self.take(joiner))["next_round"] == k
+            self.vote(joiner)
+            assert self.take(joiner) == [{"type": "round_done", "round": k, "changed": True}]
         for c in conns:
             self.take(c)
         assert self.info(group).members == tuple(self.pid(c) for c in conns)
+        assert {self.st._conns[c].next_round for c in conns} == {n - 1}
         return conns
 
-    def admit_round(self, members: list[int], group: int = 0) -> None:
-        """Every member votes its next round; the drain is answered; asserts admission."""
+    def admit_round(self, members: list[int], group: int = 0) -> int:
+        """Every member votes its next round (the same one); the drain is answered.
+
+        Returns the admitting round.
+        """
+        rounds = {self.st._conns[m].next_round for m in members}
+        assert len(rounds) == 1, f"members stand at different positions: {rounds}"
         for m in members:
             self.vote(m)
         for m in members:
             self.drained(m, group=group)
+        return rounds.pop()
 
     def vote(self, c: int) -> None:
         self.send(c, {"type": "vote", "round": self.st._conns[c].next_round})
@@ -198,12 +214,18 @@ def test_admit_round_waits_for_all_members_then_drains_and_appends_joiner():
     assert fa == fb
     assert fa[1] == {"type": "round_done", "round": 1, "changed": True}
     ep = fa[0]
-    assert ep["epoch"] == 3 and ring(ep) == [1, 2, 3] and ep["next_round"] == 2
+    # the joiner inherits the admitting round's position
+    assert ep["epoch"] == 3 and ring(ep) == [1, 2, 3] and ep["next_round"] == 1
     assert ep["fence"] == [[0, 4]] and ep["kind"] == "admit"
     assert fc == [ep]  # the joiner gets the epoch, and no round_done
     assert h.st.peer_phase(c) is PeerPhase.MEMBER
     assert h.info().phase is GroupPhase.RUNNING
-    # the joiner's first vote is round 2, like everyone else's next one
+    # the joiner's first update_topology() is round 1 itself: already decided,
+    # answered at once with its recorded result, no new drain for anyone
+    h.send(c, {"type": "vote", "round": 1})
+    assert h.take(c) == [{"type": "round_done", "round": 1, "changed": True}]
+    assert h.inbox[a] == [] and h.inbox[b] == [] and h.info().phase is GroupPhase.RUNNING
+    # its next vote is round 2, like everyone else's next one
     h.send(c, {"type": "vote", "round": 2})
     assert h.take(c) == [{"type": "round_done", "round": 2, "changed": False}]
 
@@ -218,7 +240,9 @@ def test_single_member_admit_round_completes_on_its_own_vote():
     h.drained(a)
     assert h.types(a) == ["epoch", "round_done"]
     ep = last_epoch(h.take(b))
-    assert ring(ep) == [1, 2] and ep["next_round"] == 1
+    assert ring(ep) == [1, 2] and ep["next_round"] == 0  # the admitting round
+    h.vote(b)
+    assert h.take(b) == [{"type": "round_done", "round": 0, "changed": True}]
 
 
 def test_joiners_appended_in_admission_order():
@@ -248,9 +272,13 @@ def test_no_deadlock_when_members_vote_at_different_times():
     assert h.types(a) == h.types(b) == ["drain"]
     h.drained(a)
     h.drained(b)
-    ep = last_epoch(h.inbox[j])
-    assert ring(ep) == [h.pid(a), h.pid(b), h.pid(j)] and ep["next_round"] == k + 2
+    ep = last_epoch(h.take(j))
+    assert ring(ep) == [h.pid(a), h.pid(b), h.pid(j)] and ep["next_round"] == k + 1
     assert h.take(a)[-1] == {"type": "round_done", "round": k + 1, "changed": True}
+    assert h.take(b)[-1] == {"type": "round_done", "round": k + 1, "changed": True}
+    h.send(j, {"type": "vote", "round": k + 1})  # the joiner's first update_topology()
+    assert h.take(j) == [{"type": "round_done", "round": k + 1, "changed": True}]
+    assert h.inbox[a] == [] and h.inbox[b] == []
 
 
 def test_vote_during_drain_is_recorded_and_admission_follows_commit():
@@ -302,6 +330,222 @@ def test_joiner_gone_during_admission_drain_commits_without_it():
     assert [f["type"] for f in frames] == ["drain", "epoch", "round_done"]
     assert ring(frames[1]) == [1, 2]
     assert frames[2]["changed"] is False
+
+
+# ------------------------------------------------------------------ rounds by program position
+
+VOTE_BITS = 20  # round = (collectives begun) << 20 | (update_topology calls since the last one)
+
+
+def position(ops: int, votes: int = 0) -> int:
+    return (ops << VOTE_BITS) | votes
+
+
+def test_vote_may_skip_ahead_and_starts_a_new_round():
+    h = Harness()
+    a, b = h.join_group(2)
+    h.vote(a)  # round 1
+    h.vote(a)  # round 2
+    assert h.types(a) == ["round_done", "round_done"]
+    assert h.st._conns[a].next_round == 3
+    j = h.hello()
+    h.take(j)
+    p = position(1)  # a ran its first collective: the next vote jumps from 3 to 1 << 20
+    assert h.st.round_decision(0, p) is None
+    h.send(a, {"type": "vote", "round": p})
+    assert a not in h.closed
+    assert h.st.round_decision(0, p) is RoundDecision.ADMIT  # a new round, decided by this vote
+    assert h.info().next_unused_round == p + 1
+    assert h.inbox[a] == []  # a waits for b
+    h.send(b, {"type": "vote", "round": p})  # b jumps from 1 straight to 1 << 20
+    assert b not in h.closed
+    assert h.types(a) == h.types(b) == ["drain"]
+    h.drained(a)
+    h.drained(b)
+    ep = last_epoch(h.take(j))
+    assert ring(ep) == [h.pid(a), h.pid(b), h.pid(j)] and ep["next_round"] == p
+    for m in (a, b):
+        assert h.take(m)[-1] == {"type": "round_done", "round": p, "changed": True}
+        assert h.st._conns[m].next_round == p + 1
+    # a skip without anyone pending is a NO_CHANGE round, answered at once
+    h.send(a, {"type": "vote", "round": position(7, 3)})
+    assert h.take(a) == [{"type": "round_done", "round": position(7, 3), "changed": False}]
+    assert h.st.round_decision(0, position(7, 3)) is RoundDecision.NO_CHANGE
+    # but a round below the last one + 1 is a protocol error
+    h.send(a, {"type": "vote", "round": position(7, 3)})
+    (err,) = h.take(a)
+    assert err["type"] == "error"
+    assert err["reason"] == f"'vote' for round {position(7, 3)}, expected round {position(7, 4)} or later"
+    assert a in h.closed and b not in h.closed
+
+
+def test_vote_equal_to_next_round_and_lower_vote_after_skip():
+    h = Harness()
+    a, b = h.join_group(2)
+    h.send(b, {"type": "vote", "round": 1})  # exactly next_round: still fine
+    assert h.take(b) == [{"type": "round_done", "round": 1, "changed": False}]
+    h.send(b, {"type": "vote", "round": position(2)})
+    assert h.take(b) == [{"type": "round_done", "round": position(2), "changed": False}]
+    h.send(b, {"type": "vote", "round": 3})  # between the old next_round and the skip: too late
+    assert "expected round 2097153 or later" in h.take(b)[0]["reason"]
+    assert b in h.closed
+    assert h.types(a) == ["drain"]
+
+
+def test_joiner_voting_its_admitting_round_is_answered_at_once():
+    h = Harness()
+    a, b = h.join_group(2)
+    k = h.st._conns[a].next_round
+    j = h.hello()
+    h.take(j)
+    h.admit_round([a, b])
+    assert last_epoch(h.take(j))["next_round"] == k
+    assert h.st._conns[j].next_round == k
+    for m in (a, b):
+        assert h.take(m)[-1] == {"type": "round_done", "round": k, "changed": True}
+    epoch, unused = h.info().epoch, h.info().next_unused_round
+    j2 = h.hello()  # pending when j votes: must not be admitted by j's vote of round k
+    h.take(j2)
+    h.vote(j)
+    assert h.take(j) == [{"type": "round_done", "round": k, "changed": True}]
+    # no new round, no drain, nothing for the others; j2 still waits
+    assert h.st.round_decision(0, k) is RoundDecision.ADMIT
+    assert h.info().next_unused_round == unused and h.info().epoch == epoch
+    assert h.info().phase is GroupPhase.RUNNING and h.info().pending == (h.pid(j2),)
+    assert h.inbox[a] == [] and h.inbox[b] == [] and h.inbox[j2] == []
+    assert h.st._conns[j].next_round == k + 1
+    # everyone's next round (k + 1) admits j2
+    for m in (a, b, j):
+        h.vote(m)
+    assert h.types(a) == h.types(b) == h.types(j) == ["drain"]
+    for m in (a, b, j):
+        h.drained(m)
+    ep = last_epoch(h.take(j2))
+    assert ring(ep) == [h.pid(c) for c in (a, b, j, j2)] and ep["next_round"] == k + 1
+    for m in (a, b, j):
+        assert h.take(m)[-1] == {"type": "round_done", "round": k + 1, "changed": True}
+
+
+def test_joiner_record_survives_round_forgetting_until_it_votes():
+    h = Harness()
+    a, b = h.join_group(2)
+    for m in (a, b):
+        h.vote(m)  # round 1: NO_CHANGE
+        assert h.take(m) == [{"type": "round_done", "round": 1, "changed": False}]
+    assert h.st.round_decision(0, 1) is RoundDecision.NO_CHANGE
+    p = position(3)
+    j = h.hello()
+    h.take(j)
+    for m in (a, b):
+        h.send(m, {"type": "vote", "round": p})
+    h.drained(a)
+    h.drained(b)
+    h.take(a), h.take(b), h.take(j)
+    # the old members run ahead; their new rounds let the master forget old ones
+    for r in (p + 1, p + 2):
+        for m in (a, b):
+            h.send(m, {"type": "vote", "round": r})
+            assert h.take(m) == [{"type": "round_done", "round": r, "changed": False}]
+    assert h.st.round_decision(0, 1) is None  # everyone is past round 1: forgotten
+    assert h.st.round_decision(0, p) is RoundDecision.ADMIT  # j still needs it
+    h.send(j, {"type": "vote", "round": p})
+    assert h.take(j) == [{"type": "round_done", "round": p, "changed": True}]
+    h.send(j, {"type": "vote", "round": p + 1})  # decided by a's first vote: same answer
+    assert h.take(j) == [{"type": "round_done", "round": p + 1, "changed": False}]
+    h.send(a, {"type": "vote", "round": position(4)})  # a new round: now p can go
+    assert h.take(a) == [{"type": "round_done", "round": position(4), "changed": False}]
+    assert h.st.round_decision(0, p) is None
+
+
+def test_joiner_starting_with_a_collective_votes_the_members_next_position():
+    h = Harness()
+    a, b = h.join_group(2)
+    p = position(5)
+    j = h.hello()
+    h.take(j)
+    for m in (a, b):
+        h.send(m, {"type": "vote", "round": p})
+    h.drained(a)
+    h.drained(b)
+    assert last_epoch(h.take(j))["next_round"] == p
+    h.take(a), h.take(b)
+    for m in (a, b, j):  # everyone's next action is a collective
+        h.done(m)
+    assert h.types(a) == h.types(b) == h.types(j) == ["op_ok"]
+    p2 = position(6)
+    j2 = h.hello()
+    h.take(j2)
+    h.send(j, {"type": "vote", "round": p2})  # j never votes p: it skips past it
+    assert j not in h.closed and h.inbox[j] == []
+    assert h.st.round_decision(0, p2) is RoundDecision.ADMIT
+    for m in (a, b):
+        h.send(m, {"type": "vote", "round": p2})
+    for m in (a, b, j):
+        assert h.types(m) == ["drain"]
+        h.drained(m)
+    ep = last_epoch(h.take(j2))
+    assert ring(ep) == [h.pid(c) for c in (a, b, j, j2)] and ep["next_round"] == p2
+    for m in (a, b, j):
+        assert h.take(m)[-1] == {"type": "round_done", "round": p2, "changed": True}
+
+
+def test_no_deadlock_with_position_numbered_rounds():
+    """Members at position P admit J; J's loop starts with update_topology().
+
+    J's first vote is P, already decided: answered at once. After one
+    collective everybody votes P2 = (ops + 1) << 20, and a joiner pending
+    then is admitted once all three have voted P2 -- whatever their order.
+    """
+    h = Harness()
+    a, b = h.join_group(2)
+    ops = 4  # A and B have begun 4 collectives
+    P, P2 = position(ops), position(ops + 1)
+    j = h.hello(name="J")
+    h.take(j)
+    h.send(a, {"type": "vote", "round": P})
+    assert h.st.round_decision(0, P) is RoundDecision.ADMIT
+    assert h.inbox[a] == []
+    h.send(b, {"type": "vote", "round": P})
+    for m in (a, b):
+        assert h.types(m) == ["drain"]
+        h.drained(m)
+    ep = last_epoch(h.take(j))
+    assert ep["next_round"] == P and ring(ep) == [h.pid(a), h.pid(b), h.pid(j)]
+    for m in (a, b):
+        frames = h.take(m)
+        assert [f["type"] for f in frames] == ["epoch", "round_done"]
+        assert frames == [ep, {"type": "round_done", "round": P, "changed": True}]
+    # J's first update_topology() is round P: answered at once, nobody waits for anybody
+    h.send(j, {"type": "vote", "round": P})
+    assert h.take(j) == [{"type": "round_done", "round": P, "changed": True}]
+    assert h.inbox[a] == [] and h.inbox[b] == []
+    # one collective, all three
+    for m in (a, b, j):
+        h.done(m)
+    assert h.types(a) == h.types(b) == h.types(j) == ["op_ok"]
+    j2 = h.hello(name="J2")
+    h.take(j2)
+    # all three vote P2, J in the middle: nobody is answered before the last vote
+    h.send(a, {"type": "vote", "round": P2})
+    assert h.st.round_decision(0, P2) is RoundDecision.ADMIT
+    h.send(j, {"type": "vote", "round": P2})
+    assert h.inbox[a] == [] and h.inbox[j] == []
+    assert h.info().phase is GroupPhase.RUNNING
+    h.send(b, {"type": "vote", "round": P2})
+    for m in (a, b, j):
+        assert h.take(m) == [{"type": "drain", "epoch": h.info().epoch, "kind": "admit",
+                              "reason": f"admitting peers [{h.pid(j2)}] at round {P2}"}]
+    for m in (a, b, j):
+        h.drained(m)
+    ep2 = last_epoch(h.take(j2))
+    assert ring(ep2) == [h.pid(c) for c in (a, b, j, j2)] and ep2["next_round"] == P2
+    for m in (a, b, j):
+        assert h.take(m) == [ep2, {"type": "round_done", "round": P2, "changed": True}]
+    assert not h.closed
+    assert h.info().pending == () and h.info().phase is GroupPhase.RUNNING
+    # J2's loop starts with update_topology() too: round P2, answered at once
+    h.send(j2, {"type": "vote", "round": P2})
+    assert h.take(j2) == [{"type": "round_done", "round": P2, "changed": True}]
 
 
 # ------------------------------------------------------------------ ops
