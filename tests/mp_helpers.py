@@ -117,8 +117,11 @@ class PeerProcs:
     def signal(self, idx: int, sig: int) -> None:
         os.kill(self.procs[idx].pid, sig)
 
-    def get(self, timeout: float, kinds: tuple[str, ...] | None = None) -> tuple[str, int, Any]:
-        """Next message (of one of ``kinds`` if given; others are an error)."""
+    def get(
+        self, timeout: float, kinds: tuple[str, ...] | None = None, ignore: tuple[str, ...] = ()
+    ) -> tuple[str, int, Any]:
+        """Next message (of one of ``kinds`` if given; others are an error,
+        except kinds in ``ignore``, which are skipped)."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -139,17 +142,19 @@ class PeerProcs:
                     continue
             if kind == "error":
                 raise ChildError(f"peer {idx} failed:\n{payload}")
+            if kind in ignore:
+                continue
             if kinds is not None and kind not in kinds:
                 raise ChildError(f"unexpected message {kind!r} from peer {idx}: {payload!r}"[:2000])
             return kind, idx, payload
 
-    def gather(self, kind: str, idxs: Any, timeout: float) -> dict[int, Any]:
-        """One ``kind`` message from each peer in ``idxs``."""
+    def gather(self, kind: str, idxs: Any, timeout: float, ignore: tuple[str, ...] = ()) -> dict[int, Any]:
+        """One ``kind`` message from each peer in ``idxs`` (skipping kinds in ``ignore``)."""
         want = set(idxs)
         got: dict[int, Any] = {}
         deadline = time.monotonic() + timeout
         while want - set(got):
-            k, idx, payload = self.get(max(0.01, deadline - time.monotonic()), (kind,))
+            k, idx, payload = self.get(max(0.01, deadline - time.monotonic()), (kind,), ignore)
             if idx in got:
                 raise ChildError(f"peer {idx} sent {kind!r} twice")
             got[idx] = payload
@@ -213,3 +218,18 @@ def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def reduce_or_hang(comm: Any, x: Any, out: Any = None, op: str = "sum", tag: int = 0, timeout: float = 30.0) -> Any:
+    """all_reduce that turns a hang into an AssertionError after ``timeout`` s
+    (a hung op then still holds its thread; the test kills the process)."""
+    import pyccl
+
+    handle = comm.all_reduce_async(x, out=out, op=op, tag=tag)
+    try:
+        return handle.wait(timeout)
+    except pyccl.Timeout:
+        raise AssertionError(
+            f"all_reduce (tag {tag}) hung for {timeout:.0f} s in epoch {comm.epoch} "
+            f"(world size {comm.world_size})"
+        ) from None
