@@ -47,6 +47,9 @@ void DataPlane::close() {
 void DataPlane::set_epoch(const net::EpochInfo& info) {
   auto fresh = std::make_shared<net::RingLinks>(
       info, connections_, [this](uint64_t epoch, const std::string& why) { on_link_broken(epoch, why); });
+  // The registry moves first: a reader attached to the new links may look up
+  // an op of the new epoch the moment the links are published.
+  registry_.begin_epoch(info.epoch);
   std::shared_ptr<net::RingLinks> old;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -55,7 +58,6 @@ void DataPlane::set_epoch(const net::EpochInfo& info) {
     links_ = fresh;
     cv_.notify_all();  // incoming hellos for this epoch may be waiting
   }
-  registry_.begin_epoch(info.epoch);
   if (old) old->shutdown("epoch " + std::to_string(info.epoch) + " replaced it");
   PYCCL_LOG(Debug, "epoch " << info.epoch << ": rank " << info.rank << "/" << info.world_size << ", next peer "
                             << info.next_id << " at " << info.next_host << ":" << info.next_port << ", prev peer "
@@ -98,15 +100,19 @@ OpResult DataPlane::all_reduce(uint64_t epoch, uint32_t tag, uint64_t seq, const
   }
   auto op = std::make_shared<Op>(OpKey{epoch, tag, seq}, dtype, redop, input, work,
                                  RingLayout(count, elem, info.world_size), info.rank);
-  Status st = registry_.add(op);
+  Status st = links->wait_ready();
   if (!st.ok()) return {st};
-  st = links->wait_ready();
+  bool published = false;
+  st = run_ring_all_reduce(op, *links, [&] {
+    Status s = registry_.add(op);
+    published = s.ok();
+    return s;
+  });
   if (!st.ok()) op->fail(st.kind, st.message);
-  if (!op->failed()) run_ring_all_reduce(op, *links);
   // Never return while a sender still reads from, or a reader still writes
   // into, the caller's buffers.
   op->wait_quiescent();
-  registry_.remove(*op);
+  if (published) registry_.remove(*op);
   return {op->status(), op->tx_bytes(), op->rx_bytes()};
 }
 
@@ -221,15 +227,13 @@ void DataPlane::read_frames(net::Socket& sock, net::RingLinks& links, const std:
       sock.discard(h.length);
       continue;
     }
-    bool ok = false;
     try {
       sock.recv_exact(dest, h.length);
-      ok = true;
     } catch (...) {
       op->end_write(h, false);
       throw;
     }
-    op->end_write(h, ok);
+    op->end_write(h, true);
   }
 }
 

@@ -74,19 +74,26 @@ char* Op::begin_write(const net::DataHeader& h, const std::string& from) {
 }
 
 void Op::end_write(const net::DataHeader& h, bool ok) {
+  const auto phase = static_cast<net::Phase>(h.phase);
+  bool run_handler = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ok) {
+      arrived(phase)[h.chunk] = 1;
+      rx_bytes_ += h.length;
+      run_handler = status_.ok() && on_arrival_;
+    }
+  }
+  if (run_handler) on_arrival_(phase, h.chunk);  // outside mu_: it sends, which may fail the op
   std::lock_guard<std::mutex> lock(mu_);
   --active_writers_;
-  if (ok) {
-    arrived(static_cast<net::Phase>(h.phase))[h.chunk] = 1;
-    rx_bytes_ += h.length;
-  }
+  if (ok) ++processed_;
   cv_.notify_all();
 }
 
-bool Op::wait_arrived(net::Phase phase, uint32_t chunk) {
+bool Op::wait_processed(size_t count) {
   std::unique_lock<std::mutex> lock(mu_);
-  auto& flags = arrived(phase);
-  cv_.wait(lock, [&] { return flags[chunk] || !status_.ok(); });
+  cv_.wait(lock, [&] { return processed_ >= count || !status_.ok(); });
   return status_.ok();
 }
 

@@ -10,6 +10,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <vector>
 
@@ -47,11 +48,20 @@ class Op {
   // nullptr if the payload must be discarded: the op already failed, or the
   // frame is wrong for it, in which case the op is failed with a message.
   char* begin_write(const net::DataHeader& h, const std::string& from);
+  // Ends a write begun above. If the payload arrived whole, marks the chunk
+  // and runs the arrival handler (still counted as an active writer, so the
+  // caller's wait_quiescent() also waits for handlers).
   void end_write(const net::DataHeader& h, bool ok);
 
+  // What the algorithm does with a chunk once it has fully arrived. It runs
+  // on the reader thread that received the chunk, so reductions and
+  // forwarding spread over the K connections' threads and need no hand-off
+  // to the caller's thread. Set before the op is registered.
+  using ArrivalFn = std::function<void(net::Phase phase, uint32_t chunk)>;
+  void set_on_arrival(ArrivalFn fn) { on_arrival_ = std::move(fn); }
   // --- driving side (caller thread)
-  // Blocks until the chunk arrived; false if the op failed meanwhile.
-  bool wait_arrived(net::Phase phase, uint32_t chunk);
+  // Blocks until `count` arrivals have been processed; false on failure.
+  bool wait_processed(size_t count);
   void add_pending_send();
   void send_done(bool ok, uint64_t bytes);
   // Blocks until no reader writes into and no sender reads from our buffers.
@@ -79,6 +89,8 @@ class Op {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<uint8_t> arrived_rs_, arrived_ag_;
+  ArrivalFn on_arrival_;
+  size_t processed_ = 0;
   int active_writers_ = 0;
   int pending_sends_ = 0;
   uint64_t tx_bytes_ = 0, rx_bytes_ = 0;

@@ -64,7 +64,11 @@ template <typename AliveFn>
 std::shared_ptr<Op> OpRegistry::wait_for(uint64_t epoch, uint32_t tag, uint64_t seq, AliveFn link_alive) {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    if (closed_ || epoch != epoch_ || !link_alive()) return nullptr;
+    if (closed_ || epoch < epoch_ || !link_alive()) return nullptr;
+    if (epoch > epoch_) {  // this peer has not switched yet: wait for it
+      cv_.wait(lock);
+      continue;
+    }
     auto it = ops_.find({tag, seq});
     if (it != ops_.end()) return it->second;
     auto f = finished_.find(tag);

@@ -4,7 +4,7 @@
 
 namespace pyccl {
 
-Status run_ring_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links) {
+Status run_ring_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links, const std::function<Status()>& publish) {
   using net::Phase;
   const RingLayout& L = op->layout();
   const int n = L.world_size();
@@ -13,44 +13,56 @@ Status run_ring_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links)
   const char* input = static_cast<const char*>(op->input());
   char* work = op->work();
 
-  auto send = [&](Phase phase, uint32_t c, const char* base) {
-    links.send(op, op->header(phase, c), base + L.chunk(c).offset);
+  // Which ring step a chunk belongs to follows from its segment: peer r
+  // receives segment (r - s - 1) at reduce-scatter step s and segment (r - s)
+  // at all-gather step s.
+  auto step_of = [n, r](Phase phase, uint32_t seg) {
+    const int base = phase == Phase::ReduceScatter ? r - 1 : r;
+    return ((base - static_cast<int>(seg)) % n + n) % n;
   };
 
-  // Reduce-scatter, step 0: our raw input for segment r goes to the next peer
-  // straight from the caller's buffer (no copy; the input is never written).
-  for (uint32_t c = L.first_chunk(r); c < L.first_chunk(r + 1); ++c) send(Phase::ReduceScatter, c, input);
-
-  // Steps 0..n-2: a partial sum of segment (r - s - 1) arrives in `work`;
-  // fold our input into it and pass it on. At the last step it is the
-  // segment we own: finish it and start the all-gather with it.
-  for (int s = 0; s <= n - 2; ++s) {
-    const int seg = L.segment_at(r, s + 1);
-    const bool owner_step = (s == n - 2);
-    for (uint32_t c = L.first_chunk(seg); c < L.first_chunk(seg + 1); ++c) {
-      if (!op->wait_arrived(Phase::ReduceScatter, c)) return op->status();
-      const Chunk& ch = L.chunk(c);
+  // Runs on the reader thread that received the chunk (see Op::ArrivalFn).
+  op->set_on_arrival([&](Phase phase, uint32_t c) {
+    const Chunk& ch = L.chunk(c);
+    const int s = step_of(phase, ch.segment);
+    if (phase == Phase::ReduceScatter) {
+      // A partial sum arrived in `work`: fold in our input and pass it on.
+      // At the last step the segment is ours: finish it (AVG divides here)
+      // and start its all-gather.
       void* dst = work + ch.offset;
       const void* src = input + ch.offset;
-      if (owner_step) {
+      if (s == n - 2) {
         reduce_final(op->dtype(), op->redop(), dst, src, ch.length / elem, n);
-        send(Phase::AllGather, c, work);
+        links.send(op, op->header(Phase::AllGather, c), work + ch.offset);
       } else {
         reduce_step(op->dtype(), op->redop(), dst, src, ch.length / elem);
-        send(Phase::ReduceScatter, c, work);
+        links.send(op, op->header(Phase::ReduceScatter, c), work + ch.offset);
       }
+    } else if (s < n - 2) {
+      // A finished chunk arrived: forward it verbatim unless it has been
+      // everywhere already.
+      links.send(op, op->header(Phase::AllGather, c), work + ch.offset);
     }
-  }
+  });
 
-  // All-gather: finished segments arrive directly in `work`; forward each one
-  // unchanged except the last, which has then been everywhere.
-  for (int s = 0; s <= n - 2; ++s) {
-    const int seg = L.segment_at(r, s);
-    for (uint32_t c = L.first_chunk(seg); c < L.first_chunk(seg + 1); ++c) {
-      if (!op->wait_arrived(Phase::AllGather, c)) return op->status();
-      if (s < n - 2) send(Phase::AllGather, c, work);
-    }
-  }
+  // Every chunk except those of our own segment (never received in
+  // reduce-scatter) and of the segment we own (never received in
+  // all-gather) arrives exactly once per phase.
+  const size_t expected = 2 * L.num_chunks() - (L.first_chunk(r + 1) - L.first_chunk(r)) -
+                          (L.first_chunk((r + 1) % n + 1) - L.first_chunk((r + 1) % n));
+
+  // Only now may readers find the op: its handler is in place.
+  if (Status st = publish(); !st.ok()) return st;
+
+  // Reduce-scatter step 0: our raw input for segment r goes to the next peer
+  // straight from the caller's buffer (no copy; the input is never written).
+  for (uint32_t c = L.first_chunk(r); c < L.first_chunk(r + 1); ++c)
+    links.send(op, op->header(Phase::ReduceScatter, c), input + L.chunk(c).offset);
+
+  op->wait_processed(expected);
+  // The handler captures this frame's locals: no reader may still run it
+  // when we return, and none may still write into or send from the buffers.
+  op->wait_quiescent();
   return op->status();
 }
 

@@ -8,6 +8,7 @@
 // striped over the connection pool.
 #pragma once
 
+#include <functional>
 #include <memory>
 
 #include "collectives/op.h"
@@ -16,8 +17,12 @@
 
 namespace pyccl {
 
-// Drives `op` to completion over `links`. The input buffer is only read; the
-// result lands in op->work(). Returns when the op finished or failed.
-Status run_ring_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links);
+// Drives `op` to completion over `links`. `publish` makes the op visible to
+// reader threads (registers it); it is called once the op's arrival handler
+// is installed. The input buffer is only read; the result lands in
+// op->work(). Returns when the op finished or failed and no other thread
+// touches its buffers any more.
+Status run_ring_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links,
+                           const std::function<Status()>& publish);
 
 }  // namespace pyccl
