@@ -183,7 +183,10 @@ void DataPlane::serve_incoming(net::Socket sock) {
     return;
   }
   if (!links->attach_incoming(sock, hello, why)) {
-    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": " << why);
+    if (links->broken())  // the epoch ended while the hello waited: churn, not an attack
+      PYCCL_LOG(Info, "ignored data connection from " << addr << ": " << why);
+    else
+      PYCCL_LOG(Warning, "rejected data connection from " << addr << ": " << why);
     return;
   }
   const std::string from = "peer " + std::to_string(hello.from_peer) + " (" + addr + ")";
