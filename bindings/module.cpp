@@ -7,6 +7,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string_view>
+#include <tuple>
+#include <vector>
+
 #include <cstdint>
 #include <cstring>
 
@@ -14,7 +18,9 @@
 #include "common/status.h"
 #include "dataplane.h"
 #include "kernels/dtype.h"
+#include "kernels/hash.h"
 #include "kernels/reduce.h"
+#include "state/state_fetch.h"
 
 namespace py = pybind11;
 using namespace pyccl;
@@ -78,7 +84,20 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("input"), py::arg("work"), py::arg("count"),
           py::arg("dtype"), py::arg("op"),
-          "Run one ring all-reduce; returns (FailKind, message, tx_bytes, rx_bytes).");
+          "Run one ring all-reduce; returns (FailKind, message, tx_bytes, rx_bytes).")
+      .def(
+          "state_publish",
+          [](DataPlane& d, const std::vector<std::tuple<uintptr_t, uint64_t, uint64_t>>& keys) {
+            std::vector<state::PublishedKey> ks;
+            ks.reserve(keys.size());
+            for (auto& [ptr, nbytes, hash] : keys) ks.push_back({reinterpret_cast<const void*>(ptr), nbytes, hash});
+            py::gil_scoped_release release;
+            d.state_server().publish(std::move(ks));
+          },
+          py::arg("keys"), "Serve these (address, nbytes, hash) buffers, by index, until state_unpublish().")
+      .def(
+          "state_unpublish", [](DataPlane& d) { return d.state_server().unpublish(); },
+          py::call_guard<py::gil_scoped_release>(), "Stop serving; returns the bytes served.");
 
   m.def(
       "copy",
@@ -99,6 +118,44 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("dst"), py::arg("src"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("final_step") = false,
       py::arg("world_size") = 1, "dst = op(dst, src) elementwise; exposed for tests and benchmarks.");
+
+  m.def(
+      "content_hash",
+      [](uintptr_t ptr, size_t nbytes) {
+        py::gil_scoped_release release;
+        return content_hash(reinterpret_cast<const void*>(ptr), nbytes);
+      },
+      py::arg("ptr"), py::arg("nbytes"), "64-bit content hash (block-wise XXH64) of a buffer.");
+
+  m.def(
+      "xxh64",
+      [](py::bytes data, uint64_t seed) {
+        std::string_view v = data;
+        return xxh64(v.data(), v.size(), seed);
+      },
+      py::arg("data"), py::arg("seed") = 0, "Plain XXH64 of a bytes object (for tests).");
+
+  m.def(
+      "fetch_state",
+      [](const std::vector<std::tuple<uint64_t, std::string, uint16_t>>& holders,
+         const std::vector<std::tuple<uint32_t, uint64_t, uintptr_t, uint64_t>>& targets, int connections_per_holder,
+         uint64_t piece_bytes, double io_timeout_s) {
+        std::vector<state::Holder> hs;
+        for (auto& [id, host, port] : holders) hs.push_back({id, host, port});
+        std::vector<state::FetchTarget> ts;
+        for (auto& [key, hash, ptr, nbytes] : targets) ts.push_back({key, hash, reinterpret_cast<void*>(ptr), nbytes});
+        state::FetchOptions opt{connections_per_holder, piece_bytes, io_timeout_s};
+        uint64_t rx = 0;
+        Status st;
+        {
+          py::gil_scoped_release release;
+          st = state::fetch_state(hs, ts, opt, &rx);
+        }
+        return py::make_tuple(st.kind, st.message, rx);
+      },
+      py::arg("holders"), py::arg("targets"), py::arg("connections_per_holder") = 2, py::arg("piece_bytes") = 4u << 20,
+      py::arg("io_timeout_s") = 10.0,
+      "Pull (key index, hash, address, nbytes) targets from (peer_id, host, port) holders; returns (FailKind, message, rx_bytes).");
 
   m.def(
       "set_log_level", [](const std::string& name) { log::set_level(log::parse_level(name)); }, py::arg("name"));

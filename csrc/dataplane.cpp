@@ -8,6 +8,7 @@
 
 #include "collectives/ring_allreduce.h"
 #include "common/log.h"
+#include "state/state_wire.h"
 
 namespace pyccl {
 
@@ -156,12 +157,20 @@ std::shared_ptr<net::RingLinks> DataPlane::links_for(uint64_t epoch, double time
 
 void DataPlane::serve_incoming(net::Socket sock) {
   const std::string addr = sock.peer_name();
+  // Both kinds of opening frame are 40 bytes; the magic tells them apart.
+  static_assert(sizeof(net::LinkHello) == sizeof(state::StateRequest), "opening frames differ in size");
   net::LinkHello hello;
   try {
     sock.set_recv_timeout(10.0);
     sock.recv_exact(&hello, sizeof(hello));
   } catch (const net::SocketError& e) {
     PYCCL_LOG(Warning, "rejected data connection from " << addr << ": no valid hello (" << e.what() << ")");
+    return;
+  }
+  if (hello.magic == state::kRequestMagic) {
+    state::StateRequest req;
+    std::memcpy(static_cast<void*>(&req), &hello, sizeof(req));
+    state_server_.serve(sock, req);
     return;
   }
   if (hello.magic != net::kLinkMagic || hello.version != net::kWireVersion || hello.conn_count == 0 ||

@@ -20,6 +20,7 @@
 #include "kernels/dtype.h"
 #include "net/ring_links.h"
 #include "net/socket.h"
+#include "state/state_server.h"
 
 namespace pyccl {
 
@@ -43,6 +44,9 @@ class DataPlane {
   void abort_through(uint64_t epoch, const std::string& why);
   void close();
 
+  // Shared state this peer serves to fetchers (see state/state_server.h).
+  state::StateServer& state_server() { return state_server_; }
+
   OpResult all_reduce(uint64_t epoch, uint32_t tag, uint64_t seq, const void* input, void* work, size_t count,
                       DType dtype, RedOp op);
 
@@ -59,6 +63,7 @@ class DataPlane {
   net::Socket listener_;
   uint16_t port_ = 0;
   OpRegistry registry_;
+  state::StateServer state_server_;
 
   std::mutex mu_;
   std::condition_variable cv_;

@@ -87,11 +87,23 @@ void Socket::tune_for_bulk() {
   apply_buffer_size(fd_);
 }
 
-void Socket::set_recv_timeout(double seconds) {
+namespace {
+timeval to_timeval(double seconds) {
   timeval tv{};
   tv.tv_sec = static_cast<time_t>(seconds);
   tv.tv_usec = static_cast<suseconds_t>((seconds - static_cast<double>(tv.tv_sec)) * 1e6);
+  return tv;
+}
+}  // namespace
+
+void Socket::set_recv_timeout(double seconds) {
+  timeval tv = to_timeval(seconds);
   setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
+void Socket::set_send_timeout(double seconds) {
+  timeval tv = to_timeval(seconds);
+  setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 }
 
 void Socket::send_all(const void* data, size_t n) {
@@ -107,6 +119,7 @@ void Socket::sendv_all(iovec* iov, int iovcnt) {
     ssize_t k = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
     if (k < 0) {
       if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) throw SocketError("send timed out");
       fail("send", errno);
     }
     size_t left = static_cast<size_t>(k);

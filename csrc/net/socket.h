@@ -42,6 +42,7 @@ class Socket {
   // Tuning for bulk transfer: TCP_NODELAY and large kernel buffers.
   void tune_for_bulk();
   void set_recv_timeout(double seconds);
+  void set_send_timeout(double seconds);
 
   // Blocking helpers; throw SocketError on error and on EOF.
   void send_all(const void* data, size_t n);

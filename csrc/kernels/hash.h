@@ -1,0 +1,20 @@
+// 64-bit content hash of a byte buffer, identical on every machine.
+//
+// XXH64 (seed 0) of each 1 MiB block, then XXH64 of the little-endian block
+// hashes with the total length as seed. Blocks are independent, so a GPU (or
+// several CPU threads) can hash them in parallel and get the same value; on
+// one CPU core it runs at close to memory speed. Not cryptographic: it
+// detects corruption and divergence, not forgery.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pyccl {
+
+inline constexpr size_t kHashBlockBytes = 1u << 20;
+
+uint64_t xxh64(const void* data, size_t len, uint64_t seed);
+uint64_t content_hash(const void* data, size_t len);
+
+}  // namespace pyccl

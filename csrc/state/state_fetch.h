@@ -1,0 +1,37 @@
+// The fetcher side of a shared-state transfer: pull byte ranges of several
+// keys from several holders at once, straight into the destination buffers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace pyccl::state {
+
+struct Holder {
+  uint64_t peer_id;
+  std::string host;
+  uint16_t port;
+};
+
+struct FetchTarget {
+  uint32_t key_index;
+  uint64_t hash;  // the popular copy's hash: holders serve only that content
+  void* dst;
+  uint64_t nbytes;
+};
+
+struct FetchOptions {
+  int connections_per_holder = 2;
+  uint64_t piece_bytes = 4u << 20;
+  double io_timeout_s = 10.0;  // a holder silent this long is given up
+};
+
+// Blocks until every byte arrived (Ok) or every holder failed (Peer, naming
+// the last error). Pieces of a failed holder are re-fetched from the others.
+Status fetch_state(const std::vector<Holder>& holders, const std::vector<FetchTarget>& targets,
+                   const FetchOptions& options, uint64_t* rx_bytes);
+
+}  // namespace pyccl::state
