@@ -16,6 +16,8 @@ __all__ = [
     "Communicator",
     "ReduceOp",
     "ReduceInfo",
+    "SharedState",
+    "SyncInfo",
 ]
 
 __version__ = "0.1.0"
@@ -32,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from pyccl import comm
 
         return getattr(comm, name)
+    if name in ("SharedState", "SyncInfo"):
+        from pyccl import shared_state
+
+        return getattr(shared_state, name)
     if name == "ReduceOp":
         from pyccl.types import ReduceOp
 

@@ -28,6 +28,7 @@ import numpy as np
 from pyccl import _core
 from pyccl.control import ControlClient
 from pyccl.errors import CCLError, MismatchError, PeerFailure, Timeout
+from pyccl.shared_state import STRATEGIES, KeyInfo, SharedState, SyncInfo, content_hash
 from pyccl.types import Buffer, ReduceOp, as_buffer
 
 log = logging.getLogger("pyccl.comm")
@@ -152,6 +153,8 @@ class Communicator:
         self._lost: str | None = None
         self._closed = False
         self._connected = False
+        self._sync_frames: dict[str, dict[str, Any]] = {}  # latest sync_plan / sync_result
+        self._in_sync = False
         self._scratch = _ScratchPool()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -316,6 +319,100 @@ class Communicator:
         except RuntimeError:  # pool shut down by close()
             self._finish_inflight()
             raise CCLError("this Communicator is closed") from None
+
+    # ----------------------------------------------------------- shared state
+
+    def sync_shared_state(self, state: SharedState, strategy: str = "enforce_popular") -> SyncInfo:
+        """Make this peer's copy of ``state`` identical to the group's popular copy.
+
+        A collective: every member calls it at the same point. Each member
+        reports its revision and per-key hashes; the master picks the content
+        held by the most peers at the highest revision; members that are
+        behind or differ fetch exactly the keys that differ, from every
+        holder at once, and verify each by hash before this returns. On
+        success ``state.revision`` is the group's revision. If the transfer
+        cannot complete (every holder failed) this raises ``CCLError`` and
+        the revision is left unchanged.
+
+        Strategies: ``enforce_popular`` (default: send and receive),
+        ``receive_only`` (never counted as a holder), ``send_only`` (never
+        overwritten).
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if not isinstance(state, SharedState):
+            raise ValueError("sync_shared_state takes a pyccl.SharedState")
+        t0 = time.perf_counter()
+        keys = state.describe()
+        hashes = [content_hash(k.buffer) for k in keys]
+        with self._cv:
+            self._check_usable()
+            if self._in_sync:
+                raise CCLError("sync_shared_state is already running on this Communicator")
+            self._cv.wait_for(lambda: self._inflight == 0 or self._lost is not None or self._closed)
+            self._check_usable()
+            self._in_sync = True
+            self._sync_frames.clear()
+        rx = tx = 0
+        try:
+            # Publish before asking: a fetcher may call the moment the plan is out.
+            self._dp.state_publish([(k.buffer.ptr, k.nbytes, h) for k, h in zip(keys, hashes)])
+            self._control.send(
+                {
+                    "type": "sync",
+                    "revision": state.revision,
+                    "strategy": strategy,
+                    "keys": [[k.name, k.dtype, list(k.shape), k.nbytes, h] for k, h in zip(keys, hashes)],
+                }
+            )
+            first = self._await_sync_frame(("sync_plan", "sync_result"))
+            if first["type"] == "sync_result":
+                raise CCLError(f"shared-state sync refused: {first.get('reason', '?')}")
+            ok, reason, rx = self._fetch_planned(first, keys)
+            self._control.send({"type": "sync_done", "sync": first.get("sync", 0), "ok": ok, "reason": reason[:1024]})
+            result = self._await_sync_frame(("sync_result",))
+        finally:
+            tx = self._dp.state_unpublish()
+            with self._cv:
+                self._in_sync = False
+        if not result.get("ok", False):
+            raise CCLError(f"shared-state sync failed: {result.get('reason') or reason}")
+        state.revision = int(result["revision"])
+        return SyncInfo(state.revision, int(tx), int(rx), time.perf_counter() - t0)
+
+    def _fetch_planned(self, plan: dict[str, Any], keys: list[KeyInfo]) -> tuple[bool, str, int]:
+        """Fetch the plan's keys and verify them; returns (ok, reason, rx_bytes)."""
+        from pyccl import wire
+
+        fetch = wire.get_pairs(plan, "fetch", 65536, hi_first=len(keys) - 1 if keys else 0)
+        if not fetch:
+            return True, "", 0
+        holders = []
+        for h in plan.get("holders") or []:
+            if isinstance(h, list) and len(h) == 3 and h[0] != self.peer_id:
+                holders.append((int(h[0]), str(h[1]), int(h[2])))
+        targets = [(i, h, keys[i].buffer.ptr, keys[i].nbytes) for i, h in fetch]
+        timeout = max(5.0, 2 * self._control.heartbeat_timeout)
+        kind, message, rx = _core.fetch_state(holders, targets, 2, 4 << 20, timeout)
+        if kind != _core.FailKind.NONE:
+            return False, message, int(rx)
+        for i, want in fetch:
+            got = content_hash(keys[i].buffer)
+            if got != want:
+                return False, f"key {keys[i].name!r} arrived with hash {got:#x}, expected {want:#x}", int(rx)
+        log.info("peer %d fetched %d keys (%d bytes) from %d holders", self.peer_id, len(fetch), rx, len(holders))
+        return True, "", int(rx)
+
+    def _await_sync_frame(self, types: tuple[str, ...]) -> dict[str, Any]:
+        with self._cv:
+            self._cv.wait_for(
+                lambda: any(t in self._sync_frames for t in types) or self._lost is not None or self._closed
+            )
+            for t in types:
+                if t in self._sync_frames:
+                    return self._sync_frames.pop(t)
+            self._check_usable()
+            raise CCLError("the shared-state sync was interrupted")
 
     # -------------------------------------------------------------- internals
 
@@ -529,6 +626,11 @@ class Communicator:
             self._round_results[k] = changed
             self._cv.notify_all()
 
+    def _on_sync_frame(self, frame: dict[str, Any]) -> None:
+        with self._cv:
+            self._sync_frames[frame["type"]] = frame
+            self._cv.notify_all()
+
     def _on_error(self, frame: dict[str, Any]) -> None:
         reason = str(frame.get("reason", "no reason given"))[:1024]
         log.error("the master closed this peer's session: %s", reason)
@@ -544,6 +646,8 @@ class Communicator:
         "round_done": _on_round_done,
         "error": _on_error,
         "welcome": _on_welcome,
+        "sync_plan": _on_sync_frame,
+        "sync_result": _on_sync_frame,
     }
 
     def _on_lost(self, reason: str) -> None:

@@ -1,0 +1,99 @@
+"""SharedState: named tensors that every member of a group holds bit-identically.
+
+The keys, dtypes and shapes are the contract between peers; the bytes are
+kept identical by ``Communicator.sync_shared_state`` (see docs/architecture.md,
+"Shared state"). The tensors are the caller's own arrays: a sync writes into
+them in place, so keep using the same objects across steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+from pyccl import _core
+from pyccl.types import Buffer, as_buffer
+
+STRATEGIES = ("enforce_popular", "receive_only", "send_only")
+
+
+@dataclass(frozen=True)
+class SyncInfo:
+    """Result of a sync: the group's revision afterwards and what it cost this peer."""
+
+    revision: int
+    tx_bytes: int
+    rx_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    buffer: Buffer
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+
+def _shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.shape)
+
+
+class SharedState:
+    """Named tensors plus an integer ``revision``.
+
+    Args:
+        tensors: name -> numpy array or torch CPU tensor (contiguous, any
+            supported dtype). Names are at most 256 characters.
+        revision: the revision these contents belong to. Increase it by
+            exactly 1 after each deterministic update, before the next sync.
+    """
+
+    def __init__(self, tensors: Mapping[str, Any], revision: int = 0) -> None:
+        if not isinstance(revision, int) or revision < 0:
+            raise ValueError(f"revision must be a non-negative integer, got {revision!r}")
+        self._tensors: dict[str, Any] = {}
+        for name in sorted(tensors):
+            if not isinstance(name, str) or not 0 < len(name) <= 256:
+                raise ValueError(f"shared-state key {name!r} must be a non-empty string of at most 256 characters")
+            as_buffer(tensors[name], f"shared-state key {name!r}", writable=True)  # validate now, not mid-sync
+            self._tensors[name] = tensors[name]
+        self.revision = revision
+
+    def __getitem__(self, name: str) -> Any:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self._tensors.items())
+
+    def describe(self) -> list[KeyInfo]:
+        """Keys in sync order (sorted by name) with their buffers."""
+        out = []
+        for name, t in self._tensors.items():
+            buf = as_buffer(t, f"shared-state key {name!r}", writable=True)
+            out.append(KeyInfo(name, buf.dtype_name, _shape_of(t), buf))
+        return out
+
+    def hashes(self) -> dict[str, int]:
+        """64-bit content hash of every key (same value on every machine for the same bytes)."""
+        return {k.name: content_hash(k.buffer) for k in self.describe()}
+
+    def __repr__(self) -> str:
+        return f"SharedState(keys={self.keys()}, revision={self.revision})"
+
+
+def content_hash(buf: Buffer) -> int:
+    return int(_core.content_hash(buf.ptr, buf.nbytes))
