@@ -1,5 +1,9 @@
 #include "state/state_server.h"
 
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
 #include "common/log.h"
 
 namespace pyccl::state {
@@ -36,6 +40,18 @@ void StateServer::end(uint64_t bytes) {
   cv_.notify_all();
 }
 
+namespace {
+// Test-only brake: PYCCL_TEST_SERVE_DELAY_MS slows every piece served, so a
+// test can kill a holder in the middle of a transfer deterministically.
+int serve_delay_ms() {
+  static const int ms = [] {
+    const char* env = std::getenv("PYCCL_TEST_SERVE_DELAY_MS");
+    return env ? std::atoi(env) : 0;
+  }();
+  return ms;
+}
+}  // namespace
+
 void StateServer::serve(net::Socket& sock, const StateRequest& first) {
   const std::string addr = sock.peer_name();
   // A fetcher that stops reading must not pin our buffers forever.
@@ -63,6 +79,7 @@ void StateServer::serve(net::Socket& sock, const StateRequest& first) {
       }
       return;
     }
+    if (serve_delay_ms() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(serve_delay_ms()));
     bool ok = true;
     try {
       iovec iov[2] = {{&reply, sizeof(reply)}, {const_cast<char*>(data), req.length}};
