@@ -27,6 +27,14 @@ log = logging.getLogger("pyccl.demo")
 
 # Values stay below 2**24, so float32 sums are exact and the check is strict.
 _PATTERN = 1000
+_STATE_ELEMS = 1 << 20  # 4 MiB of shared state
+
+
+def _combined_hash(state: Any) -> int:
+    h = 0
+    for name, v in sorted(state.hashes().items()):
+        h = (h * 1_000_003) ^ v
+    return h & 0xFFFFFFFF
 
 
 def peer_input(peer_id: int, count: int) -> np.ndarray:
@@ -50,10 +58,19 @@ def _peer_main(master: str, count: int, connections: int, pace: float, stop: Any
     out.put(("admitted", me, os.getpid(), comm.world_size))
     x = peer_input(me, count)
     pristine = x.copy()
+    # Shared "model" state: a newcomer starts from zeros and must receive the
+    # group's bytes; everyone updates it deterministically from the reduced x.
+    state = pyccl.SharedState({"model": np.zeros(_STATE_ELEMS, np.float32)})
+    first_sync = True
     epoch, index = -1, 0
     try:
         while not stop.is_set():
             comm.update_topology()
+            sync = comm.sync_shared_state(state)
+            state_hash = _combined_hash(state)
+            if first_sync:
+                out.put(("synced", me, sync.rx_bytes, sync.seconds, state_hash, sync.revision))
+                first_sync = False
             try:
                 info = comm.all_reduce(x)
             except pyccl.PeerFailure as exc:
@@ -63,7 +80,9 @@ def _peer_main(master: str, count: int, connections: int, pace: float, stop: Any
             if info.epoch != epoch:
                 epoch, index = info.epoch, 0
             exact = bool(np.array_equal(x, expected_sum(info.peers, count)))
-            out.put(("step", me, info.epoch, index, info.world_size, info.seconds, exact))
+            out.put(("step", me, info.epoch, index, info.world_size, info.seconds, exact, state_hash))
+            state["model"] += np.float32(1e-6) * x[:_STATE_ELEMS]
+            state.revision += 1
             index += 1
             np.copyto(x, pristine)
             time.sleep(pace)
@@ -92,6 +111,7 @@ class _Step:
     world_size: int
     seconds: list[float] = field(default_factory=list)
     exact: list[bool] = field(default_factory=list)
+    hashes: set[int] = field(default_factory=set)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,11 +162,17 @@ def run(args: argparse.Namespace) -> int:
         elif kind == "error":
             stats["errors"] += 1
             say(f"      peer {peer}: error: {ev[2]}")
+        elif kind == "synced":
+            _, _, rx, secs, h, rev = ev
+            if rx:
+                say(f"----- peer {peer} received {rx / 2**20:.1f} MiB of shared state in {secs * 1e3:.0f} ms "
+                    f"(revision {rev}, hash {h:08x}), verified by hash")
         elif kind == "step":
-            _, _, epoch, index, ws, secs, exact = ev
+            _, _, epoch, index, ws, secs, exact, h = ev
             st = steps.setdefault((epoch, index), _Step(ws))
             st.seconds.append(secs)
             st.exact.append(exact)
+            st.hashes.add(h)
             stats["checked"] += 1
             stats["wrong"] += 0 if exact else 1
             if len(st.exact) == ws:
@@ -154,13 +180,18 @@ def run(args: argparse.Namespace) -> int:
                 t = max(st.seconds)
                 busbw = nbytes / t * 2 * (ws - 1) / ws / 1e9 if ws > 1 else 0.0
                 verdict = f"{sum(st.exact)}/{ws} peers exact" if all(st.exact) else "MISMATCH"
+                if len(st.hashes) == 1:
+                    verdict += f", state hash {next(iter(st.hashes)):08x} on all"
+                else:
+                    verdict += ", STATE HASHES DIFFER"
+                    stats["wrong"] += 1
                 say(f"{stats['steps']:>5} {epoch:>5} {ws:>5} {t * 1e3:>7.1f}ms {busbw:>6.2f} GB/s  {verdict}")
                 del steps[(epoch, index)]
 
     with pyccl.Master(host="127.0.0.1", port=0) as master:
         say(f"pyccl demo: master at {master.address}; {args.peers} peers all-reduce {nbytes >> 20} MiB float32 "
             f"per step over {args.connections} connections each")
-        say(f"{'step':>5} {'epoch':>5} {'world':>5} {'time':>9} {'busbw':>10}  check")
+        say(f"{'step':>5} {'epoch':>5} {'world':>5} {'time':>9} {'busbw':>10}  check (all-reduce result; shared state)")
         t_start = time.monotonic()
         killed = joined = False
         for _ in range(args.peers):
