@@ -20,6 +20,7 @@ MAX_FRAME_BYTES = 1 << 20
 _LEN = struct.Struct(">I")
 MAX_INT = (1 << 63) - 1
 MAX_TAG = (1 << 31) - 1
+MAX_UINT64 = (1 << 64) - 1
 
 
 class FrameError(ValueError):
@@ -144,8 +145,10 @@ def get_choice(frame: Mapping[str, Any], key: str, choices: Collection[str]) -> 
     return v
 
 
-def get_pairs(frame: Mapping[str, Any], key: str, max_len: int, hi_first: int = MAX_TAG) -> list[tuple[int, int]]:
-    """A list of ``[int, int]`` pairs (tag counters, fences)."""
+def get_pairs(frame: Mapping[str, Any], key: str, max_len: int, hi_first: int = MAX_TAG,
+              hi_second: int = MAX_INT) -> list[tuple[int, int]]:
+    """A list of ``[int, int]`` pairs (tag counters, fences; ``sync_plan``'s ``fetch``
+    with ``hi_second=MAX_UINT64``, since content hashes use all 64 bits)."""
     v = frame.get(key)
     if not isinstance(v, (list, tuple)) or len(v) > max_len:
         raise FrameError(f"'{_ftype(frame)}' field '{key}' must be a list of at most {max_len} pairs")
@@ -156,8 +159,23 @@ def get_pairs(frame: Mapping[str, Any], key: str, max_len: int, hi_first: int = 
             or len(item) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)
             or not 0 <= item[0] <= hi_first
-            or not 0 <= item[1] <= MAX_INT
+            or not 0 <= item[1] <= hi_second
         ):
             raise FrameError(f"'{_ftype(frame)}' field '{key}' has a malformed pair {clip(item, 60)}")
         out.append((int(item[0]), int(item[1])))
     return out
+
+
+def get_list(frame: Mapping[str, Any], key: str, max_len: int) -> list[Any]:
+    """Field ``key`` as a list (msgpack array) of at most ``max_len`` entries; entries unchecked."""
+    v = frame.get(key)
+    if not isinstance(v, (list, tuple)):
+        raise FrameError(f"'{_ftype(frame)}' field '{key}' must be a list")
+    if len(v) > max_len:
+        raise FrameError(f"'{_ftype(frame)}' field '{key}' has {len(v)} entries, more than {max_len}")
+    return list(v)
+
+
+def is_int(v: Any, lo: int = 0, hi: int = MAX_INT) -> bool:
+    """True if ``v`` is an int (not a bool) in ``[lo, hi]``: for checking list entries."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi

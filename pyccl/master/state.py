@@ -21,6 +21,13 @@ machine". Short version of the invariants this module keeps, per peer group:
 * Every frame is validated before it changes anything: handlers parse all
   fields first and only then mutate, so a rejected frame leaves no trace
   except the expulsion of its sender.
+* Shared-state sync rounds (``sync`` / ``sync_plan`` / ``sync_done`` /
+  ``sync_result``) are independent of epochs and drains: at most one round
+  per group is open; it includes the members of the moment it opened, loses
+  participants only by death, and is planned by the pure
+  :func:`pyccl.master.sync.plan_sync`. A ``sync`` from a member outside the
+  open round (admitted after it opened, or already answered) waits in
+  ``sync_queue`` and opens the next round when this one ends.
 
 Callers must pass non-decreasing ``now`` values (the liveness order relies on
 it) and must stop delivering events for a connection once a :class:`Close`
@@ -35,10 +42,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
+from pyccl.master.sync import STRATEGIES, SyncPlan, SyncRequest, parse_keys, plan_sync
 from pyccl.wire import (
     MAX_TAG,
     FrameError,
     clip,
+    get_bool,
     get_choice,
     get_int,
     get_pairs,
@@ -123,6 +132,8 @@ class GroupInfo:
     members: tuple[int, ...]  # peer ids in ring order
     pending: tuple[int, ...]  # peer ids in arrival order
     next_unused_round: int
+    revision: int | None = None  # last synced shared-state revision (None: never synced)
+    open_sync: int | None = None  # number of the sync round in progress, if any
 
 
 # ------------------------------------------------------------------ internals
@@ -189,8 +200,29 @@ class _Drain:
         self.admit_round = admit_round  # set for the drain that commits an ADMIT round
 
 
+class _SyncRound:
+    """One shared-state sync round of a group (independent of epochs and drains).
+
+    Collecting: ``plan`` is None and ``reports`` fills up with the `sync`
+    frames of ``waiting``. Transfer: ``plan`` is set, ``waiting`` holds the
+    planned participants still alive (none has its result yet) and ``done``
+    their `sync_done` reports. A peer leaves ``waiting`` when it dies or gets
+    its ``sync_result``.
+    """
+
+    __slots__ = ("number", "waiting", "reports", "plan", "done")
+
+    def __init__(self, number: int, participants: list[_Peer]) -> None:
+        self.number = number
+        self.waiting: dict[int, _Peer] = {p.peer_id: p for p in participants}
+        self.reports: dict[int, SyncRequest] = {}
+        self.plan: SyncPlan | None = None
+        self.done: dict[int, tuple[bool, str]] = {}  # peer id -> (ok, reason) from sync_done
+
+
 class _Group:
-    __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain")
+    __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain",
+                 "revision", "syncs", "sync", "sync_queue")
 
     def __init__(self, gid: int) -> None:
         self.gid = gid
@@ -201,6 +233,12 @@ class _Group:
         self.next_unused_round = 0
         self.ops: dict[tuple[int, int], set[int]] = {}  # (tag, seq) -> ids that reported done
         self.drain: _Drain | None = None
+        self.revision: int | None = None  # last synced shared-state revision
+        self.syncs = 0  # sync rounds opened so far (the open round's number)
+        self.sync: _SyncRound | None = None
+        # `sync` frames from members outside the open round (joiners admitted
+        # during it, or peers rejected early): they open the next round.
+        self.sync_queue: dict[int, tuple[_Peer, SyncRequest]] = {}
 
     @property
     def phase(self) -> GroupPhase:
@@ -383,6 +421,8 @@ class MasterState:
             members=tuple(m.peer_id for m in g.members),
             pending=tuple(g.pending),
             next_unused_round=g.next_unused_round,
+            revision=g.revision,
+            open_sync=g.sync.number if g.sync is not None else None,
         )
 
     def round_decision(self, peer_group: int, round_: int) -> RoundDecision | None:
@@ -520,6 +560,50 @@ class MasterState:
         if not drain.expected:
             self._commit(group, now, out)
 
+    def _on_sync(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
+        revision = get_int(frame, "revision")
+        strategy = get_choice(frame, "strategy", STRATEGIES)
+        keys = parse_keys(frame)
+        group = peer.group
+        assert group is not None
+        pid = peer.peer_id
+        rnd = group.sync
+        request = SyncRequest(pid, strategy, revision, keys, peer.data_host, peer.data_port)
+        if rnd is not None and pid in rnd.waiting:
+            if rnd.plan is not None or pid in rnd.reports:
+                raise FrameError(f"'sync' while this peer's sync {rnd.number} has no result yet")
+            rnd.reports[pid] = request
+        elif pid in group.sync_queue:
+            raise FrameError("'sync' while this peer's previous 'sync' has no result yet")
+        elif rnd is not None:
+            # Not part of the open round (admitted after it opened, or already
+            # answered): this report opens or joins the next round.
+            group.sync_queue[pid] = (peer, request)
+            log.info("group %d: %s waits for the next sync round (sync %d in progress)",
+                     group.gid, peer.label(), rnd.number)
+            return
+        else:
+            rnd = self._open_sync(group)
+            rnd.reports[pid] = request
+        self._check_sync(group, out)
+
+    def _on_sync_done(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
+        number = get_int(frame, "sync")
+        ok = get_bool(frame, "ok")
+        reason = get_str(frame, "reason", MAX_REASON_LEN)
+        group = peer.group
+        assert group is not None
+        rnd = group.sync
+        if rnd is None or rnd.number != number or rnd.plan is None or peer.peer_id not in rnd.waiting:
+            raise FrameError(f"'sync_done' for sync {number}, which has no transfer planned for this peer")
+        if peer.peer_id in rnd.done:
+            raise FrameError(f"duplicate 'sync_done' for sync {number}")
+        rnd.done[peer.peer_id] = (ok, reason)
+        if not ok:
+            log.warning("group %d sync %d: %s failed its transfer: %s",
+                        group.gid, number, peer.label(), clip(reason, 300))
+        self._check_sync(group, out)
+
     # ------------------------------------------------------------ transitions
 
     def _reject(self, peer: _Peer, why: str, now: float, out: list[Action]) -> None:
@@ -551,6 +635,8 @@ class MasterState:
         else:
             log.log(level, "%s of group %d died: %s", peer.label(), group.gid, cause)
             self._drop_member(group, peer, f"peer {peer.peer_id} is gone: {cause}", drain_kind, now, out)
+            # After the drop: a sync round opened from here must not include the dead peer.
+            self._sync_drop(group, peer, out)
 
     def _drop_pending(self, group: _Group, peer: _Peer, out: list[Action]) -> None:
         del group.pending[peer.peer_id]
@@ -587,6 +673,97 @@ class MasterState:
             drain.reason = _clip_reason(f"{drain.reason}; {reason}")
             if not drain.expected:
                 self._commit(group, now, out)
+
+    # ------------------------------------------------------------ shared-state sync
+
+    def _open_sync(self, group: _Group) -> _SyncRound:
+        group.syncs += 1
+        rnd = group.sync = _SyncRound(group.syncs, group.members)
+        log.info("group %d opened sync %d with members %s", group.gid, rnd.number, list(rnd.waiting))
+        return rnd
+
+    def _sync_drop(self, group: _Group, peer: _Peer, out: list[Action]) -> None:
+        """A member died: out of the open round (at any stage) and out of the queue."""
+        group.sync_queue.pop(peer.peer_id, None)
+        rnd = group.sync
+        if rnd is None or rnd.waiting.pop(peer.peer_id, None) is None:
+            return
+        rnd.reports.pop(peer.peer_id, None)
+        rnd.done.pop(peer.peer_id, None)
+        log.info("group %d sync %d goes on without peer %d", group.gid, rnd.number, peer.peer_id)
+        self._check_sync(group, out)
+
+    def _check_sync(self, group: _Group, out: list[Action]) -> None:
+        """Plan or finish the open round when its last awaited frame is in; then open the next one."""
+        while True:
+            rnd = group.sync
+            if rnd is None:
+                return
+            if rnd.plan is None:
+                if rnd.waiting and len(rnd.reports) < len(rnd.waiting):
+                    return
+                self._plan_sync(group, rnd, out)
+            if rnd.waiting and len(rnd.done) < len(rnd.waiting):
+                return
+            self._finish_sync(group, rnd, out)
+            group.sync = None
+            if not group.sync_queue:
+                return
+            # Reports that waited for this round to end open the next one,
+            # which includes every member of this moment.
+            queued, group.sync_queue = group.sync_queue, {}
+            nxt = self._open_sync(group)
+            for pid, (_, request) in queued.items():
+                nxt.reports[pid] = request
+
+    def _plan_sync(self, group: _Group, rnd: _SyncRound, out: list[Action]) -> None:
+        plan = rnd.plan = plan_sync(group.revision, [rnd.reports[pid] for pid in rnd.waiting])
+        for pid, reason in sorted(plan.rejected.items()):
+            peer = rnd.waiting.pop(pid)
+            log.warning("group %d sync %d: rejected %s: %s", group.gid, rnd.number, peer.label(), reason)
+            out.append(Send(peer.conn_id, {
+                "type": "sync_result",
+                "sync": rnd.number,
+                "ok": False,
+                "revision": rnd.reports[pid].revision,
+                "reason": _clip_reason(reason),
+            }))
+        if not rnd.waiting:
+            return  # everyone rejected or gone: _finish_sync logs the end
+        log.info("group %d sync %d plan: %s", group.gid, rnd.number, plan.describe())
+        for note in plan.notes:
+            log.warning("group %d sync %d: %s", group.gid, rnd.number, note)
+        holders = [list(e) for e in plan.holder_entries]
+        for pid, peer in rnd.waiting.items():
+            out.append(Send(peer.conn_id, {
+                "type": "sync_plan",
+                "sync": rnd.number,
+                "revision": plan.revision,
+                "fetch": [list(f) for f in plan.fetch[pid]],
+                "holders": holders,
+            }))
+
+    def _finish_sync(self, group: _Group, rnd: _SyncRound, out: list[Action]) -> None:
+        plan = rnd.plan
+        assert plan is not None
+        if not rnd.waiting:
+            log.info("group %d sync %d ended with no participant left (rejected or gone)", group.gid, rnd.number)
+            return
+        target = plan.revision
+        assert target is not None
+        good = [pid for pid in rnd.waiting if rnd.done[pid][0]]
+        for pid, peer in rnd.waiting.items():
+            ok, reason = rnd.done[pid]
+            out.append(Send(peer.conn_id, {
+                "type": "sync_result", "sync": rnd.number, "ok": ok, "revision": target, "reason": reason,
+            }))
+        if good:
+            group.revision = target
+        failed = [pid for pid in rnd.waiting if pid not in good]
+        level = logging.WARNING if failed else logging.INFO
+        log.log(level, "group %d sync %d finished: revision %s, ok %s, failed %s",
+                group.gid, rnd.number, group.revision, good, failed)
+        rnd.waiting.clear()
 
     def _group_emptied(self, group: _Group, reason: str, out: list[Action]) -> None:
         """The last member is gone: the epoch ends with nobody to drain."""
@@ -727,4 +904,6 @@ _DISPATCH: dict[str, tuple[_Handler, frozenset[PeerPhase]]] = {
     "done": (MasterState._on_done, _MEMBER),
     "failed": (MasterState._on_failed, _MEMBER),
     "drained": (MasterState._on_drained, _MEMBER),
+    "sync": (MasterState._on_sync, _MEMBER),
+    "sync_done": (MasterState._on_sync_done, _MEMBER),
 }
