@@ -207,10 +207,12 @@ def running_master(heartbeat_timeout: float = 5.0) -> Iterator[Any]:
 
     m = pyccl.Master(host="127.0.0.1", port=0, heartbeat_timeout=heartbeat_timeout)
     m.start()
+    port = m.port
     try:
         yield m
     finally:
         m.stop()
+    assert port_is_free(port), f"the master's port {port} still accepts connections after stop()"
 
 
 def port_is_free(port: int) -> bool:

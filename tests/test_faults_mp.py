@@ -158,11 +158,12 @@ def sigstop_peer(idx: int, q: Any, address: str, n: int, victim: int, resumed: A
     out = np.empty(STOP_N, np.float32)
     for k in range(1000):
         x = stop_input(idx, 0)
-        comm.update_topology()
         t_start = time.time()
         if idx != victim:
             q.put(("op", idx, (k, t_start)))
         try:
+            # (the victim may be stopped inside update_topology too)
+            comm.update_topology()
             reduce_or_hang(comm, x, out=out, timeout=60)
         except pyccl.CCLError as exc:
             t_fail = time.time()
@@ -210,7 +211,7 @@ def test_sigstop_peer_is_declared_dead_after_heartbeat_timeout() -> None:
             kind, idx, (k, t) = procs.get(60, ("op",))
             if idx == 0 and k >= 3:
                 break
-        time.sleep(0.02)
+        time.sleep(0.01)  # most likely inside op 3 (>= ~20 ms for 32 MiB here)
         t_stop = time.time()
         procs.signal(victim, signal.SIGSTOP)
         try:
@@ -412,3 +413,355 @@ def test_concurrent_async_ops_with_distinct_tags() -> None:
     for i in range(n):
         wrong = [key for key, d in expected.items() if res[i][key] != d]
         assert not wrong, f"peer {i}: wrong results for (round, tag) {wrong}"
+
+
+# ==================================================================== bad input
+
+
+def frame(body: Any) -> bytes:
+    """A control frame around an arbitrary msgpack body (no validation)."""
+    data = msgpack.packb(body, use_bin_type=True)
+    return struct.pack(">I", len(data)) + data
+
+
+def send_expect_close(port: int, data: bytes, shut_wr: bool = False, timeout: float = 5.0) -> bytes:
+    """Send ``data`` to 127.0.0.1:port and return what arrives until the other
+    side closes the connection (AssertionError if it stays open)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+            if shut_wr:
+                s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            return b""  # closed on us while we were still sending: closed indeed
+        got = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return got
+                got += chunk
+        except ConnectionResetError:
+            return got
+        except socket.timeout:
+            raise AssertionError(f"connection still open {timeout} s after sending {data[:40]!r}") from None
+
+
+def error_reason(reply: bytes) -> str:
+    """The reason of the last 'error' frame in a reply byte string ('' if none)."""
+    reason = ""
+    while len(reply) >= 4:
+        n = struct.unpack(">I", reply[:4])[0]
+        if len(reply) < 4 + n:
+            break
+        body = msgpack.unpackb(reply[4:4 + n], raw=False)
+        reply = reply[4 + n:]
+        if isinstance(body, dict) and body.get("type") == "error":
+            reason = str(body.get("reason"))
+    return reason
+
+
+def steady_peer(idx: int, q: Any, address: str, n: int, stderr_path: str, stop: Any) -> None:
+    """All-reduce in a loop until every peer has seen ``stop`` (agreed through
+    the all-reduce itself, so all stop after the same op). ``it`` counts
+    successful ops, identical on every peer (one outcome per op)."""
+    import pyccl
+
+    redirect_stderr(stderr_path)
+    os.environ["PYCCL_LOG_LEVEL"] = "info"  # read by the C++ core at its first log line
+    comm = join_group(address, n, connections=2, name=f"steady-{idx}")
+    peers = comm.peers
+    q.put(("ready", idx, {"peer_id": comm.peer_id, "data_port": comm._dp.port, "epoch": comm.epoch,
+                          "prev": peers[(comm.rank - 1) % n], "peers": peers, "connections": 2}))
+    size = 4099
+    base = np.arange(size - 1, dtype=np.int64)
+    rows, failures = [], []
+    it = 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        comm.update_topology()
+        x = np.empty(size, np.int64)
+        x[:-1] = base + it * 7 + 1000 * idx
+        x[-1] = 1 if stop.is_set() else 0
+        before = x.copy()
+        t0 = time.time()
+        try:
+            info = reduce_or_hang(comm, x, timeout=30)
+        except (pyccl.PeerFailure, pyccl.MismatchError) as exc:
+            failures.append((type(exc).__name__, str(exc), comm.epoch, bool(np.array_equal(x, before)), time.time()))
+            continue
+        members = len(info.peers)
+        want = members * base + members * it * 7 + 1000 * (n * (n - 1) // 2)
+        rows.append((it, t0, time.time(), info.epoch, info.world_size, bool(np.array_equal(x[:-1], want))))
+        it += 1
+        if x[-1] > 0:
+            break
+        time.sleep(0.005)
+    else:
+        raise AssertionError("never saw the stop flag")
+    q.put(("result", idx, {"rows": rows, "failures": failures}))
+    comm.close()
+
+
+@pytest.mark.timeout(120)
+def test_bad_input_to_master_and_data_ports(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pyccl.master")
+    n = 3
+    stop = CTX.Event()
+    with running_master() as master, PeerProcs() as procs:
+        for i in range(n):
+            procs.start(i, steady_peer, master.address, n, str(tmp_path / f"peer{i}.err"), stop)
+        ready = procs.gather("ready", range(n), timeout=60)
+        epoch = ready[0]["epoch"]
+        assert all(r["epoch"] == epoch for r in ready.values())
+        t_begin = time.time()
+
+        # ---- the master's port
+        hello = {"type": "hello", "version": 1, "peer_group": 0, "data_host": "127.0.0.1", "data_port": 9}
+        master_cases = [
+            ("garbage (undecodable msgpack)", struct.pack(">I", 8) + b"\xc1" * 8, False, "undecodable msgpack"),
+            ("garbage (an HTTP request)", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", False, "exceeds"),
+            ("oversized length prefix", struct.pack(">I", (1 << 20) + 1) + b"\x80", False, "exceeds"),
+            ("empty frame", struct.pack(">I", 0), False, "empty frame"),
+            ("truncated frame", struct.pack(">I", 100) + b"\x81\xa4type", True, "truncated frame"),
+            ("non-map msgpack", frame([1, 2, 3]), False, "expected a map"),
+            ("map without a type", frame({"typo": "hello"}), False, "no string 'type'"),
+            ("unknown frame type", frame({"type": "launch_missiles"}), False, "unknown frame type"),
+            ("hello with a string port", frame({**hello, "data_port": "9000"}), False, "'data_port' must be an integer"),
+            ("hello with a bad version", frame({**hello, "version": "1"}), False, "protocol version"),
+            ("hello with a huge group", frame({**hello, "peer_group": 1 << 40}), False, "'peer_group'"),
+            ("op report before hello", frame({"type": "done", "epoch": epoch, "tag": 0, "seq": 0}), False,
+             "not allowed before 'hello'"),
+            ("second hello", frame({**hello, "peer_group": 77}) + frame({**hello, "peer_group": 77}), False,
+             "'hello' not allowed"),
+            ("vote with a string round", frame({**hello, "peer_group": 78}) + frame({"type": "vote", "round": "x"}),
+             False, "'round' must be an integer"),
+        ]
+        for name, data, shut, why in master_cases:
+            reply = send_expect_close(master.port, data, shut_wr=shut)
+            if not shut and why != "exceeds":
+                assert why in error_reason(reply), (name, reply[-300:])
+
+        # ---- a peer's data port (peer 1: it has a predecessor and a successor)
+        tgt = ready[1]
+        port, me, prev, k = tgt["data_port"], tgt["peer_id"], tgt["prev"], tgt["connections"]
+
+        def hello_bytes(ep: int, frm: int, to: int, index: int, count: int, magic: int = LINK_MAGIC, ver: int = 1) -> bytes:
+            return LINK_HELLO.pack(magic, ver, ep, frm, to, index, count)
+
+        stray_header = DATA_HEADER.pack(DATA_MAGIC, 1, 1, 9, 1, epoch, 0, 0, 0, 8, 0, 8, n) + b"\0" * 8
+        data_cases = [
+            ("garbage", b"JUNK" + os.urandom(36), "malformed hello (magic 0x4b4e554a"),
+            ("a few bytes, then EOF", b"hi", "no valid hello"),
+            ("hello with a bad version", hello_bytes(epoch, prev, me, 0, k, ver=9), "malformed hello"),
+            ("hello with zero connections", hello_bytes(epoch, prev, me, 0, 0), "malformed hello"),
+            ("hello with an out-of-range slot", hello_bytes(epoch, prev, me, 5, 2), "malformed hello"),
+            # (ordinary churn for the core: logged at info level, not as a warning)
+            ("hello for an old epoch", hello_bytes(epoch - 1, prev, me, 0, k), f"superseded epoch {epoch - 1}"),
+            ("hello from a stranger", hello_bytes(epoch, 999_999, me, 0, k),
+             "peer 999999 is not this peer's ring predecessor"),
+            ("hello addressed to someone else", hello_bytes(epoch, prev, me + 1000, 0, k),
+             f"peer {prev} is not this peer's ring predecessor"),
+            ("hello for a slot already taken", hello_bytes(epoch, prev, me, 0, k), "invalid or taken"),
+            ("hello with another pool size", hello_bytes(epoch, prev, me, 0, k + 1), "invalid or taken"),
+            ("a data header instead of a hello", stray_header, f"malformed hello (magic 0x{DATA_MAGIC:x}"),
+        ]
+        for name, data, why in data_cases:
+            send_expect_close(port, data, shut_wr=(name == "a few bytes, then EOF"))
+        # A hello for a future epoch is held (the peer may be behind); it must
+        # not disturb anything either. Closed by us, later.
+        future = socket.create_connection(("127.0.0.1", port), timeout=5)
+        future.sendall(hello_bytes(epoch + 100, prev, me, 0, k))
+        time.sleep(0.3)
+        t_end = time.time()
+        stop.set()
+        res = procs.gather("result", range(n), timeout=60)
+        future.close()
+        procs.join(range(n), timeout=20)
+        for i in range(n):
+            assert port_is_free(ready[i]["data_port"])
+
+    # The group kept all-reducing, correctly, in one epoch, during all of it.
+    for i in range(n):
+        rows, failures = res[i]["rows"], res[i]["failures"]
+        assert not failures, failures
+        assert all(ok for *_, ok in rows), [r for r in rows if not r[-1]][:3]
+        assert {r[3] for r in rows} == {epoch} and {r[4] for r in rows} == {n}
+        during = [r for r in rows if t_begin <= r[2] <= t_end]
+        assert len(during) >= 1, (t_begin, t_end, rows[-3:])
+    assert len({len(res[i]["rows"]) for i in range(n)}) == 1
+
+    # The master named every rejection ...
+    rejected = [r.getMessage() for r in caplog.records if r.name == "pyccl.master" and "rejected frame from" in r.getMessage()]
+    for name, data, shut, why in master_cases:
+        assert any(why in m for m in rejected), f"master log has no rejection for {name!r} ({why!r}): {rejected}"
+    # ... and so did the attacked peer's C++ core (its stderr).
+    log_text = (tmp_path / "peer1.err").read_text()
+    lines = [ln for ln in log_text.splitlines() if "rejected" in ln or "ignored" in ln]
+    for name, data, why in data_cases:
+        assert any(why in ln for ln in lines), f"peer log has no rejection for {name!r} ({why!r}):\n" + "\n".join(lines)
+    print(f"{len(master_cases)} bad frames to the master, {len(data_cases) + 1} bad connections to a data port; "
+          f"{len(during)} all-reduces completed meanwhile")
+
+
+# ============================================= a member that sends bad data
+
+
+class FakeMember:
+    """A peer driven by hand: real control protocol, no data plane. It joins
+    the group, then speaks the data-plane wire format badly to its ring
+    successor. It answers every drain (so epochs turn over at once) and sends
+    heartbeats from a thread."""
+
+    def __init__(self, master_port: int, data_port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", master_port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send_lock = threading.Lock()
+        self._frames: list[dict[str, Any]] = []
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self.send({"type": "hello", "version": 1, "peer_group": 0, "data_host": "127.0.0.1",
+                   "data_port": data_port, "name": "fake"})
+        welcome = wire.recv_frame(self.sock)
+        assert welcome["type"] == "welcome", welcome
+        self.peer_id = welcome["peer_id"]
+        self.sock.settimeout(None)
+        self._threads = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._beat, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def send(self, f: dict[str, Any]) -> None:
+        with self._send_lock:
+            self.sock.sendall(wire.encode(f))
+
+    def _read(self) -> None:
+        try:
+            while True:
+                f = wire.recv_frame(self.sock)
+                if f["type"] == "drain":
+                    self.send({"type": "drained", "epoch": f["epoch"], "next_seq": []})
+                with self._cv:
+                    self._frames.append(f)
+                    self._cv.notify_all()
+        except (OSError, ConnectionError, wire.FrameError):
+            pass
+
+    def _beat(self) -> None:
+        while not self._stop.wait(0.3):
+            try:
+                self.send({"type": "heartbeat"})
+            except OSError:
+                return
+
+    def wait(self, ftype: str, epoch: int, timeout: float = 20.0) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            return next((f for f in self._frames if f["type"] == ftype and f.get("epoch") == epoch), None)
+
+        with self._cv:
+            assert self._cv.wait_for(lambda: find() is not None, timeout), f"no {ftype} for epoch {epoch}: {self._frames}"
+            return find()
+
+    def first_epoch(self, timeout: float = 20.0) -> dict[str, Any]:
+        with self._cv:
+            assert self._cv.wait_for(lambda: any(f["type"] == "epoch" for f in self._frames), timeout), self._frames
+            return next(f for f in self._frames if f["type"] == "epoch")
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self.send({"type": "bye"})
+        except OSError:
+            pass
+        self.sock.close()
+        for t in self._threads:
+            t.join(5)
+
+
+@pytest.mark.timeout(120)
+def test_member_sending_bad_data_frames(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A member (hand-driven, in this process) sends malformed data frames
+    to its ring successor. Each one fails only the ops of that epoch, on every
+    real peer alike (PeerFailure or MismatchError, inputs untouched, nothing
+    committed); the successor logs the rejection; once the member leaves,
+    the real peers go on with exact results."""
+    caplog.set_level(logging.INFO, logger="pyccl.master")
+    n = 3
+    stop = CTX.Event()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)  # its "data port": accepts, never reads
+    fake = None
+    with running_master() as master, PeerProcs() as procs:
+        try:
+            for i in range(n):
+                procs.start(i, steady_peer, master.address, n, str(tmp_path / f"peer{i}.err"), stop)
+            ready = procs.gather("ready", range(n), timeout=60)
+            idx_of = {r["peer_id"]: i for i, r in ready.items()}
+            fake = FakeMember(master.port, listener.getsockname()[1])
+            fake_id = fake.peer_id
+            ep = fake.first_epoch()  # admitted at the real peers' next update_topology
+            fake_epochs = []
+            count, total = 4099, 4099 * 8  # the real peers' op: int64 sum of 4099 elements
+            variants = [
+                # (name, header fields to override, expected text, where it shows)
+                ("bad magic", {"magic": 0xDEADBEEF}, "bad magic/version", "log"),
+                ("bad version", {"version": 7}, "bad magic/version", "log"),
+                ("frame for another epoch", {"epoch_delta": 5}, "frame for epoch", "log"),
+                ("unknown phase", {"phase": 9}, "unknown phase", "log"),
+                ("oversized payload", {"length": (4 << 20) + 1}, "exceeds the chunk limit", "log"),
+                ("chunk index out of range", {"chunk": 10_000}, "chunk index out of range", "drain"),
+                ("offset off the layout", {"offset": 8}, "offset/length do not match", "drain"),
+                ("another tensor size", {"total_bytes": total + 8}, "disagree", "drain"),
+            ]
+            drains = []
+            for name, fields, why, where in variants:
+                e = ep["epoch"]
+                fake_epochs.append(e)
+                members = [m[0] for m in ep["members"]]
+                assert members[-1] == fake.peer_id and len(members) == n + 1, ep
+                succ = ep["members"][0]
+                hdr = dict(magic=DATA_MAGIC, version=1, phase=1, dtype=9, redop=1, epoch=e, tag=0, chunk=0, seq=0,
+                           total_bytes=total, offset=0, length=8, world_size=n + 1)
+                hdr.update({k: v for k, v in fields.items() if k != "epoch_delta"})
+                hdr["epoch"] += fields.get("epoch_delta", 0)
+                with socket.create_connection(("127.0.0.1", succ[2]), timeout=10) as s:
+                    s.sendall(LINK_HELLO.pack(LINK_MAGIC, 1, e, fake.peer_id, succ[0], 0, 1))
+                    s.sendall(DATA_HEADER.pack(*hdr.values()) + b"\x01" * 8)
+                    drain = fake.wait("drain", e)
+                drains.append((name, drain))
+                ep = fake.wait("epoch", e + 1)
+            fake.close()
+            fake = None
+            time.sleep(0.3)  # a few good ops without it
+            stop.set()
+            res = procs.gather("result", range(n), timeout=60)
+            procs.join(range(n), timeout=20)
+        finally:
+            if fake is not None:
+                fake.close()
+            listener.close()
+
+    successor_idx = idx_of[ep["members"][0][0]]
+    log_lines = [ln for ln in (tmp_path / f"peer{successor_idx}.err").read_text().splitlines() if "rejected" in ln]
+    for (name, fields, why, where), (_, drain) in zip(variants, drains):
+        if where == "log":
+            assert any(why in ln and f"from peer {fake_id} " in ln for ln in log_lines), (name, log_lines)
+        else:
+            assert why in drain["reason"], (name, drain)
+            if name == "another tensor size":
+                assert drain["kind"] == "mismatch", drain
+            else:
+                assert drain["kind"] == "protocol", drain
+
+    n_ok = {len(res[i]["rows"]) for i in range(n)}
+    assert len(n_ok) == 1, n_ok  # every op had one outcome on all peers
+    for i in range(n):
+        rows, failures = res[i]["rows"], res[i]["failures"]
+        assert all(ok and ws == n for (_, _, _, _, ws, ok) in rows), rows
+        assert not {r[3] for r in rows} & set(fake_epochs), "an op committed while the bad member was in the ring"
+        assert rows and rows[-1][3] > max(fake_epochs), "no op after the bad member left"
+        kinds = {t for (t, *_rest) in failures}
+        assert kinds <= {"PeerFailure", "MismatchError"}, failures
+        assert "MismatchError" in kinds, failures
+        assert all(untouched for (_, _, _, untouched, _) in failures), failures
+    print(f"{len(variants)} bad data frames from member; real peers: "
+          + ", ".join(f"{len(res[i]['failures'])} failed / {len(res[i]['rows'])} ok" for i in range(n)))
