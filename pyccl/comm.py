@@ -384,7 +384,7 @@ class Communicator:
         """Fetch the plan's keys and verify them; returns (ok, reason, rx_bytes)."""
         from pyccl import wire
 
-        fetch = wire.get_pairs(plan, "fetch", 65536, hi_first=len(keys) - 1 if keys else 0)
+        fetch = wire.get_pairs(plan, "fetch", 65536, hi_first=len(keys) - 1 if keys else 0, hi_second=wire.MAX_UINT64)
         if not fetch:
             return True, "", 0
         holders = []

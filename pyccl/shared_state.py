@@ -67,6 +67,19 @@ class SharedState:
     def __getitem__(self, name: str) -> Any:
         return self._tensors[name]
 
+    def __setitem__(self, name: str, value: Any) -> None:
+        """Only in place: ``state["w"] -= lr * g`` works (the same array comes
+        back); assigning another object copies its values into the existing
+        tensor, whose key, dtype and shape are fixed."""
+        current = self._tensors[name]
+        if value is current:
+            return
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"shared-state key {name!r} has shape {tuple(current.shape)}, not {tuple(value.shape)}")
+        if as_buffer(current).dtype_code != as_buffer(value).dtype_code:
+            raise ValueError(f"shared-state key {name!r} has dtype {current.dtype}, not {value.dtype}")
+        current[...] = value
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 

@@ -85,16 +85,19 @@ class Work {
 void worker(const Holder& h, const std::vector<FetchTarget>& targets, const FetchOptions& opt, Work& work) {
   const std::string who = "holder peer " + std::to_string(h.peer_id) + " (" + h.host + ":" + std::to_string(h.port) + ")";
   net::Socket sock;
-  try {
-    sock = net::connect_tcp(h.host, h.port, opt.io_timeout_s);
-    sock.set_recv_timeout(opt.io_timeout_s);
-    sock.set_send_timeout(opt.io_timeout_s);
-  } catch (const net::SocketError& e) {
-    work.leave(who + ": " + e.what());
-    return;
-  }
   Piece p;
   while (work.take(&p)) {
+    if (!sock.valid()) {  // connect only once there is work for this worker
+      try {
+        sock = net::connect_tcp(h.host, h.port, opt.io_timeout_s);
+        sock.set_recv_timeout(opt.io_timeout_s);
+        sock.set_send_timeout(opt.io_timeout_s);
+      } catch (const net::SocketError& e) {
+        work.give_back(p);
+        work.leave(who + ": " + e.what());
+        return;
+      }
+    }
     const FetchTarget& t = targets[p.target];
     StateRequest req;
     req.key_index = t.key_index;
