@@ -765,3 +765,58 @@ def test_member_sending_bad_data_frames(tmp_path: Any, caplog: pytest.LogCapture
         assert all(untouched for (_, _, _, untouched, _) in failures), failures
     print(f"{len(variants)} bad data frames from member; real peers: "
           + ", ".join(f"{len(res[i]['failures'])} failed / {len(res[i]['rows'])} ok" for i in range(n)))
+
+
+# ============================================== many short bad connections
+
+
+def _vm_maps() -> tuple[int, int]:
+    """(number of memory mappings, VmSize in KiB) of this process."""
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for _ in f)
+    with open("/proc/self/status") as f:
+        vmsize = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+    return maps, vmsize
+
+
+def scanned_peer(idx: int, q: Any, address: str, stderr_path: str, measure: Any) -> None:
+    redirect_stderr(stderr_path)  # one warning per rejected connection
+    comm = join_group(address, 1, connections=2, name="scanned")
+    q.put(("ready", idx, {"data_port": comm._dp.port, "vm": _vm_maps()}))
+    assert measure.wait(60)
+    time.sleep(0.5)  # let the last connection threads finish
+    vm = _vm_maps()
+    x = np.arange(10.0)
+    info = reduce_or_hang(comm, x, timeout=10)
+    q.put(("result", idx, {"vm": vm, "ok": info.world_size == 1 and np.array_equal(x, np.arange(10.0))}))
+    comm.close()
+
+
+@pytest.mark.timeout(120)
+def test_port_scan_of_a_data_port_does_not_leak(tmp_path: Any) -> None:
+    """Thousands of short garbage connections (a port scanner, a confused
+    client) must cost a peer nothing lasting. Each connection is served by a
+    thread; a finished one must not keep its stack mapped until the next epoch
+    (at vm.max_map_count, ~32k connections, the next thread cannot be created
+    and the peer aborts)."""
+    conns = 2000
+    measure = CTX.Event()
+    with running_master() as master, PeerProcs() as procs:
+        procs.start(0, scanned_peer, master.address, str(tmp_path / "peer0.err"), measure)
+        ready = procs.gather("ready", [0], timeout=60)[0]
+        t0 = time.time()
+        for _ in range(conns):
+            with socket.create_connection(("127.0.0.1", ready["data_port"]), timeout=5) as s:
+                s.sendall(b"JUNK" * 10)
+        t_scan = time.time() - t0
+        measure.set()
+        res = procs.gather("result", [0], timeout=60)[0]
+        procs.join([0], timeout=20)
+    maps0, vm0 = ready["vm"]
+    maps1, vm1 = res["vm"]
+    print(f"{conns} connections in {t_scan:.1f} s: mappings {maps0} -> {maps1}, VmSize {vm0 >> 10} -> {vm1 >> 10} MiB")
+    assert res["ok"]
+    assert maps1 - maps0 < 500, f"{maps1 - maps0} new memory mappings after {conns} rejected connections"
+    assert vm1 - vm0 < 1 << 20, f"VmSize grew by {(vm1 - vm0) >> 10} MiB after {conns} rejected connections"
+    rejected = sum("rejected data connection" in ln for ln in (tmp_path / "peer0.err").read_text().splitlines())
+    assert rejected == conns, rejected
