@@ -164,7 +164,7 @@ void DataPlane::serve_incoming(net::Socket sock) {
     sock.set_recv_timeout(10.0);
     sock.recv_exact(&hello, sizeof(hello));
   } catch (const net::SocketError& e) {
-    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": no complete hello (" << e.what() << ")");
+    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": no valid hello (" << e.what() << ")");
     return;
   }
   if (hello.magic == state::kRequestMagic) {
