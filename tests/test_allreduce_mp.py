@@ -349,3 +349,46 @@ def test_first_op_after_an_epoch_change_never_hangs() -> None:
         procs.join(range(n), timeout=20)
     for i in range(n):
         assert res[i]["mismatch"] == reps, res
+
+
+# ---------------------------------------------- an empty tensor on one peer
+
+
+def empty_mismatch_peer(idx: int, q: Any, address: str, n: int, reps: int) -> None:
+    import pyccl
+
+    comm = join_group(address, n, connections=2, name=f"empty-{idx}")
+    outcomes = []
+    for r in range(reps):
+        for empty_idx in range(n):
+            comm.update_topology()
+            x = np.ones(0 if idx == empty_idx else 5, np.float32)
+            try:
+                comm.all_reduce_async(x).wait(timeout=10)
+                outcomes.append((r, empty_idx, "completed"))
+            except pyccl.MismatchError as exc:
+                outcomes.append((r, empty_idx, "MismatchError"))
+                assert "disagree" in str(exc) or "size" in str(exc), str(exc)
+            except pyccl.Timeout:
+                outcomes.append((r, empty_idx, "hung for 10 s"))
+                q.put(("result", idx, outcomes))
+                return  # the hung op keeps a thread: let the test kill us
+            y = np.full(3, float(idx + 1))
+            comm.all_reduce_async(y).wait(timeout=10)
+            assert np.all(y == n * (n + 1) / 2)
+    q.put(("result", idx, outcomes))
+    comm.close()
+
+
+@pytest.mark.timeout(60)
+def test_empty_tensor_on_one_peer_is_a_mismatch_not_a_hang() -> None:
+    """One peer passes 0 elements, the other 5: every peer must get
+    MismatchError (like any size mismatch), never hang."""
+    n, reps = 2, 3
+    with running_master() as master, PeerProcs() as procs:
+        for i in range(n):
+            procs.start(i, empty_mismatch_peer, master.address, n, reps)
+        res = procs.gather("result", range(n), timeout=45)
+    for i in range(n):
+        bad = [o for o in res[i] if o[2] != "MismatchError"]
+        assert not bad, f"peer {i}: {bad} (all outcomes: {res[i]})"
