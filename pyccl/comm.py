@@ -124,9 +124,22 @@ class Communicator:
         connections: TCP connections per ring neighbour; every collective is
             striped over all of them.
         name: free-form label shown in the master's logs.
+        data_port: port of this peer's data listener (0: any free port).
+        advertise: ``(host, port)`` the other peers should connect to instead
+            of the listener's own address, for NAT port forwards or a proxy
+            in front of the peer (``pyccl stress`` puts its fault-injecting
+            proxy there).
     """
 
-    def __init__(self, master: str, peer_group: int = 0, connections: int = 4, name: str = "") -> None:
+    def __init__(
+        self,
+        master: str,
+        peer_group: int = 0,
+        connections: int = 4,
+        name: str = "",
+        data_port: int = 0,
+        advertise: tuple[str, int] | None = None,
+    ) -> None:
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be between 1 and 64, got {connections}")
         if not 0 <= peer_group < 2**31:
@@ -135,6 +148,8 @@ class Communicator:
         self.peer_group = peer_group
         self.connections = connections
         self.name = name
+        self.data_port = data_port
+        self.advertise = advertise
         self._control = ControlClient(master)
         self._dp: Any = None
         self._cv = threading.Condition()
@@ -203,14 +218,15 @@ class Communicator:
         deadline = time.monotonic() + timeout
         local_ip = self._control.open(timeout)
         try:
-            self._dp = _core.DataPlane(local_ip, 0, self.connections)
+            self._dp = _core.DataPlane(local_ip, self.data_port, self.connections)
+            adv_host, adv_port = self.advertise or (local_ip, self._dp.port)
             self._control.handshake(
                 {
                     "type": "hello",
                     "version": 1,
                     "peer_group": self.peer_group,
-                    "data_host": local_ip,
-                    "data_port": self._dp.port,
+                    "data_host": adv_host,
+                    "data_port": adv_port,
                     "name": self.name[:128],
                 },
                 max(0.1, deadline - time.monotonic()),
