@@ -65,6 +65,8 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("epoch"), py::arg("my_id"), py::arg("rank"), py::arg("world_size"), py::arg("next_id"),
           py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"))
+      .def("set_link_timeouts", &DataPlane::set_link_timeouts, py::arg("keepalive_s"), py::arg("link_timeout_s"),
+           py::call_guard<py::gil_scoped_release>())
       .def("abort_through", &DataPlane::abort_through, py::arg("epoch"), py::arg("why"),
            py::call_guard<py::gil_scoped_release>())
       .def("close", &DataPlane::close, py::call_guard<py::gil_scoped_release>())

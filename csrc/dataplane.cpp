@@ -45,7 +45,19 @@ void DataPlane::close() {
   listener_.close();
 }
 
-void DataPlane::set_epoch(const net::EpochInfo& info) {
+void DataPlane::set_link_timeouts(double keepalive_s, double link_timeout_s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  keepalive_s_ = keepalive_s;
+  link_timeout_s_ = link_timeout_s;
+}
+
+void DataPlane::set_epoch(const net::EpochInfo& given) {
+  net::EpochInfo info = given;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    info.keepalive_s = keepalive_s_;
+    info.link_timeout_s = link_timeout_s_;
+  }
   auto fresh = std::make_shared<net::RingLinks>(
       info, connections_, [this](uint64_t epoch, const std::string& why) { on_link_broken(epoch, why); });
   // The registry moves first: a reader attached to the new links may look up
@@ -199,13 +211,19 @@ void DataPlane::serve_incoming(net::Socket sock) {
     return;
   }
   const std::string from = "peer " + std::to_string(hello.from_peer) + " (" + addr + ")";
-  sock.set_recv_timeout(0);
+  // The sender writes keepalives on an idle link, so silence this long means
+  // the path stalled or the neighbour hung.
+  sock.set_recv_timeout(links->info().link_timeout_s);
   sock.tune_for_bulk();
   try {
     read_frames(sock, *links, from);
   } catch (const net::SocketError& e) {
     if (!links->broken()) {
-      std::string reason = "lost connection from " + from + " (" + e.what() + ")";
+      const std::string what = e.what();
+      std::string reason = what == "receive timed out"
+                               ? "no data from " + from + " for " + std::to_string(links->info().link_timeout_s) +
+                                     " s: the link went silent"
+                               : "lost connection from " + from + " (" + what + ")";
       on_link_broken(links->epoch(), reason);
       links->shutdown(reason);
     }
@@ -221,6 +239,7 @@ void DataPlane::read_frames(net::Socket& sock, net::RingLinks& links, const std:
     std::string bad;
     if (h.magic != net::kDataMagic || h.version != net::kWireVersion) bad = "bad magic/version";
     else if (h.epoch != epoch) bad = "frame for epoch " + std::to_string(h.epoch) + " on a link of epoch " + std::to_string(epoch);
+    else if (h.phase == static_cast<uint8_t>(net::Phase::Keepalive) && h.length == 0) continue;
     else if (h.phase != static_cast<uint8_t>(net::Phase::ReduceScatter) && h.phase != static_cast<uint8_t>(net::Phase::AllGather)) bad = "unknown phase";
     else if (h.length > net::kMaxChunkBytes) bad = "payload of " + std::to_string(h.length) + " bytes exceeds the chunk limit";
     if (!bad.empty()) {

@@ -40,6 +40,9 @@ class DataPlane {
   uint16_t port() const { return port_; }
   int connections() const { return connections_; }
 
+  // Keepalive interval and silence timeout of data links (the master's
+  // heartbeat interval and timeout); applies from the next epoch on.
+  void set_link_timeouts(double keepalive_s, double link_timeout_s);
   void set_epoch(const net::EpochInfo& info);
   void abort_through(uint64_t epoch, const std::string& why);
   void close();
@@ -69,6 +72,8 @@ class DataPlane {
   std::condition_variable cv_;
   std::shared_ptr<net::RingLinks> links_;
   bool closed_ = false;
+  double keepalive_s_ = 1.0;
+  double link_timeout_s_ = 5.0;
 
   struct Worker {
     std::thread thread;

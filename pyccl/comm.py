@@ -231,6 +231,9 @@ class Communicator:
                 },
                 max(0.1, deadline - time.monotonic()),
             )
+            # Data links use the master's liveness settings: keepalives at the
+            # heartbeat interval, silence for heartbeat_timeout kills a link.
+            self._dp.set_link_timeouts(self._control.heartbeat_interval, self._control.heartbeat_timeout)
             self._connected = True
             self._control.start(self._on_frame, self._on_lost)
             with self._cv:

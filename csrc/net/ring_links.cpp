@@ -42,7 +42,7 @@ void RingLinks::connect_all() {
       hello.conn_index = static_cast<uint32_t>(i);
       hello.conn_count = static_cast<uint32_t>(connections_);
       s.send_all(&hello, sizeof(hello));
-      auto conn = std::make_unique<SendConn>(std::move(s), desc,
+      auto conn = std::make_unique<SendConn>(std::move(s), desc, info_.epoch, info_.keepalive_s,
                                              [this](const std::string& why) { report_broken(why); });
       std::lock_guard<std::mutex> lock(mu_);
       if (broken_) {

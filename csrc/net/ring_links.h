@@ -32,6 +32,11 @@ struct EpochInfo {
   std::string next_host;
   uint16_t next_port = 0;
   uint64_t prev_id = 0;
+  // Liveness of the links: a sender writes a keepalive after this long
+  // without traffic; a receiver that hears nothing for link_timeout_s
+  // declares the link dead (a stalled path, or a hung neighbour).
+  double keepalive_s = 1.0;
+  double link_timeout_s = 5.0;
 };
 
 class RingLinks {

@@ -6,8 +6,20 @@
 
 namespace pyccl::net {
 
-SendConn::SendConn(Socket sock, std::string peer_desc, BrokenFn on_broken)
-    : sock_(std::move(sock)), peer_desc_(std::move(peer_desc)), on_broken_(std::move(on_broken)) {
+namespace {
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
+SendConn::SendConn(Socket sock, std::string peer_desc, uint64_t epoch, double keepalive_s, BrokenFn on_broken)
+    : sock_(std::move(sock)),
+      peer_desc_(std::move(peer_desc)),
+      epoch_(epoch),
+      keepalive_(keepalive_s),
+      on_broken_(std::move(on_broken)) {
+  last_write_ns_ = now_ns();
   thread_ = std::thread([this] { run(); });
 }
 
@@ -52,18 +64,36 @@ bool SendConn::write_frame(const Job& job) {
                   {const_cast<void*>(job.payload), job.header.length}};
   try {
     sock_.sendv_all(iov, job.header.length ? 2 : 1);
+    last_write_ns_ = now_ns();
     return true;
   } catch (const SocketError& e) {
-    std::string reason = "lost connection to " + peer_desc_ + " (" + e.what() + ")";
-    bool first = false;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      first = !broken_ && !stopping_;
-      broken_ = true;
-    }
-    job.op->fail(FailKind::Peer, reason);
-    if (first) on_broken_(reason);
+    job.op->fail(FailKind::Peer, "lost connection to " + peer_desc_ + " (" + e.what() + ")");
+    report_failure(e.what());
     return false;
+  }
+}
+
+void SendConn::report_failure(const std::string& what) {
+  bool first = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    first = !broken_ && !stopping_;
+    broken_ = true;
+  }
+  if (first) on_broken_("lost connection to " + peer_desc_ + " (" + what + ")");
+}
+
+void SendConn::write_keepalive() {
+  std::unique_lock<std::mutex> wlock(write_mu_, std::try_to_lock);
+  if (!wlock.owns_lock()) return;  // someone is writing: that is traffic enough
+  DataHeader h;
+  h.phase = static_cast<uint8_t>(Phase::Keepalive);
+  h.epoch = epoch_;
+  try {
+    sock_.send_all(&h, sizeof(h));
+    last_write_ns_ = now_ns();
+  } catch (const SocketError& e) {
+    report_failure(e.what());
   }
 }
 
@@ -72,7 +102,17 @@ void SendConn::run() {
     Job job;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return !queue_.empty() || stopping_; });
+      // Sleep until there is work, or until the link has been idle for a
+      // keepalive interval (a timer, not a poll: nothing runs in between).
+      const bool woke = cv_.wait_for(lock, keepalive_, [&] { return !queue_.empty() || stopping_; });
+      if (!woke) {
+        const bool idle = now_ns() - last_write_ns_.load() >=
+                          std::chrono::duration_cast<std::chrono::nanoseconds>(keepalive_).count();
+        const bool usable = !broken_;
+        lock.unlock();
+        if (idle && usable) write_keepalive();
+        continue;
+      }
       if (queue_.empty()) return;  // stopping and drained
       job = std::move(queue_.front());
       queue_.pop_front();

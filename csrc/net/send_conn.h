@@ -7,6 +7,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -25,7 +26,7 @@ class SendConn {
  public:
   using BrokenFn = std::function<void(const std::string& reason)>;
 
-  SendConn(Socket sock, std::string peer_desc, BrokenFn on_broken);
+  SendConn(Socket sock, std::string peer_desc, uint64_t epoch, double keepalive_s, BrokenFn on_broken);
   ~SendConn();
   SendConn(const SendConn&) = delete;
   SendConn& operator=(const SendConn&) = delete;
@@ -49,10 +50,15 @@ class SendConn {
   void run();
   // Writes one frame; returns false (and reports) if the connection broke.
   bool write_frame(const Job& job);
+  void write_keepalive();
+  void report_failure(const std::string& what);
 
   Socket sock_;
   const std::string peer_desc_;
+  const uint64_t epoch_;
+  const std::chrono::duration<double> keepalive_;
   const BrokenFn on_broken_;
+  std::atomic<int64_t> last_write_ns_{0};  // steady_clock time of the last frame written
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Job> queue_;

@@ -18,7 +18,9 @@ inline constexpr uint8_t kWireVersion = 1;
 inline constexpr uint32_t kMaxConnections = 64;
 inline constexpr uint32_t kMaxChunkBytes = 4u << 20;
 
-enum class Phase : uint8_t { ReduceScatter = 1, AllGather = 2 };
+// Keepalive frames (no payload) flow on idle connections so that a receiver
+// can tell a silent link from a quiet one.
+enum class Phase : uint8_t { ReduceScatter = 1, AllGather = 2, Keepalive = 3 };
 
 struct LinkHello {
   uint32_t magic = kLinkMagic;
