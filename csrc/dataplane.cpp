@@ -240,7 +240,7 @@ void DataPlane::read_frames(net::Socket& sock, net::RingLinks& links, const std:
     if (h.magic != net::kDataMagic || h.version != net::kWireVersion) bad = "bad magic/version";
     else if (h.epoch != epoch) bad = "frame for epoch " + std::to_string(h.epoch) + " on a link of epoch " + std::to_string(epoch);
     else if (h.phase == static_cast<uint8_t>(net::Phase::Keepalive) && h.length == 0) continue;
-    else if (h.phase != static_cast<uint8_t>(net::Phase::ReduceScatter) && h.phase != static_cast<uint8_t>(net::Phase::AllGather)) bad = "unknown phase";
+    else if (h.phase < static_cast<uint8_t>(net::Phase::ReduceScatter) || h.phase > static_cast<uint8_t>(net::Phase::Start) || h.phase == static_cast<uint8_t>(net::Phase::Keepalive)) bad = "unknown phase";
     else if (h.length > net::kMaxChunkBytes) bad = "payload of " + std::to_string(h.length) + " bytes exceeds the chunk limit";
     if (!bad.empty()) {
       std::string reason = "protocol error from " + from + ": " + bad + "; closing the connection";

@@ -27,8 +27,12 @@ net::DataHeader Op::header(net::Phase phase, uint32_t chunk) const {
   h.seq = key_.seq;
   h.chunk = chunk;
   h.total_bytes = layout_.total_bytes();
-  h.offset = layout_.chunk(chunk).offset;
-  h.length = layout_.chunk(chunk).length;
+  if (phase == net::Phase::Start) {
+    h.chunk = 0;  // carries no data, only the op's identity and shape
+  } else {
+    h.offset = layout_.chunk(chunk).offset;
+    h.length = layout_.chunk(chunk).length;
+  }
   h.world_size = static_cast<uint32_t>(layout_.world_size());
   return h;
 }
@@ -50,6 +54,17 @@ char* Op::begin_write(const net::DataHeader& h, const std::string& from) {
   }
   const net::Phase phase = static_cast<net::Phase>(h.phase);
   std::string problem;
+  if (phase == net::Phase::Start) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (start_arrived_ || h.length != 0) {
+      lock.unlock();
+      fail(FailKind::Protocol, "bad data frame from " + from + ": duplicate or non-empty start frame");
+      return nullptr;
+    }
+    if (!status_.ok()) return nullptr;
+    ++active_writers_;
+    return work();  // nothing is written: length 0
+  }
   if (h.chunk >= layout_.num_chunks()) {
     problem = "chunk index out of range";
   } else {
@@ -78,7 +93,9 @@ void Op::end_write(const net::DataHeader& h, bool ok) {
   bool run_handler = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (ok) {
+    if (ok && phase == net::Phase::Start) {
+      start_arrived_ = true;
+    } else if (ok) {
       arrived(phase)[h.chunk] = 1;
       rx_bytes_ += h.length;
       run_handler = status_.ok() && on_arrival_;

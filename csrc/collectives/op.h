@@ -91,6 +91,7 @@ class Op {
   std::vector<uint8_t> arrived_rs_, arrived_ag_;
   ArrivalFn on_arrival_;
   size_t processed_ = 0;
+  bool start_arrived_ = false;
   int active_writers_ = 0;
   int pending_sends_ = 0;
   uint64_t tx_bytes_ = 0, rx_bytes_ = 0;

@@ -45,14 +45,16 @@ Status run_ring_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links,
     }
   });
 
-  // Every chunk except those of our own segment (never received in
-  // reduce-scatter) and of the segment we own (never received in
-  // all-gather) arrives exactly once per phase.
-  const size_t expected = 2 * L.num_chunks() - (L.first_chunk(r + 1) - L.first_chunk(r)) -
+  // The previous peer's start frame, then every chunk except those of our
+  // own segment (never received in reduce-scatter) and of the segment we own
+  // (never received in all-gather), exactly once per phase.
+  const size_t expected = 1 + 2 * L.num_chunks() - (L.first_chunk(r + 1) - L.first_chunk(r)) -
                           (L.first_chunk((r + 1) % n + 1) - L.first_chunk((r + 1) % n));
 
   // Only now may readers find the op: its handler is in place.
   if (Status st = publish(); !st.ok()) return st;
+
+  links.send(op, op->header(Phase::Start, 0), input);
 
   // Reduce-scatter step 0: our raw input for segment r goes to the next peer
   // straight from the caller's buffer (no copy; the input is never written).

@@ -18,9 +18,12 @@ inline constexpr uint8_t kWireVersion = 1;
 inline constexpr uint32_t kMaxConnections = 64;
 inline constexpr uint32_t kMaxChunkBytes = 4u << 20;
 
-// Keepalive frames (no payload) flow on idle connections so that a receiver
-// can tell a silent link from a quiet one.
-enum class Phase : uint8_t { ReduceScatter = 1, AllGather = 2, Keepalive = 3 };
+// Start: one payload-less frame per op to the next peer, so that peers that
+// disagree about the op (size, dtype, op, world size) find out even when
+// their layouts have no chunk to exchange (e.g. an empty tensor).
+// Keepalive: no payload, sent on idle connections so that a receiver can
+// tell a silent link from a quiet one.
+enum class Phase : uint8_t { ReduceScatter = 1, AllGather = 2, Keepalive = 3, Start = 4 };
 
 struct LinkHello {
   uint32_t magic = kLinkMagic;
