@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <system_error>
 
 #include "collectives/ring_allreduce.h"
 #include "common/log.h"
@@ -132,23 +133,38 @@ OpResult DataPlane::all_reduce(uint64_t epoch, uint32_t tag, uint64_t seq, const
 // ----------------------------------------------------------------- incoming
 
 void DataPlane::accept_loop() {
+  // Each connection gets its own thread (blocking I/O); finished ones are
+  // joined here on every accept, and the number of live ones is capped, so
+  // a port scan or a flood of junk connections cannot exhaust threads,
+  // memory maps or file descriptors.
+  constexpr size_t kMaxConnections = 1024;
   for (;;) {
     net::Socket s = net::accept_tcp(listener_);
     if (!s.valid()) return;
+    reap_threads(false);
     std::lock_guard<std::mutex> lock(workers_mu_);
     if (closed_) return;
+    if (workers_.size() >= kMaxConnections) {
+      PYCCL_LOG(Warning, "rejected data connection from " << s.peer_name() << ": " << workers_.size()
+                                                         << " connections already open");
+      continue;
+    }
     auto done = std::make_shared<std::atomic<bool>>(false);
     int fd = s.fd();
-    incoming_fds_.push_back(fd);
-    workers_.push_back(Worker{std::thread([this, sock = std::move(s), done, fd]() mutable {
-                                serve_incoming(std::move(sock));
-                                {
-                                  std::lock_guard<std::mutex> l(workers_mu_);
-                                  incoming_fds_.remove(fd);
-                                }
-                                done->store(true);
-                              }),
-                              done});
+    try {
+      std::thread t([this, sock = std::move(s), done, fd]() mutable {
+        serve_incoming(std::move(sock));
+        {
+          std::lock_guard<std::mutex> l(workers_mu_);
+          incoming_fds_.remove(fd);
+        }
+        done->store(true);
+      });
+      incoming_fds_.push_back(fd);
+      workers_.push_back(Worker{std::move(t), done});
+    } catch (const std::system_error& e) {
+      PYCCL_LOG(Error, "cannot serve a data connection: " << e.what());
+    }
   }
 }
 
@@ -192,7 +208,7 @@ void DataPlane::serve_incoming(net::Socket sock) {
                                                         << "/" << hello.conn_count << ")");
     return;
   }
-  auto links = links_for(hello.epoch, 30.0);
+  auto links = links_for(hello.epoch, 10.0);
   std::string why;
   if (!links) {
     // An older epoch is ordinary churn (the neighbour had not yet heard of
