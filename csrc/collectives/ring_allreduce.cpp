@@ -45,16 +45,22 @@ Status run_ring_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links,
     }
   });
 
-  // The previous peer's start frame, then every chunk except those of our
-  // own segment (never received in reduce-scatter) and of the segment we own
-  // (never received in all-gather), exactly once per phase.
-  const size_t expected = 1 + 2 * L.num_chunks() - (L.first_chunk(r + 1) - L.first_chunk(r)) -
-                          (L.first_chunk((r + 1) % n + 1) - L.first_chunk((r + 1) % n));
+  // A peer's first reduce-scatter chunk carries the op's identity; only a
+  // peer whose own segment is empty sends a payload-less start frame
+  // instead (see Phase::Start), so one of the two always reaches the next
+  // peer and a disagreement is always noticed.
+  auto chunks_in = [&](int seg) { return static_cast<size_t>(L.first_chunk(seg + 1) - L.first_chunk(seg)); };
+  const int prev = (r - 1 + n) % n;
+  // Every chunk except those of our own segment (never received in
+  // reduce-scatter) and of the segment we own (never received in
+  // all-gather), exactly once per phase; plus the start frame if the
+  // previous peer's segment is empty.
+  const size_t expected = 2 * L.num_chunks() - chunks_in(r) - chunks_in((r + 1) % n) + (chunks_in(prev) == 0 ? 1 : 0);
 
   // Only now may readers find the op: its handler is in place.
   if (Status st = publish(); !st.ok()) return st;
 
-  links.send(op, op->header(Phase::Start, 0), input);
+  if (chunks_in(r) == 0) links.send(op, op->header(Phase::Start, 0), input);
 
   // Reduce-scatter step 0: our raw input for segment r goes to the next peer
   // straight from the caller's buffer (no copy; the input is never written).
