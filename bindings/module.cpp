@@ -50,6 +50,12 @@ PYBIND11_MODULE(_core, m) {
       .value("ABORTED", FailKind::Aborted)
       .value("INVALID", FailKind::Invalid);
 
+  py::enum_<Collective>(m, "Collective")
+      .value("ALL_REDUCE", Collective::AllReduce)
+      .value("REDUCE_SCATTER", Collective::ReduceScatter)
+      .value("ALL_GATHER", Collective::AllGather)
+      .value("BROADCAST", Collective::Broadcast);
+
   py::class_<DataPlane>(m, "DataPlane")
       .def(py::init<const std::string&, uint16_t, int>(), py::arg("host"), py::arg("port"), py::arg("connections"),
            py::call_guard<py::gil_scoped_release>())
@@ -71,22 +77,22 @@ PYBIND11_MODULE(_core, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("close", &DataPlane::close, py::call_guard<py::gil_scoped_release>())
       .def(
-          "all_reduce",
-          [](DataPlane& d, uint64_t epoch, uint32_t tag, uint64_t seq, uintptr_t input, uintptr_t work, size_t count,
-             int dtype, int op) {
+          "collective",
+          [](DataPlane& d, Collective kind, int root, uint64_t epoch, uint32_t tag, uint64_t seq, uintptr_t input,
+             uintptr_t work, size_t count, int dtype, int op) {
             const DType t = to_dtype(dtype);
             const RedOp o = to_redop(op);
             OpResult r;
             {
               py::gil_scoped_release release;
-              r = d.all_reduce(epoch, tag, seq, reinterpret_cast<const void*>(input), reinterpret_cast<void*>(work),
-                               count, t, o);
+              r = d.collective(kind, root, epoch, tag, seq, reinterpret_cast<const void*>(input),
+                               reinterpret_cast<void*>(work), count, t, o);
             }
             return py::make_tuple(r.status.kind, r.status.message, r.tx_bytes, r.rx_bytes);
           },
-          py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("input"), py::arg("work"), py::arg("count"),
-          py::arg("dtype"), py::arg("op"),
-          "Run one ring all-reduce; returns (FailKind, message, tx_bytes, rx_bytes).")
+          py::arg("kind"), py::arg("root"), py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("input"),
+          py::arg("work"), py::arg("count"), py::arg("dtype"), py::arg("op"),
+          "Run one ring collective; returns (FailKind, message, tx_bytes, rx_bytes).")
       .def(
           "state_publish",
           [](DataPlane& d, const std::vector<std::tuple<uintptr_t, uint64_t, uint64_t>>& keys) {

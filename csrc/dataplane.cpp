@@ -7,7 +7,10 @@
 #include <cstring>
 #include <system_error>
 
+#include "collectives/ring_allgather.h"
 #include "collectives/ring_allreduce.h"
+#include "collectives/ring_broadcast.h"
+#include "collectives/ring_reduce_scatter.h"
 #include "common/log.h"
 #include "state/state_wire.h"
 
@@ -96,8 +99,8 @@ void DataPlane::on_link_broken(uint64_t epoch, const std::string& reason) {
   registry_.wake_all();
 }
 
-OpResult DataPlane::all_reduce(uint64_t epoch, uint32_t tag, uint64_t seq, const void* input, void* work,
-                               size_t count, DType dtype, RedOp redop) {
+OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32_t tag, uint64_t seq,
+                               const void* input, void* work, size_t count, DType dtype, RedOp redop) {
   std::shared_ptr<net::RingLinks> links;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -108,20 +111,35 @@ OpResult DataPlane::all_reduce(uint64_t epoch, uint32_t tag, uint64_t seq, const
     return {Status::Fail(FailKind::Aborted, "epoch " + std::to_string(epoch) + " is no longer current")};
   const net::EpochInfo& info = links->info();
   const size_t elem = dtype_size(dtype);
+  if (kind == Collective::Broadcast && (root < 0 || root >= info.world_size))
+    return {Status::Fail(FailKind::Invalid, "broadcast root " + std::to_string(root) + " is not a rank of a world of " +
+                                                std::to_string(info.world_size))};
   if (info.world_size == 1) {
+    // Alone: every collective is a copy (all-gather: our segment is everything).
     if (work != input) std::memmove(work, input, count * elem);
     return {};
   }
-  auto op = std::make_shared<Op>(OpKey{epoch, tag, seq}, dtype, redop, input, work,
-                                 RingLayout(count, elem, info.world_size), info.rank);
+  RingShape shape;
+  shape.collective = kind;
+  shape.owner_offset = kind == Collective::AllReduce ? 1 : 0;
+  shape.root = root;
+  const int layout_world = kind == Collective::Broadcast ? 1 : info.world_size;
+  auto op = std::make_shared<Op>(OpKey{epoch, tag, seq}, shape, dtype, redop, input, work,
+                                 RingLayout(count, elem, layout_world), info.rank, info.world_size);
   Status st = links->wait_ready();
   if (!st.ok()) return {st};
   bool published = false;
-  st = run_ring_all_reduce(op, *links, [&] {
+  auto publish = [&] {
     Status s = registry_.add(op);
     published = s.ok();
     return s;
-  });
+  };
+  switch (kind) {
+    case Collective::AllReduce: st = run_ring_all_reduce(op, *links, publish); break;
+    case Collective::ReduceScatter: st = run_ring_reduce_scatter(op, *links, publish); break;
+    case Collective::AllGather: st = run_ring_all_gather(op, *links, publish); break;
+    case Collective::Broadcast: st = run_ring_broadcast(op, *links, publish); break;
+  }
   if (!st.ok()) op->fail(st.kind, st.message);
   // Never return while a sender still reads from, or a reader still writes
   // into, the caller's buffers.

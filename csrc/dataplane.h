@@ -50,8 +50,11 @@ class DataPlane {
   // Shared state this peer serves to fetchers (see state/state_server.h).
   state::StateServer& state_server() { return state_server_; }
 
-  OpResult all_reduce(uint64_t epoch, uint32_t tag, uint64_t seq, const void* input, void* work, size_t count,
-                      DType dtype, RedOp op);
+  // Runs one ring collective over `count` elements (the full tensor: for
+  // all-gather the output, for reduce-scatter the input). `input` is only
+  // read; results land in `work` (see the algorithm headers for layouts).
+  OpResult collective(Collective kind, int root, uint64_t epoch, uint32_t tag, uint64_t seq, const void* input,
+                      void* work, size_t count, DType dtype, RedOp op);
 
  private:
   void accept_loop();

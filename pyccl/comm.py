@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -74,6 +74,20 @@ class _Epoch:
 class _Drain:
     kind: str
     reason: str
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    """A collective call with its place in the sequence, ready to run."""
+
+    kind: Any  # _core.Collective
+    src: Buffer
+    dst: Buffer | None
+    rop: ReduceOp
+    tag: int
+    root: int
+    epoch: "_Epoch"
+    seq: int
 
 
 class AsyncHandle:
@@ -304,7 +318,7 @@ class Communicator:
             self._check_usable()
             return self._round_results.pop(k)
 
-    # ------------------------------------------------------------ all-reduce
+    # ------------------------------------------------------------ collectives
 
     def all_reduce(
         self, x: Any, out: Any = None, op: ReduceOp | str = ReduceOp.SUM, tag: int = 0
@@ -313,8 +327,7 @@ class Communicator:
 
         On ``PeerFailure`` the input holds exactly what it held before.
         """
-        ticket = self._prepare(x, out, op, tag)
-        return self._execute(*ticket)
+        return self._execute(self._prepare_all_reduce(x, out, op, tag))
 
     def all_reduce_async(
         self, x: Any, out: Any = None, op: ReduceOp | str = ReduceOp.SUM, tag: int = 0
@@ -324,8 +337,39 @@ class Communicator:
         The op's place in the sequence is fixed now, in program order; its
         errors surface from ``handle.wait()``.
         """
+        return self._submit(lambda: self._prepare_all_reduce(x, out, op, tag))
+
+    def reduce_scatter(self, x: Any, out: Any, op: ReduceOp | str = ReduceOp.SUM, tag: int = 0) -> ReduceInfo:
+        """Reduce ``x`` (world_size * m elements) across the group; rank r gets
+        elements [r*m, (r+1)*m) of the result in ``out`` (m elements).
+
+        A ring reduce-scatter (the first half of the ring all-reduce), not an
+        all-reduce in disguise. ``x`` is never written.
+        """
+        return self._execute(self._prepare_pair(_core.Collective.REDUCE_SCATTER, x, out, op, tag, 0))
+
+    def reduce_scatter_async(self, x: Any, out: Any, op: ReduceOp | str = ReduceOp.SUM, tag: int = 0) -> AsyncHandle:
+        return self._submit(lambda: self._prepare_pair(_core.Collective.REDUCE_SCATTER, x, out, op, tag, 0))
+
+    def all_gather(self, x: Any, out: Any, tag: int = 0) -> ReduceInfo:
+        """Concatenate every rank's ``x`` (m elements) in rank order into ``out``
+        (world_size * m elements) on every rank. A ring all-gather."""
+        return self._execute(self._prepare_pair(_core.Collective.ALL_GATHER, x, out, ReduceOp.SUM, tag, 0))
+
+    def all_gather_async(self, x: Any, out: Any, tag: int = 0) -> AsyncHandle:
+        return self._submit(lambda: self._prepare_pair(_core.Collective.ALL_GATHER, x, out, ReduceOp.SUM, tag, 0))
+
+    def broadcast(self, x: Any, root: int = 0, tag: int = 0) -> ReduceInfo:
+        """Overwrite ``x`` on every rank with the bytes of rank ``root``'s ``x``
+        (a pipelined ring from the root). Only the root's buffer is an input."""
+        return self._execute(self._prepare_pair(_core.Collective.BROADCAST, x, None, ReduceOp.SUM, tag, root))
+
+    def broadcast_async(self, x: Any, root: int = 0, tag: int = 0) -> AsyncHandle:
+        return self._submit(lambda: self._prepare_pair(_core.Collective.BROADCAST, x, None, ReduceOp.SUM, tag, root))
+
+    def _submit(self, prepare: Callable[[], "_Ticket"]) -> AsyncHandle:
         try:
-            ticket = self._prepare(x, out, op, tag)
+            ticket = prepare()
         except CCLError as exc:
             fut: concurrent.futures.Future[ReduceInfo] = concurrent.futures.Future()
             fut.set_exception(exc)
@@ -334,7 +378,7 @@ class Communicator:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="pyccl-op")
         try:
-            return AsyncHandle(self._pool.submit(self._execute, *ticket))
+            return AsyncHandle(self._pool.submit(self._execute, ticket))
         except RuntimeError:  # pool shut down by close()
             self._finish_inflight()
             raise CCLError("this Communicator is closed") from None
@@ -435,10 +479,14 @@ class Communicator:
 
     # -------------------------------------------------------------- internals
 
-    def _prepare(self, x: Any, out: Any, op: ReduceOp | str, tag: int):
-        rop = ReduceOp.parse(op)
+    @staticmethod
+    def _check_tag(tag: int) -> None:
         if not isinstance(tag, int) or not 0 <= tag <= MAX_TAG:
             raise ValueError(f"tag must be an integer in [0, 2**31), got {tag!r}")
+
+    def _prepare_all_reduce(self, x: Any, out: Any, op: ReduceOp | str, tag: int) -> "_Ticket":
+        rop = ReduceOp.parse(op)
+        self._check_tag(tag)
         src = as_buffer(x, "input", writable=out is None)
         dst: Buffer | None = None
         if out is not None:
@@ -450,7 +498,26 @@ class Communicator:
             if dst.overlaps(src):
                 raise ValueError("out overlaps the input; pass out=None for an in-place all-reduce")
         epoch, seq = self._begin_op(tag)
-        return src, dst, rop, tag, epoch, seq
+        return _Ticket(_core.Collective.ALL_REDUCE, src, dst, rop, tag, 0, epoch, seq)
+
+    def _prepare_pair(self, kind: Any, x: Any, out: Any, op: ReduceOp | str, tag: int, root: int) -> "_Ticket":
+        """Validate a reduce-scatter / all-gather / broadcast call and give it its place."""
+        rop = ReduceOp.parse(op)
+        self._check_tag(tag)
+        name = {_core.Collective.REDUCE_SCATTER: "reduce_scatter", _core.Collective.ALL_GATHER: "all_gather",
+                _core.Collective.BROADCAST: "broadcast"}[kind]
+        src = as_buffer(x, f"{name} input", writable=kind == _core.Collective.BROADCAST)
+        dst: Buffer | None = None
+        if out is not None:
+            dst = as_buffer(out, f"{name} output", writable=True)
+            if dst.dtype_code != src.dtype_code:
+                raise ValueError(f"{name}: output is {dst.dtype_name} but the input is {src.dtype_name}")
+            if dst.overlaps(src):
+                raise ValueError(f"{name}: the output overlaps the input")
+        if not isinstance(root, int) or root < 0:
+            raise ValueError(f"broadcast root must be a non-negative rank, got {root!r}")
+        epoch, seq = self._begin_op(tag)
+        return _Ticket(kind, src, dst, rop, tag, root, epoch, seq)
 
     def _begin_op(self, tag: int) -> tuple[_Epoch, int]:
         with self._cv:
@@ -476,28 +543,53 @@ class Communicator:
             self._inflight -= 1
             self._cv.notify_all()
 
-    def _execute(self, src: Buffer, dst: Buffer | None, rop: ReduceOp, tag: int, epoch: _Epoch, seq: int) -> ReduceInfo:
+    def _execute(self, t: "_Ticket") -> ReduceInfo:
         t0 = time.perf_counter()
         scratch = None
         try:
-            if dst is None:
+            n = t.epoch.world_size
+            src, dst = t.src, t.dst
+            # Shapes that depend on the world size are checked against the
+            # op's own epoch; every participant sees the same one, so they
+            # all take this branch together and nobody waits for data.
+            if t.kind == _core.Collective.REDUCE_SCATTER and (dst is None or src.count != dst.count * n):
+                raise ValueError(f"reduce_scatter: the input must have world_size ({n}) x {dst.count if dst else '?'} "
+                                 f"elements, it has {src.count}")
+            if t.kind == _core.Collective.ALL_GATHER and (dst is None or dst.count != src.count * n):
+                raise ValueError(f"all_gather: the output must have world_size ({n}) x {src.count} elements, "
+                                 f"it has {dst.count if dst else '?'}")
+            if t.kind == _core.Collective.BROADCAST and t.root >= n:
+                raise ValueError(f"broadcast root {t.root} is not a rank of a world of {n}")
+            count = src.count
+            if t.kind == _core.Collective.ALL_REDUCE:
+                if dst is None:
+                    scratch = self._scratch.get(src.nbytes)
+                    work_ptr = scratch.ctypes.data
+                else:
+                    work_ptr = dst.ptr
+            elif t.kind == _core.Collective.REDUCE_SCATTER:
                 scratch = self._scratch.get(src.nbytes)
                 work_ptr = scratch.ctypes.data
-            else:
-                work_ptr = dst.ptr
-            log.debug("peer %d: op epoch %d tag %d seq %d starts", self.peer_id, epoch.number, tag, seq)
-            kind, message, tx, rx = self._dp.all_reduce(
-                epoch.number, tag, seq, src.ptr, work_ptr, src.count, src.dtype_code, int(rop)
+            elif t.kind == _core.Collective.ALL_GATHER:
+                assert dst is not None
+                work_ptr, count = dst.ptr, dst.count
+            else:  # broadcast: in place; the root's buffer is the input
+                work_ptr = src.ptr
+            kind, message, tx, rx = self._dp.collective(
+                t.kind, t.root, t.epoch.number, t.tag, t.seq, src.ptr, work_ptr, count, src.dtype_code, int(t.rop)
             )
-            log.debug("peer %d: op epoch %d tag %d seq %d data done: %s %s", self.peer_id, epoch.number, tag, seq, kind, message)
-            if epoch.world_size > 1:
-                self._report(kind, message, epoch.number, tag, seq)
-                self._await_verdict(epoch.number, tag, seq, kind, message)
+            if n > 1:
+                self._report(kind, message, t.epoch.number, t.tag, t.seq)
+                self._await_verdict(t.epoch.number, t.tag, t.seq, kind, message)
             elif kind != _core.FailKind.NONE:
-                raise self._failure_for(epoch.number, local=(kind, message))
-            if scratch is not None:
+                raise self._failure_for(t.epoch.number, local=(kind, message))
+            # Committed: only now may the caller's buffers change.
+            if t.kind == _core.Collective.ALL_REDUCE and scratch is not None:
                 _core.copy(src.ptr, work_ptr, src.nbytes)
-            return ReduceInfo(epoch.world_size, tx, rx, time.perf_counter() - t0, epoch.number, epoch.peer_ids)
+            elif t.kind == _core.Collective.REDUCE_SCATTER:
+                assert dst is not None
+                _core.copy(dst.ptr, work_ptr + t.epoch.rank * dst.nbytes, dst.nbytes)
+            return ReduceInfo(n, tx, rx, time.perf_counter() - t0, t.epoch.number, t.epoch.peer_ids)
         finally:
             if scratch is not None:
                 self._scratch.put(scratch)

@@ -6,22 +6,72 @@
 
 namespace pyccl {
 
-Op::Op(OpKey key, DType dtype, RedOp redop, const void* input, void* work, RingLayout layout, int rank)
+const char* collective_name(Collective c) {
+  switch (c) {
+    case Collective::AllReduce: return "all_reduce";
+    case Collective::ReduceScatter: return "reduce_scatter";
+    case Collective::AllGather: return "all_gather";
+    case Collective::Broadcast: return "broadcast";
+  }
+  return "?";
+}
+
+Op::Op(OpKey key, RingShape shape, DType dtype, RedOp redop, const void* input, void* work, RingLayout layout, int rank,
+       int world_size)
     : key_(key),
+      shape_(shape),
       dtype_(dtype),
       redop_(redop),
       input_(input),
       work_(work),
       layout_(std::move(layout)),
       rank_(rank),
+      world_size_(world_size),
       arrived_rs_(layout_.num_chunks(), 0),
       arrived_ag_(layout_.num_chunks(), 0) {}
+
+uint8_t Op::op_byte() const {
+  return static_cast<uint8_t>(static_cast<uint8_t>(redop_) | (static_cast<uint8_t>(shape_.collective) << 4));
+}
+
+int Op::segment_received(net::Phase phase, int step) const {
+  const int n = world_size_;
+  const int base = rank_ + shape_.owner_offset + (phase == net::Phase::ReduceScatter ? -2 : -1);
+  return ((base - step) % n + n) % n;
+}
+
+int Op::step_of(net::Phase phase, int segment) const {
+  const int n = world_size_;
+  const int base = rank_ + shape_.owner_offset + (phase == net::Phase::ReduceScatter ? -2 : -1);
+  return ((base - segment) % n + n) % n;
+}
+
+bool Op::may_receive(net::Phase phase, int segment) const {
+  const int n = world_size_;
+  switch (shape_.collective) {
+    case Collective::Broadcast:
+      return phase == net::Phase::AllGather && rank_ != shape_.root;
+    case Collective::ReduceScatter:
+      if (phase != net::Phase::ReduceScatter) return false;
+      break;
+    case Collective::AllGather:
+      if (phase != net::Phase::AllGather) return false;
+      break;
+    case Collective::AllReduce:
+      break;
+  }
+  // Reduce-scatter never brings back the segment we sent first; all-gather
+  // never brings the segment we own. Accepting either would overwrite live data.
+  const int own = ((rank_ + shape_.owner_offset) % n + n) % n;
+  const int forbidden = phase == net::Phase::ReduceScatter ? (own - 1 + n) % n : own;
+  return segment != forbidden;
+}
 
 net::DataHeader Op::header(net::Phase phase, uint32_t chunk) const {
   net::DataHeader h;
   h.phase = static_cast<uint8_t>(phase);
   h.dtype = static_cast<uint8_t>(dtype_);
-  h.redop = static_cast<uint8_t>(redop_);
+  h.redop = op_byte();
   h.epoch = key_.epoch;
   h.tag = key_.tag;
   h.seq = key_.seq;
@@ -33,22 +83,25 @@ net::DataHeader Op::header(net::Phase phase, uint32_t chunk) const {
     h.offset = layout_.chunk(chunk).offset;
     h.length = layout_.chunk(chunk).length;
   }
-  h.world_size = static_cast<uint32_t>(layout_.world_size());
+  h.world_size = static_cast<uint32_t>(world_size_);
   return h;
 }
 
 char* Op::begin_write(const net::DataHeader& h, const std::string& from) {
   // Disagreement about the op itself is the caller's bug on some peer, not a
   // network problem: report it as a mismatch naming both sides.
-  if (h.total_bytes != layout_.total_bytes() || h.dtype != static_cast<uint8_t>(dtype_) ||
-      h.redop != static_cast<uint8_t>(redop_) || h.world_size != static_cast<uint32_t>(layout_.world_size())) {
+  if (h.total_bytes != layout_.total_bytes() || h.dtype != static_cast<uint8_t>(dtype_) || h.redop != op_byte() ||
+      h.world_size != static_cast<uint32_t>(world_size_)) {
+    const uint8_t their_op = h.redop & 0xF, their_coll = h.redop >> 4;
     std::ostringstream os;
-    os << "all_reduce tag " << key_.tag << " #" << key_.seq << ": peers disagree: " << from << " sent "
-       << h.total_bytes << " bytes of " << (valid_dtype(h.dtype) ? dtype_name(static_cast<DType>(h.dtype)) : "?")
-       << " op " << (valid_redop(h.redop) ? redop_name(static_cast<RedOp>(h.redop)) : "?") << " with world size "
-       << h.world_size << ", this peer has " << layout_.total_bytes() << " bytes of " << dtype_name(dtype_) << " op "
-       << redop_name(redop_) << " with world size " << layout_.world_size()
-       << "; every peer must pass the same size, dtype and op";
+    os << collective_name(shape_.collective) << " tag " << key_.tag << " #" << key_.seq << ": peers disagree: "
+       << from << " called " << (their_coll <= 3 ? collective_name(static_cast<Collective>(their_coll)) : "?")
+       << " with " << h.total_bytes << " bytes of "
+       << (valid_dtype(h.dtype) ? dtype_name(static_cast<DType>(h.dtype)) : "?") << " op "
+       << (valid_redop(their_op) ? redop_name(static_cast<RedOp>(their_op)) : "?") << " in a world of "
+       << h.world_size << ", this peer called " << collective_name(shape_.collective) << " with "
+       << layout_.total_bytes() << " bytes of " << dtype_name(dtype_) << " op " << redop_name(redop_)
+       << " in a world of " << world_size_ << "; every peer must make the same call (collective, size, dtype, op)";
     fail(FailKind::Mismatch, os.str());
     return nullptr;
   }
@@ -69,12 +122,9 @@ char* Op::begin_write(const net::DataHeader& h, const std::string& from) {
     problem = "chunk index out of range";
   } else {
     const Chunk& c = layout_.chunk(h.chunk);
-    const int n = layout_.world_size();
-    // Reduce-scatter never sends us our own segment; all-gather never sends
-    // us the segment we own. Accepting either would overwrite live data.
-    const int forbidden = phase == net::Phase::ReduceScatter ? rank_ : (rank_ + 1) % n;
     if (c.offset != h.offset || c.length != h.length) problem = "chunk offset/length do not match the layout";
-    else if (static_cast<int>(c.segment) == forbidden) problem = "chunk of a segment this peer never receives in this phase";
+    else if (!may_receive(phase, static_cast<int>(c.segment)))
+      problem = "chunk of a segment this peer never receives in this phase";
   }
   std::unique_lock<std::mutex> lock(mu_);
   if (problem.empty() && arrived(phase)[h.chunk]) problem = "chunk received twice";

@@ -27,15 +27,36 @@ struct OpKey {
   uint64_t seq;
 };
 
+// Which collective an op is. Travels in the high nibble of the header's
+// op byte, so peers that call different collectives get a mismatch.
+enum class Collective : uint8_t { AllReduce = 0, ReduceScatter = 1, AllGather = 2, Broadcast = 3 };
+const char* collective_name(Collective c);
+
+// Where an op's ring starts: peer r owns segment (r + owner_offset) after
+// reduce-scatter, and sends segment (r + owner_offset - 1) first. All-reduce
+// uses 1 (the classic ring); standalone reduce-scatter and all-gather use 0
+// so that rank r ends with (or starts from) segment r, as torch expects.
+struct RingShape {
+  Collective collective = Collective::AllReduce;
+  int owner_offset = 1;
+  int root = 0;  // broadcast only: the rank that sends
+};
+
 class Op {
  public:
-  Op(OpKey key, DType dtype, RedOp redop, const void* input, void* work, RingLayout layout, int rank);
+  Op(OpKey key, RingShape shape, DType dtype, RedOp redop, const void* input, void* work, RingLayout layout, int rank,
+     int world_size);
 
   const OpKey& key() const { return key_; }
   const RingLayout& layout() const { return layout_; }
   DType dtype() const { return dtype_; }
   RedOp redop() const { return redop_; }
   int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  const RingShape& shape() const { return shape_; }
+  // Segment this peer receives at a phase's step s, and the inverse.
+  int segment_received(net::Phase phase, int step) const;
+  int step_of(net::Phase phase, int segment) const;
   const void* input() const { return input_; }
   char* work() const { return static_cast<char*>(work_); }
 
@@ -78,13 +99,19 @@ class Op {
  private:
   std::vector<uint8_t>& arrived(net::Phase phase) { return phase == net::Phase::ReduceScatter ? arrived_rs_ : arrived_ag_; }
 
+  // Whether this peer may receive a chunk of `segment` in `phase`.
+  bool may_receive(net::Phase phase, int segment) const;
+  uint8_t op_byte() const;
+
   const OpKey key_;
+  const RingShape shape_;
   const DType dtype_;
   const RedOp redop_;
   const void* const input_;
   void* const work_;
   const RingLayout layout_;
   const int rank_;
+  const int world_size_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
