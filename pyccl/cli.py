@@ -59,12 +59,31 @@ def _demo_run(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def _stress_arguments(p: argparse.ArgumentParser) -> None:
+    from pyccl.stress import cli as stress_cli
+
+    stress_cli.add_arguments(p)
+
+
+def _stress_run(args: argparse.Namespace) -> int:
+    from pyccl.stress import cli as stress_cli
+
+    return stress_cli.run(args)
+
+
 COMMANDS: dict[str, Command] = {
     "master": Command("run the coordinator of a training run", _master_arguments, _master_run),
     "demo": Command(
         "local demo: a master and 4 peers all-reducing 16 MiB tensors through a kill and a join",
         _demo_arguments,
         _demo_run,
+        default_log_level="WARNING",
+    ),
+    "stress": Command(
+        "prove a deployment survives churn, hangs and bad networks: peers all-reduce and sync state while "
+        "processes are killed, hung and added and links are delayed, stalled and reset; every result is checked",
+        _stress_arguments,
+        _stress_run,
         default_log_level="WARNING",
     ),
 }
