@@ -143,6 +143,9 @@ class Communicator:
             of the listener's own address, for NAT port forwards or a proxy
             in front of the peer (``pyccl stress`` puts its fault-injecting
             proxy there).
+        order: ring-order key: members that give one stand in the ring sorted
+            by it (so a fixed group can make ring rank == its own rank);
+            members without one follow in admission order.
     """
 
     def __init__(
@@ -153,6 +156,7 @@ class Communicator:
         name: str = "",
         data_port: int = 0,
         advertise: tuple[str, int] | None = None,
+        order: int | None = None,
     ) -> None:
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be between 1 and 64, got {connections}")
@@ -164,6 +168,7 @@ class Communicator:
         self.name = name
         self.data_port = data_port
         self.advertise = advertise
+        self.order = order
         self._control = ControlClient(master)
         self._dp: Any = None
         self._cv = threading.Condition()
@@ -242,6 +247,7 @@ class Communicator:
                     "data_host": adv_host,
                     "data_port": adv_port,
                     "name": self.name[:128],
+                    **({"order": self.order} if self.order is not None else {}),
                 },
                 max(0.1, deadline - time.monotonic()),
             )

@@ -68,3 +68,39 @@ def test_joiners_never_deadlock(shape):
                     p.join()
     assert all(r[0] == "ok" for r in results), results
     assert all(r[2] == 4 for r in results), results
+
+
+def _ordered_peer(master: str, order: int, out) -> None:
+    comm = pyccl.Communicator(master, connections=1, order=order)
+    comm.connect(timeout=60)
+    while comm.world_size < 3:
+        comm.update_topology()
+    x = np.full(3, float(comm.rank), np.float32)
+    g = np.empty(9, np.float32)
+    comm.all_gather(x, g)
+    out.put((order, comm.rank, g.tolist()))
+    comm.close()
+
+
+@pytest.mark.timeout(60)
+def test_order_key_sets_ring_rank():
+    """Peers that pass order= stand in the ring by it, whatever their join order."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with pyccl.Master(host="127.0.0.1", port=0) as master:
+        procs = []
+        try:
+            for order in (2, 0, 1):  # join in an order unrelated to the keys
+                p = ctx.Process(target=_ordered_peer, args=(master.address, order, out))
+                p.start()
+                procs.append(p)
+                time.sleep(0.5)
+            res = [out.get(timeout=50) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    for order, rank, g in res:
+        assert rank == order
+        assert g == [0.0] * 3 + [1.0] * 3 + [2.0] * 3

@@ -139,6 +139,13 @@ class GroupInfo:
 # ------------------------------------------------------------------ internals
 
 
+def _order_ring(members: list["_Peer"]) -> None:
+    """Peers that gave an ``order`` key in their hello stand in the ring by that
+    key (a torch backend uses its ranks, so ring position == torch rank); the
+    others keep their admission order, after them. The sort is stable."""
+    members.sort(key=lambda p: (p.order is None, p.order or 0))
+
+
 class _Peer:
     __slots__ = (
         "conn_id",
@@ -149,6 +156,7 @@ class _Peer:
         "data_host",
         "data_port",
         "name",
+        "order",
         "next_round",
         "waiting_round",
     )
@@ -162,6 +170,7 @@ class _Peer:
         self.data_host = ""
         self.data_port = 0
         self.name = ""
+        self.order: int | None = None  # ring-order key from the hello, if any
         self.next_round = 0  # the round number this member's next vote must carry
         self.waiting_round: int | None = None  # voted this ADMIT round, not answered yet
 
@@ -448,7 +457,9 @@ class MasterState:
             raise FrameError("'hello' field 'data_host' is empty")
         port = get_int(frame, "data_port", 1, 65535)
         name = get_str(frame, "name", MAX_NAME_LEN, optional=True)
+        order = get_int(frame, "order", 0, MAX_PEER_GROUP) if frame.get("order") is not None else None
 
+        peer.order = order
         peer.peer_id = self._next_peer_id
         self._next_peer_id += 1
         peer.data_host, peer.data_port, peer.name = host, port, name
@@ -793,6 +804,7 @@ class MasterState:
             j.phase = PeerPhase.MEMBER
             j.next_round = group.next_unused_round
             group.members.append(j)
+        _order_ring(group.members)
         self._send_epoch(group, "admit", reason, [], group.next_unused_round, out)
         for j in joiners:
             log.info("%s admitted to group %d in epoch %d", j.label(), group.gid, group.epoch)
@@ -864,6 +876,7 @@ class MasterState:
                 # round k itself, answered at once from the decided record.
                 j.next_round = k
                 group.members.append(j)
+        _order_ring(group.members)
         next_round = k if k is not None else group.next_unused_round
         self._send_epoch(group, drain.kind, drain.reason, sorted(fence.items()), next_round, out)
         for j in joiners:
