@@ -462,13 +462,12 @@ class Communicator:
                 holders.append((int(h[0]), str(h[1]), int(h[2])))
         targets = [(i, h, keys[i].buffer.ptr, keys[i].nbytes) for i, h in fetch]
         timeout = max(5.0, 2 * self._control.heartbeat_timeout)
+        # The core verifies every fetched key against its popular hash.
         kind, message, rx = _core.fetch_state(holders, targets, 2, 4 << 20, timeout)
         if kind != _core.FailKind.NONE:
+            for i, _ in fetch:  # name the key, not its index
+                message = message.replace(f"key {i} ", f"key {keys[i].name!r} ")
             return False, message, int(rx)
-        for i, want in fetch:
-            got = content_hash(keys[i].buffer)
-            if got != want:
-                return False, f"key {keys[i].name!r} arrived with hash {got:#x}, expected {want:#x}", int(rx)
         log.info("peer %d fetched %d keys (%d bytes) from %d holders", self.peer_id, len(fetch), rx, len(holders))
         return True, "", int(rx)
 

@@ -1,6 +1,8 @@
 #include "kernels/hash.h"
 
+#include <algorithm>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 namespace pyccl {
@@ -82,16 +84,35 @@ uint64_t xxh64(const void* data, size_t len, uint64_t seed) {
   return h;
 }
 
+uint64_t combine_block_hashes(const uint64_t* hashes, size_t blocks, size_t total_len) {
+  return xxh64(hashes, blocks * sizeof(uint64_t), static_cast<uint64_t>(total_len));
+}
+
 uint64_t content_hash(const void* data, size_t len) {
   const auto* p = static_cast<const unsigned char*>(data);
   const size_t blocks = (len + kHashBlockBytes - 1) / kHashBlockBytes;
   std::vector<uint64_t> block_hashes(blocks);
-  for (size_t b = 0; b < blocks; ++b) {
-    const size_t off = b * kHashBlockBytes;
-    const size_t n = len - off < kHashBlockBytes ? len - off : kHashBlockBytes;
-    block_hashes[b] = xxh64(p + off, n, 0);
+  auto hash_range = [&](size_t first, size_t last) {
+    for (size_t b = first; b < last; ++b) {
+      const size_t off = b * kHashBlockBytes;
+      const size_t n = len - off < kHashBlockBytes ? len - off : kHashBlockBytes;
+      block_hashes[b] = block_hash(p + off, n);
+    }
+  };
+  // Big buffers: split the blocks over the cores (memory bandwidth allows
+  // more than one core's worth of XXH64).
+  const size_t threads = std::min<size_t>(std::max(1u, std::thread::hardware_concurrency()), 8);
+  if (blocks >= 64 && threads > 1) {
+    std::vector<std::thread> pool;
+    const size_t per = (blocks + threads - 1) / threads;
+    for (size_t t = 1; t < threads; ++t)
+      pool.emplace_back(hash_range, std::min(blocks, t * per), std::min(blocks, (t + 1) * per));
+    hash_range(0, std::min(blocks, per));
+    for (auto& th : pool) th.join();
+  } else {
+    hash_range(0, blocks);
   }
-  return xxh64(block_hashes.data(), blocks * sizeof(uint64_t), static_cast<uint64_t>(len));
+  return combine_block_hashes(block_hashes.data(), blocks, len);
 }
 
 }  // namespace pyccl

@@ -15,6 +15,13 @@ namespace pyccl {
 inline constexpr size_t kHashBlockBytes = 1u << 20;
 
 uint64_t xxh64(const void* data, size_t len, uint64_t seed);
+// Hash of a whole buffer; buffers of many blocks are hashed by a few
+// threads (blocks are independent), which gives the same value.
 uint64_t content_hash(const void* data, size_t len);
+// The pieces of content_hash, for hashing a buffer while it arrives:
+// block_hash of every block (block i covers [i, i+1) * kHashBlockBytes),
+// then combine_block_hashes.
+inline uint64_t block_hash(const void* block, size_t len) { return xxh64(block, len, 0); }
+uint64_t combine_block_hashes(const uint64_t* hashes, size_t blocks, size_t total_len);
 
 }  // namespace pyccl

@@ -5,7 +5,11 @@
 #include <mutex>
 #include <thread>
 
+#include <algorithm>
+#include <cstdio>
+
 #include "common/log.h"
+#include "kernels/hash.h"
 #include "net/socket.h"
 #include "state/state_wire.h"
 
@@ -121,6 +125,12 @@ void worker(const Holder& h, const std::vector<FetchTarget>& targets, const Fetc
       work.leave(who + ": " + e.what());
       return;
     }
+    // Hash the piece's blocks now, while they are hot in cache and spread
+    // over the workers; pieces are whole blocks (see fetch_state).
+    for (uint64_t off = p.offset; off < p.offset + p.length; off += kHashBlockBytes) {
+      const uint64_t len = std::min<uint64_t>(kHashBlockBytes, t.nbytes - off);
+      (*t.block_hashes)[off / kHashBlockBytes] = block_hash(static_cast<const char*>(t.dst) + off, len);
+    }
     work.done(p.length);
   }
   work.leave("");
@@ -132,7 +142,15 @@ Status fetch_state(const std::vector<Holder>& holders, const std::vector<FetchTa
                    const FetchOptions& options, uint64_t* rx_bytes) {
   *rx_bytes = 0;
   std::deque<Piece> pieces;
-  const uint64_t piece = std::max<uint64_t>(1, std::min<uint64_t>(options.piece_bytes, kMaxPieceBytes));
+  // Whole hash blocks per piece, so that fetchers can hash as bytes arrive.
+  uint64_t piece = std::min<uint64_t>(std::max<uint64_t>(options.piece_bytes, kHashBlockBytes), kMaxPieceBytes);
+  piece -= piece % kHashBlockBytes;
+  std::vector<std::vector<uint64_t>> block_hashes(targets.size());
+  std::vector<FetchTarget> hashed = targets;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    block_hashes[i].assign((targets[i].nbytes + kHashBlockBytes - 1) / kHashBlockBytes, 0);
+    hashed[i].block_hashes = &block_hashes[i];
+  }
   for (size_t i = 0; i < targets.size(); ++i)
     for (uint64_t off = 0; off < targets[i].nbytes; off += piece)
       pieces.push_back(Piece{i, off, std::min(piece, targets[i].nbytes - off)});
@@ -143,13 +161,23 @@ Status fetch_state(const std::vector<Holder>& holders, const std::vector<FetchTa
   std::vector<std::thread> threads;
   // Interleave holders so that each one serves from the start.
   for (int c = 0; c < per_holder; ++c)
-    for (const Holder& h : holders) threads.emplace_back([&, hp = &h] { worker(*hp, targets, options, work); });
+    for (const Holder& h : holders) threads.emplace_back([&, hp = &h] { worker(*hp, hashed, options, work); });
   const bool complete = work.wait_finished();
   for (auto& t : threads) t.join();
   *rx_bytes = work.rx();
   if (!complete)
     return Status::Fail(FailKind::Peer, "every holder of the group's state failed during the transfer (last: " +
                                             work.last_error() + ")");
+  // Verify every key against the popular copy's hash before reporting success.
+  for (size_t i = 0; i < targets.size(); ++i) {
+    const uint64_t got = combine_block_hashes(block_hashes[i].data(), block_hashes[i].size(), targets[i].nbytes);
+    if (got != targets[i].hash) {
+      char buf[128];
+      std::snprintf(buf, sizeof(buf), "key %u arrived with hash %016llx, expected %016llx", targets[i].key_index,
+                    static_cast<unsigned long long>(got), static_cast<unsigned long long>(targets[i].hash));
+      return Status::Fail(FailKind::Protocol, buf);
+    }
+  }
   return Status::Ok();
 }
 

@@ -21,6 +21,7 @@ struct FetchTarget {
   uint64_t hash;  // the popular copy's hash: holders serve only that content
   void* dst;
   uint64_t nbytes;
+  std::vector<uint64_t>* block_hashes = nullptr;  // filled by fetch_state
 };
 
 struct FetchOptions {
@@ -29,8 +30,10 @@ struct FetchOptions {
   double io_timeout_s = 10.0;  // a holder silent this long is given up
 };
 
-// Blocks until every byte arrived (Ok) or every holder failed (Peer, naming
-// the last error). Pieces of a failed holder are re-fetched from the others.
+// Blocks until every byte arrived and every key matched its hash (Ok), or
+// every holder failed (Peer, naming the last error), or a key arrived with
+// another hash (Protocol). Pieces of a failed holder are re-fetched from the
+// others. Keys are hashed block by block while they arrive.
 Status fetch_state(const std::vector<Holder>& holders, const std::vector<FetchTarget>& targets,
                    const FetchOptions& options, uint64_t* rx_bytes);
 
