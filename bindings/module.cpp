@@ -129,11 +129,12 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "content_hash",
-      [](uintptr_t ptr, size_t nbytes) {
+      [](uintptr_t ptr, size_t nbytes, unsigned threads) {
         py::gil_scoped_release release;
-        return content_hash(reinterpret_cast<const void*>(ptr), nbytes);
+        return content_hash(reinterpret_cast<const void*>(ptr), nbytes, threads);
       },
-      py::arg("ptr"), py::arg("nbytes"), "64-bit content hash (block-wise XXH64) of a buffer.");
+      py::arg("ptr"), py::arg("nbytes"), py::arg("threads") = 0,
+      "64-bit content hash (block-wise XXH64) of a buffer; threads=0 uses up to all cores.");
 
   m.def(
       "xxh64",

@@ -88,7 +88,7 @@ uint64_t combine_block_hashes(const uint64_t* hashes, size_t blocks, size_t tota
   return xxh64(hashes, blocks * sizeof(uint64_t), static_cast<uint64_t>(total_len));
 }
 
-uint64_t content_hash(const void* data, size_t len) {
+uint64_t content_hash(const void* data, size_t len, unsigned max_threads) {
   const auto* p = static_cast<const unsigned char*>(data);
   const size_t blocks = (len + kHashBlockBytes - 1) / kHashBlockBytes;
   std::vector<uint64_t> block_hashes(blocks);
@@ -101,7 +101,8 @@ uint64_t content_hash(const void* data, size_t len) {
   };
   // Big buffers: split the blocks over the cores (memory bandwidth allows
   // more than one core's worth of XXH64).
-  const size_t threads = std::min<size_t>(std::max(1u, std::thread::hardware_concurrency()), 8);
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  const size_t threads = std::min<size_t>(max_threads ? max_threads : cores, 8);
   if (blocks >= 64 && threads > 1) {
     std::vector<std::thread> pool;
     const size_t per = (blocks + threads - 1) / threads;

@@ -17,7 +17,7 @@ inline constexpr size_t kHashBlockBytes = 1u << 20;
 uint64_t xxh64(const void* data, size_t len, uint64_t seed);
 // Hash of a whole buffer; buffers of many blocks are hashed by a few
 // threads (blocks are independent), which gives the same value.
-uint64_t content_hash(const void* data, size_t len);
+uint64_t content_hash(const void* data, size_t len, unsigned max_threads = 0);  // 0: up to all cores
 // The pieces of content_hash, for hashing a buffer while it arrives:
 // block_hash of every block (block i covers [i, i+1) * kHashBlockBytes),
 // then combine_block_hashes.
