@@ -223,9 +223,15 @@ class Orchestrator:
                 self._file_log.close()
         end = self.now()
         elapsed = end - self.run_start if self.run_start is not None else 0.0
+        ports: dict[str, Any] = {
+            "master": int(self.master.address.rpartition(":")[2]) if self.master and self.master.address else None,
+            "telemetry": self.telemetry_port or None,
+            "peers": [[p.index, p.data_port or None, p.proxy_port] for p in self.peers.values()],
+        }
         return StressResult(
             self.cfg, self.stats, self.violations, self.watchdog.episodes, elapsed, len(self.peers),
             self.verifier.results_checked, self.verifier.syncs_checked, self.workdir, self.notes,
+            self.run_start or 0.0, ports,
         )
 
     def _interrupt(self) -> None:
@@ -374,9 +380,10 @@ class Orchestrator:
         cfg = self.cfg
         index = self._next_index
         self._next_index += 1
-        data_port, proxy_port, advertise = 0, None, None
+        # The port is chosen here even without a proxy so that the run knows
+        # (and reports) every port it used.
+        data_port, proxy_port, advertise = self.ports.take(), None, None
         if self.netem is not None:
-            data_port = self.ports.take()
             proxy_port = await self.netem.open(data_port, name=f"peer{index}")
             advertise = ("127.0.0.1", proxy_port)
         assert self.master is not None

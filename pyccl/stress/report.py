@@ -33,6 +33,8 @@ class StressResult:
     syncs_checked: int
     workdir: str
     notes: list[str] = field(default_factory=list)
+    warmup: float = 0.0               # seconds from start until the initial group formed (t of run start)
+    ports: dict[str, Any] = field(default_factory=dict)  # every port the run listened on (cleanup checks)
 
     @property
     def ok(self) -> bool:
@@ -123,6 +125,8 @@ def to_json(r: StressResult) -> dict[str, Any]:
         "ok": r.ok,
         "exit_code": r.exit_code,
         "elapsed_s": round(r.elapsed, 3),
+        "warmup_s": round(r.warmup, 3),
+        "time_base": "every t is in seconds since the orchestrator started; faults start at warmup_s",
         "config": cfg,
         "totals": {
             "ops_completed": s.ops_completed,
@@ -148,6 +152,7 @@ def to_json(r: StressResult) -> dict[str, Any]:
             "rows": [x.to_json() for x in s.samples],
         },
         "notes": r.notes,
+        "ports": r.ports,
         "workdir": r.workdir,
     }
 

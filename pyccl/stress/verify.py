@@ -78,7 +78,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int) and not isinstance(v, bool) and v > 1 << 32:
         return f"{v:#018x}"
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return repr(v)  # every digit: a wrong value may differ in the last place only
     return str(v)
 
 
