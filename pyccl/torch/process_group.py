@@ -26,6 +26,7 @@ fixed membership, so there is no retry: destroy it and re-initialise.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from datetime import timedelta
@@ -133,6 +134,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         self._broken: str | None = None
         self._lost_at_break: list[int] = []
         self._owns_master_group = False  # this group's rank 0 started its master
+        self._master_host: int | None = None
         self._closed = False
         self._inflight: dict[int, PendingOp] = {}
         self._a2a_seq = 0
@@ -162,6 +164,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             shared_store = RUNTIME.default_store if not self._is_default else None
             base = RUNTIME.default_pg_base
         self._owns_master_group = not opts.master and not shared_master
+        # Global rank whose process runs the master (None: an external one).
+        self._master_host = None if opts.master else (0 if shared_master else self._global_ranks[0])
         if opts.master:
             address = opts.master
         elif shared_master:
@@ -293,9 +297,10 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             who = ", ".join(f"rank {r}" + (f" (global rank {g})" if g != r else "") for r, g in zip(lost, globs))
             return f"lost peer {who}: it died or stopped responding"
         if master_gone:
-            return (f"lost the pyccl master at {self._master_address} ({master_gone}); it runs in global rank "
-                    f"{self._global_ranks[0] if self._master is None else self._rank} unless PYCCL_MASTER names one, "
-                    "so that rank probably died")
+            if self._master_host is None:
+                return f"lost the pyccl master at {self._master_address} ({master_gone})"
+            return (f"lost peer global rank {self._master_host}, which hosted the pyccl master at "
+                    f"{self._master_address}: it died or stopped responding ({master_gone})")
         return ""
 
     def _health(self) -> str | None:
@@ -341,7 +346,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             why = self._describe_lost()
             if why:
                 self._mark_broken(why)
-                return BackendError(f"{head}: {why} ({exc})")
+                detail = _core_reason(str(exc))
+                return BackendError(f"{head}: {why}" + (f" [core: {detail}]" if detail and detail not in why else ""))
             if self._closed:
                 return BackendError(f"{head}: the process group was shut down")
             return BackendError(f"{head}: {exc}")
@@ -948,6 +954,13 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _core_reason(message: str) -> str:
+    """The cause inside a core PeerFailure message, without its advice to retry
+    (a torch process group has a fixed membership: there is nothing to retry)."""
+    m = re.search(r"because the group changed \((.*)\); world size is now", message)
+    return m.group(1) if m else message
 
 
 def _add_finish(op: PendingOp, fn: Callable[[], Any]) -> None:
