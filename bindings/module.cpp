@@ -19,6 +19,7 @@
 #include "dataplane.h"
 #include "kernels/dtype.h"
 #include "kernels/hash.h"
+#include "kernels/quantize.h"
 #include "kernels/reduce.h"
 #include "state/state_fetch.h"
 
@@ -54,7 +55,8 @@ PYBIND11_MODULE(_core, m) {
       .value("ALL_REDUCE", Collective::AllReduce)
       .value("REDUCE_SCATTER", Collective::ReduceScatter)
       .value("ALL_GATHER", Collective::AllGather)
-      .value("BROADCAST", Collective::Broadcast);
+      .value("BROADCAST", Collective::Broadcast)
+      .value("ALL_REDUCE_Q8", Collective::AllReduceQ8);
 
   py::class_<DataPlane>(m, "DataPlane")
       .def(py::init<const std::string&, uint16_t, int>(), py::arg("host"), py::arg("port"), py::arg("connections"),
@@ -165,6 +167,18 @@ PYBIND11_MODULE(_core, m) {
       py::arg("holders"), py::arg("targets"), py::arg("connections_per_holder") = 2, py::arg("piece_bytes") = 4u << 20,
       py::arg("io_timeout_s") = 10.0,
       "Pull (key index, hash, address, nbytes) targets from (peer_id, host, port) holders; returns (FailKind, message, rx_bytes).");
+
+  m.def(
+      "quantize_roundtrip",
+      [](uintptr_t src, uintptr_t dst, size_t count) {
+        std::vector<uint8_t> q(quantized_bytes(count));
+        py::gil_scoped_release release;
+        if (!quantize_u8(reinterpret_cast<const float*>(src), count, q.data())) return false;
+        dequantize_u8(q.data(), count, reinterpret_cast<float*>(dst));
+        return true;
+      },
+      py::arg("src"), py::arg("dst"), py::arg("count"),
+      "dst = dequantize(quantize_u8(src)) for float32; False if src holds NaN/Inf (tests, benchmarks).");
 
   m.def(
       "set_log_level", [](const std::string& name) { log::set_level(log::parse_level(name)); }, py::arg("name"));

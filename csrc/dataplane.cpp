@@ -9,6 +9,7 @@
 
 #include "collectives/ring_allgather.h"
 #include "collectives/ring_allreduce.h"
+#include "collectives/ring_allreduce_quantized.h"
 #include "collectives/ring_broadcast.h"
 #include "collectives/ring_reduce_scatter.h"
 #include "common/log.h"
@@ -121,7 +122,9 @@ OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32
   }
   RingShape shape;
   shape.collective = kind;
-  shape.owner_offset = kind == Collective::AllReduce ? 1 : 0;
+  shape.owner_offset = (kind == Collective::AllReduce || kind == Collective::AllReduceQ8) ? 1 : 0;
+  if (kind == Collective::AllReduceQ8 && dtype != DType::Float32)
+    return {Status::Fail(FailKind::Invalid, "quantized all-reduce takes float32 tensors")};
   shape.root = root;
   const int layout_world = kind == Collective::Broadcast ? 1 : info.world_size;
   auto op = std::make_shared<Op>(OpKey{epoch, tag, seq}, shape, dtype, redop, input, work,
@@ -139,6 +142,7 @@ OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32
     case Collective::ReduceScatter: st = run_ring_reduce_scatter(op, *links, publish); break;
     case Collective::AllGather: st = run_ring_all_gather(op, *links, publish); break;
     case Collective::Broadcast: st = run_ring_broadcast(op, *links, publish); break;
+    case Collective::AllReduceQ8: st = run_ring_all_reduce_quantized(op, *links, publish); break;
   }
   if (!st.ok()) op->fail(st.kind, st.message);
   // Never return while a sender still reads from, or a reader still writes

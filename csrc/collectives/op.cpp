@@ -3,6 +3,7 @@
 #include <sstream>
 
 #include "common/log.h"
+#include "kernels/quantize.h"
 
 namespace pyccl {
 
@@ -12,6 +13,7 @@ const char* collective_name(Collective c) {
     case Collective::ReduceScatter: return "reduce_scatter";
     case Collective::AllGather: return "all_gather";
     case Collective::Broadcast: return "broadcast";
+    case Collective::AllReduceQ8: return "all_reduce(quantize=uint8)";
   }
   return "?";
 }
@@ -28,7 +30,29 @@ Op::Op(OpKey key, RingShape shape, DType dtype, RedOp redop, const void* input, 
       rank_(rank),
       world_size_(world_size),
       arrived_rs_(layout_.num_chunks(), 0),
-      arrived_ag_(layout_.num_chunks(), 0) {}
+      arrived_ag_(layout_.num_chunks(), 0) {
+  if (quantized()) {
+    const size_t bytes = layout_.total_bytes() / layout_.elem_size() + kQuantHeaderBytes * layout_.num_chunks();
+    q_rs_.resize(bytes);
+    q_ag_.resize(bytes);
+    q_send_.resize(bytes);
+  }
+}
+
+size_t Op::q_offset(uint32_t chunk) const {
+  return layout_.chunk(chunk).offset / layout_.elem_size() + kQuantHeaderBytes * chunk;
+}
+
+uint32_t Op::wire_length(uint32_t chunk) const {
+  const uint32_t len = layout_.chunk(chunk).length;
+  return quantized() ? static_cast<uint32_t>(quantized_bytes(len / layout_.elem_size())) : len;
+}
+
+uint8_t* Op::q_recv(net::Phase phase, uint32_t chunk) {
+  return (phase == net::Phase::ReduceScatter ? q_rs_.data() : q_ag_.data()) + q_offset(chunk);
+}
+
+uint8_t* Op::q_send(uint32_t chunk) { return q_send_.data() + q_offset(chunk); }
 
 uint8_t Op::op_byte() const {
   return static_cast<uint8_t>(static_cast<uint8_t>(redop_) | (static_cast<uint8_t>(shape_.collective) << 4));
@@ -58,6 +82,7 @@ bool Op::may_receive(net::Phase phase, int segment) const {
       if (phase != net::Phase::AllGather) return false;
       break;
     case Collective::AllReduce:
+    case Collective::AllReduceQ8:
       break;
   }
   // Reduce-scatter never brings back the segment we sent first; all-gather
@@ -81,7 +106,7 @@ net::DataHeader Op::header(net::Phase phase, uint32_t chunk) const {
     h.chunk = 0;  // carries no data, only the op's identity and shape
   } else {
     h.offset = layout_.chunk(chunk).offset;
-    h.length = layout_.chunk(chunk).length;
+    h.length = wire_length(chunk);
   }
   h.world_size = static_cast<uint32_t>(world_size_);
   return h;
@@ -95,7 +120,7 @@ char* Op::begin_write(const net::DataHeader& h, const std::string& from) {
     const uint8_t their_op = h.redop & 0xF, their_coll = h.redop >> 4;
     std::ostringstream os;
     os << collective_name(shape_.collective) << " tag " << key_.tag << " #" << key_.seq << ": peers disagree: "
-       << from << " called " << (their_coll <= 3 ? collective_name(static_cast<Collective>(their_coll)) : "?")
+       << from << " called " << (their_coll <= 4 ? collective_name(static_cast<Collective>(their_coll)) : "?")
        << " with " << h.total_bytes << " bytes of "
        << (valid_dtype(h.dtype) ? dtype_name(static_cast<DType>(h.dtype)) : "?") << " op "
        << (valid_redop(their_op) ? redop_name(static_cast<RedOp>(their_op)) : "?") << " in a world of "
@@ -122,7 +147,7 @@ char* Op::begin_write(const net::DataHeader& h, const std::string& from) {
     problem = "chunk index out of range";
   } else {
     const Chunk& c = layout_.chunk(h.chunk);
-    if (c.offset != h.offset || c.length != h.length) problem = "chunk offset/length do not match the layout";
+    if (c.offset != h.offset || wire_length(h.chunk) != h.length) problem = "chunk offset/length do not match the layout";
     else if (!may_receive(phase, static_cast<int>(c.segment)))
       problem = "chunk of a segment this peer never receives in this phase";
   }
@@ -135,7 +160,7 @@ char* Op::begin_write(const net::DataHeader& h, const std::string& from) {
   }
   if (!status_.ok()) return nullptr;
   ++active_writers_;
-  return work() + h.offset;
+  return quantized() ? reinterpret_cast<char*>(q_recv(phase, h.chunk)) : work() + h.offset;
 }
 
 void Op::end_write(const net::DataHeader& h, bool ok) {

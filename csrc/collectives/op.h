@@ -29,7 +29,7 @@ struct OpKey {
 
 // Which collective an op is. Travels in the high nibble of the header's
 // op byte, so peers that call different collectives get a mismatch.
-enum class Collective : uint8_t { AllReduce = 0, ReduceScatter = 1, AllGather = 2, Broadcast = 3 };
+enum class Collective : uint8_t { AllReduce = 0, ReduceScatter = 1, AllGather = 2, Broadcast = 3, AllReduceQ8 = 4 };
 const char* collective_name(Collective c);
 
 // Where an op's ring starts: peer r owns segment (r + owner_offset) after
@@ -54,6 +54,13 @@ class Op {
   int rank() const { return rank_; }
   int world_size() const { return world_size_; }
   const RingShape& shape() const { return shape_; }
+  // Quantized ops (AllReduceQ8) carry uint8 codes on the wire: chunk c's
+  // frame is quantized_bytes(elements of c) long and lands in a per-phase
+  // staging buffer instead of the work buffer.
+  bool quantized() const { return shape_.collective == Collective::AllReduceQ8; }
+  uint32_t wire_length(uint32_t chunk) const;
+  uint8_t* q_recv(net::Phase phase, uint32_t chunk);
+  uint8_t* q_send(uint32_t chunk);
   // Segment this peer receives at a phase's step s, and the inverse.
   int segment_received(net::Phase phase, int step) const;
   int step_of(net::Phase phase, int segment) const;
@@ -116,6 +123,8 @@ class Op {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<uint8_t> arrived_rs_, arrived_ag_;
+  std::vector<uint8_t> q_rs_, q_ag_, q_send_;  // quantized staging (empty otherwise)
+  size_t q_offset(uint32_t chunk) const;
   ArrivalFn on_arrival_;
   size_t processed_ = 0;
   bool start_arrived_ = false;
