@@ -28,7 +28,7 @@ import numpy as np
 from pyccl import _core
 from pyccl.control import ControlClient
 from pyccl.errors import CCLError, MismatchError, PeerFailure, Timeout
-from pyccl.shared_state import STRATEGIES, KeyInfo, SharedState, SyncInfo, content_hash
+from pyccl.shared_state import STRATEGIES, SharedState, SyncInfo, content_hash, fetch_planned
 from pyccl.types import Buffer, ReduceOp, as_buffer
 
 log = logging.getLogger("pyccl.comm")
@@ -453,7 +453,9 @@ class Communicator:
             first = self._await_sync_frame(("sync_plan", "sync_result"))
             if first["type"] == "sync_result":
                 raise CCLError(f"shared-state sync refused: {first.get('reason', '?')}")
-            ok, reason, rx = self._fetch_planned(first, keys)
+            ok, reason, rx = fetch_planned(
+                first, keys, self.peer_id, timeout=max(5.0, 2 * self._control.heartbeat_timeout)
+            )
             self._control.send({"type": "sync_done", "sync": first.get("sync", 0), "ok": ok, "reason": reason[:1024]})
             result = self._await_sync_frame(("sync_result",))
         finally:
@@ -464,28 +466,6 @@ class Communicator:
             raise CCLError(f"shared-state sync failed: {result.get('reason') or reason}")
         state.revision = int(result["revision"])
         return SyncInfo(state.revision, int(tx), int(rx), time.perf_counter() - t0)
-
-    def _fetch_planned(self, plan: dict[str, Any], keys: list[KeyInfo]) -> tuple[bool, str, int]:
-        """Fetch the plan's keys and verify them; returns (ok, reason, rx_bytes)."""
-        from pyccl import wire
-
-        fetch = wire.get_pairs(plan, "fetch", 65536, hi_first=len(keys) - 1 if keys else 0, hi_second=wire.MAX_UINT64)
-        if not fetch:
-            return True, "", 0
-        holders = []
-        for h in plan.get("holders") or []:
-            if isinstance(h, list) and len(h) == 3 and h[0] != self.peer_id:
-                holders.append((int(h[0]), str(h[1]), int(h[2])))
-        targets = [(i, h, keys[i].buffer.ptr, keys[i].nbytes) for i, h in fetch]
-        timeout = max(5.0, 2 * self._control.heartbeat_timeout)
-        # The core verifies every fetched key against its popular hash.
-        kind, message, rx = _core.fetch_state(holders, targets, 2, 4 << 20, timeout)
-        if kind != _core.FailKind.NONE:
-            for i, _ in fetch:  # name the key, not its index
-                message = message.replace(f"key {i} ", f"key {keys[i].name!r} ")
-            return False, message, int(rx)
-        log.info("peer %d fetched %d keys (%d bytes) from %d holders", self.peer_id, len(fetch), rx, len(holders))
-        return True, "", int(rx)
 
     def _await_sync_frame(self, types: tuple[str, ...]) -> dict[str, Any]:
         with self._cv:
