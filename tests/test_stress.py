@@ -241,6 +241,15 @@ def test_watchdog_reports_a_stuck_phase_once_counting_from_the_last_fault() -> N
     assert w.episodes[0].length == pytest.approx(21.0)
 
 
+def test_watchdog_phase_limits() -> None:
+    w = StuckWatchdog(threshold=7.0, limits={"sync": 15.0})
+    w.on_phase(0, "sync", 0.0, 1, 1, 1, (1,))
+    w.on_phase(1, "topology", 0.0, 1, 1, 2, (2,))
+    viol = w.check(10.0)
+    assert [v.values["phase"] for v in viol] == ["topology"]
+    assert [v.values["phase"] for v in w.check(16.0)] == ["sync"]
+
+
 def test_watchdog_does_not_time_a_stopped_peer() -> None:
     w = StuckWatchdog(threshold=5.0)
     w.on_phase(0, "sync", 0.0, 1, 1, 1, (1,))
@@ -497,10 +506,15 @@ def _stress(args: list[str], timeout: float, tmp: Path, env: dict[str, str] | No
         out, _ = proc.communicate()
         raise AssertionError(f"pyccl stress did not finish in {timeout} s:\n{out[-5000:]}")
     finally:
-        leftovers = _session_alive(proc.pid)
+        # Children die with the orchestrator (PR_SET_PDEATHSIG) and helpers such
+        # as multiprocessing's resource tracker exit on its EOF: allow a moment.
+        deadline = time.monotonic() + 10
+        while (leftovers := _session_alive(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        described = [_cmdline(p) for p in leftovers]
         if leftovers:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not leftovers, f"processes left behind by the run: {leftovers}"
+    assert not leftovers, f"processes left behind by the run: {described}"
     rep = json.loads(report.read_text()) if report.exists() else {}
     for port in [rep.get("ports", {}).get("master"), rep.get("ports", {}).get("telemetry")] + [
         p for row in rep.get("ports", {}).get("peers", []) for p in row[1:]
@@ -508,6 +522,14 @@ def _stress(args: list[str], timeout: float, tmp: Path, env: dict[str, str] | No
         if port:
             assert port_is_free(port), f"port {port} still listens after the run"
     return proc.returncode, out, rep
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"{pid}: " + f.read().replace(b"\0", b" ").decode(errors="replace")[:300]
+    except OSError:
+        return f"{pid}: ?"
 
 
 def _session_alive(sid: int) -> list[int]:

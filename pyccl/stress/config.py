@@ -251,6 +251,13 @@ class StressConfig:
         return self.heartbeat_timeout + self.stuck_slack
 
     @property
+    def sync_threshold(self) -> float:
+        """The stuck limit for ``sync`` (and ``connect``): a fetcher notices a hung
+        holder only by its socket timeout, ``max(5 s, 2 x heartbeat_timeout)``
+        (see ``Communicator``'s planned fetch), so that bounds a sync instead."""
+        return max(5.0, 2 * self.heartbeat_timeout) + self.stuck_slack
+
+    @property
     def hang_range(self) -> DurationRange:
         if self.hang_duration is not None:
             return self.hang_duration

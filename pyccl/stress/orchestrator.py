@@ -120,7 +120,15 @@ class _TelemetryConn(asyncio.Protocol):
                 self.transport.close()
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
-        self.orch.on_frame(self, frame)
+        try:
+            self.orch.on_frame(self, frame)
+        except Exception:  # a bug in the checks must fail the run loudly, not drop a peer's telemetry
+            import traceback
+
+            log.error("internal error on a telemetry frame:\n%s", traceback.format_exc())
+            self.orch.violation(Violation("internal_error", self.orch.now(),
+                                          f"the orchestrator failed on a '{frame.get('type')}' frame: "
+                                          f"{traceback.format_exc().strip().splitlines()[-1]}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.orch.telemetry_closed(self)
@@ -143,7 +151,7 @@ class Orchestrator:
         self.peers: dict[int, PeerProc] = {}
         self.by_pid: dict[int, PeerProc] = {}
         self.verifier = Verifier()
-        self.watchdog = StuckWatchdog(cfg.stuck_threshold)
+        self.watchdog = StuckWatchdog(cfg.stuck_threshold, {"sync": cfg.sync_threshold, "connect": cfg.sync_threshold})
         self.stats = RunStats(cfg.size)
         self.violations: list[Violation] = []
         self.sched = FaultScheduler({
@@ -460,9 +468,11 @@ class Orchestrator:
         log.info("fault: %s of peer #%d at t=%.2f %s", kind.value, rec.target, rec.t, rec.detail)
 
     def _victim(self, states: tuple[PeerState, ...]) -> PeerProc | None:
-        if self.alive_count() - 1 < self.cfg.min_alive:
-            return None
-        cands = [p for i, p in sorted(self.peers.items()) if p.state in states]
+        """A random peer in one of ``states``; members (RUNNING) only while more
+        than ``min_alive`` of them run, so at least that many always do."""
+        running = sum(1 for p in self.peers.values() if p.state == PeerState.RUNNING)
+        cands = [p for _, p in sorted(self.peers.items()) if p.state in states
+                 and (p.state != PeerState.RUNNING or running - 1 >= self.cfg.min_alive)]
         return self.rng.choice(cands) if cands else None
 
     def _kill(self) -> FaultRecord | None:

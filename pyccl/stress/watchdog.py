@@ -14,6 +14,12 @@ restarts everyone's allowance; with no new fault, nothing may block longer
 than the heartbeat timeout (guarantee 3) plus the slack for scheduling and a
 state transfer. A peer that is itself stopped (SIGSTOP) is not timed.
 
+``sync`` (and ``connect``, which waits for the members' next
+``update_topology``, itself possibly behind a sync) gets the shared-state
+fetch timeout instead of the heartbeat timeout: a fetcher learns that a
+holder hung only from its own socket timeout, ``max(5 s, 2 x
+heartbeat_timeout)`` (``Communicator._fetch_planned``), not from the master.
+
 Each stuck phase is reported once, when it crosses the threshold; when the
 peer finally moves on, the episode's total length is recorded.
 """
@@ -59,6 +65,7 @@ class StuckWatchdog:
     """Tracks each peer process (by spawn index) and reports phases that last too long."""
 
     threshold: float
+    limits: dict[str, float] = field(default_factory=dict)  # per-phase thresholds overriding ``threshold``
     last_fault: float = 0.0
     episodes: list[StuckEpisode] = field(default_factory=list)
     _peers: dict[int, _PeerPhase] = field(default_factory=dict)
@@ -95,7 +102,8 @@ class StuckWatchdog:
             if p.stopped or p.reported or p.phase not in WATCHED_PHASES:
                 continue
             start = max(p.since, self.last_fault, p.resumed)
-            if now - start <= self.threshold:
+            limit = self.limits.get(p.phase, self.threshold)
+            if now - start <= limit:
                 continue
             p.reported = True
             ep = StuckEpisode(index, p.peer_id, p.phase, p.since, p.rev, p.epoch)
@@ -108,7 +116,7 @@ class StuckWatchdog:
             out.append(Violation(
                 "stuck", now,
                 f"peer #{index} (id {p.peer_id}) has been in '{p.phase}' for {now - p.since:.1f} s, "
-                f"{now - start:.1f} s since the last fault (limit {self.threshold:g} s); others: {others}",
+                f"{now - start:.1f} s since the last fault (limit {limit:g} s); others: {others}",
                 p.rev, p.epoch, None, p.members,
                 {"peer": p.peer_id, "phase": p.phase, "seconds": round(now - p.since, 3)},
             ))
