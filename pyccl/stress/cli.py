@@ -126,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"pyccl stress: error: {exc}", file=sys.stderr)
         return 2
     if cfg.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
             print("pyccl stress: error: --plot needs matplotlib: pip install 'pyccl[plot]'", file=sys.stderr)
             return 2
     if not cfg.quiet:

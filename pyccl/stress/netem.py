@@ -33,7 +33,7 @@ import os
 import random
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from pyccl import wire
 from pyccl.stress.protocol import FrameReader
@@ -53,6 +53,7 @@ def host_main(shape: LinkShape, seed: int, port_pipe: Any, log_path: str | None)
         _redirect_output(log_path)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s netem %(levelname)s %(name)s: %(message)s")
+    runner: Callable[..., Any]
     try:
         import uvloop
 
@@ -75,18 +76,18 @@ async def _serve(shape: LinkShape, seed: int, port_pipe: Any) -> None:
                 up = frame.get("upstream")
                 if not (isinstance(up, list) and len(up) == 2 and isinstance(up[0], str) and wire.is_int(up[1], 1, 65535)):
                     return {"type": "error", "reason": "open needs upstream [host, port]"}
-                p = FaultProxy((up[0], up[1]), shape, name=str(frame.get("name", ""))[:64])
-                port = await p.start()
-                proxies[port] = p
+                fresh = FaultProxy((up[0], up[1]), shape, name=str(frame.get("name", ""))[:64])
+                port = await fresh.start()
+                proxies[port] = fresh
                 return {"type": "reply", "port": port}
             if t == "stats":
                 return {"type": "reply", "proxies": {
-                    port: [p.stats.down, p.stats.up, p.stats.active, p.stats.accepted] for port, p in proxies.items()
+                    port: [q.stats.down, q.stats.up, q.stats.active, q.stats.accepted] for port, q in proxies.items()
                 }}
-            port = frame.get("port")
-            p = proxies.get(port) if isinstance(port, int) else None
-            if p is None:
-                return {"type": "error", "reason": f"no proxy on port {wire.clip(port)}"}
+            which = frame.get("port")
+            p = proxies.get(which) if isinstance(which, int) else None
+            if p is None or not isinstance(which, int):
+                return {"type": "error", "reason": f"no proxy on port {wire.clip(which)}"}
             if t == "stall":
                 d = frame.get("duration")
                 return {"type": "reply", "count": p.stall(float(d) if isinstance(d, (int, float)) else None)}
@@ -96,7 +97,7 @@ async def _serve(shape: LinkShape, seed: int, port_pipe: Any) -> None:
                 p.stop_accepting()
                 return {"type": "reply"}
             if t == "close":
-                del proxies[port]
+                del proxies[which]
                 await p.close()
                 return {"type": "reply"}
             return {"type": "error", "reason": f"unknown request {wire.clip(t)}"}

@@ -33,7 +33,7 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pyccl import wire
@@ -404,6 +404,7 @@ class Orchestrator:
         )
         proc = self._ctx.Process(target=worker.main, args=(spec,), name=f"pyccl-stress-peer-{index}", daemon=True)
         proc.start()
+        assert proc.pid is not None
         p = PeerProc(index, proc, data_port, proxy_port, self.now())
         self.peers[index] = p
         self.by_pid[proc.pid] = p

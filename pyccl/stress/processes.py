@@ -68,7 +68,7 @@ class MasterProcess:
         except (OSError, BrokenPipeError):
             pass
         self._proc.join(timeout)
-        if self._proc.exitcode is None:
+        if self._proc.exitcode is None and self._proc.pid is not None:
             os.kill(self._proc.pid, signal.SIGKILL)
             self._proc.join(5.0)
         self._pipe.close()

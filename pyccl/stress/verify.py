@@ -214,10 +214,10 @@ class Verifier:
                 self._remember(key, h)
                 return []
             self._pending[key] = p
-            out = []
+            late: list[Violation] = []
             for other in sorted(missing):  # owed by a peer that is already past this epoch?
-                out.extend(self._check_moved_on(other, now))
-            return out
+                late.extend(self._check_moved_on(other, now))
+            return late
         out: list[Violation] = []
         if peers != p.peers:
             out.append(Violation("participants_disagree", now,

@@ -18,7 +18,7 @@ state transfer. A peer that is itself stopped (SIGSTOP) is not timed.
 ``update_topology``, itself possibly behind a sync) gets the shared-state
 fetch timeout instead of the heartbeat timeout: a fetcher learns that a
 holder hung only from its own socket timeout, ``max(5 s, 2 x
-heartbeat_timeout)`` (``Communicator._fetch_planned``), not from the master.
+heartbeat_timeout)`` (the planned fetch of ``sync_shared_state``), not from the master.
 
 Each stuck phase is reported once, when it crosses the threshold; when the
 peer finally moves on, the episode's total length is recorded.

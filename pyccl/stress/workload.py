@@ -138,8 +138,8 @@ class Workload:
             wide = pattern.astype(self._acc_dtype)
             for p in peers:
                 s = self.shift(revision, tag, p)
-                acc[: n - s] += wide[s:]
-                acc[n - s :] += wide[:s]
+                np.add(acc[: n - s], wide[s:], out=acc[: n - s])
+                np.add(acc[n - s :], wide[:s], out=acc[n - s :])
             return acc.astype(self.dtype)  # exact for floats; wraps like the core for ints
         fold = np.maximum if op == "max" else np.minimum
         out = self.input_for(pattern, revision, tag, peers[0])
