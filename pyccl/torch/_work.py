@@ -1,18 +1,30 @@
-"""Work objects, the per-op bookkeeping and the completion thread.
+"""Work objects, per-op bookkeeping, the runner and the completion thread.
 
 One torch-level call (``allreduce``, ``allgather``, ``send``, ...) becomes one
-:class:`PendingOp`: a count of outstanding parts (core collectives, p2p
+:class:`PendingOp`: a count of outstanding parts (its core collectives, p2p
 transfers, earlier ops a barrier waits for), the tensors that must stay alive
-until the op is over, and a ``finish`` step (copies out of staging buffers).
-When the last part is over, the op goes to its process group's
-:class:`Completer`, a dedicated thread that runs ``finish`` and completes the
-torch future, so future callbacks (DDP's reducer, comm hooks, FSDP) run on
-that thread and never on a core I/O thread (TORCH_NOTES pitfall 8).
+until the op is over (TORCH_NOTES pitfall 3), and a ``finish`` step (copies
+out of staging buffers).
+
+Each process group has two dedicated threads:
+
+* the :class:`Runner` executes the group's core collectives one op at a time
+  in issue order (like an NCCL stream: every rank issues the same sequence,
+  so every rank runs the same op at the same time) and completes the op on
+  the spot when that was its last part, saving a thread hop per op;
+* the :class:`Completer` completes ops whose last part finished elsewhere
+  (a p2p transfer on a side-channel thread, an earlier op a barrier waited
+  for), so such completions never wait behind a collective that blocks.
+
+Futures are completed only on these two threads, never on a core or socket
+thread (pitfall 8). Future callbacks may run on the runner; a callback that
+waits for a later collective of the same group makes the runner run the
+queued ops itself rather than deadlock.
 
 Failures: ``Future.set_exception`` is visible to Python only; a C++ caller
 (the DDP reducer) would see a completed future without tensors and crash. So
-:meth:`PyccWork.get_future` hands out ``fut.then(lambda f: f.value())``: when
-the base future fails, the callback raises, which marks the child future
+:meth:`PycclWork.get_future` hands out ``fut.then(lambda f: f.value())``:
+when the base future fails, the callback raises, which marks the child future
 failed in C++ too, and ``backward()`` raises a ``RuntimeError`` with the
 cause (pitfall 2).
 """
@@ -22,6 +34,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -43,9 +56,11 @@ class PycclWork(dist.Work):
     """The Work handed to torch. Only ``wait`` and ``get_future`` are reachable
     from C++ (pitfall 5); the rest serves Python callers."""
 
-    def __init__(self, name: str, timeout: float, result: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, name: str, timeout: float, result: list[torch.Tensor] | None = None,
+                 runner: "Runner | None" = None) -> None:
         super().__init__()
         self._name = name
+        self._runner = runner
         self._timeout = timeout
         self._result = result if result is not None else []
         self._event = threading.Event()
@@ -73,7 +88,11 @@ class PycclWork(dist.Work):
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else (timeout or 0.0)
         if seconds <= 0:
             seconds = self._timeout
-        if not self._event.wait(seconds):
+        if self._runner is not None and not self._event.is_set() and self._runner.on_runner():
+            done = self._runner.help_until(self._event, seconds)
+        else:
+            done = self._event.wait(seconds)
+        if not done:
             raise BackendError(f"pyccl: {self._name} did not complete within {seconds:.1f} s")
         if self._error is not None:
             raise BackendError(str(self._error)) from self._error
@@ -114,38 +133,31 @@ class PycclWork(dist.Work):
         return f"PycclWork({self._name}, {state})"
 
 
-class CompletedWork(PycclWork):
-    """A work that is over before it is handed out (e.g. an op on a world of one)."""
-
-    def __init__(self, name: str, result: list[torch.Tensor] | None = None) -> None:
-        super().__init__(name, 1.0, result)
-        self._complete(None)
-
-
 class PendingOp:
     """Book-keeping of one torch-level op until its Work completes.
 
     The op starts with one outstanding part, the *issue* part, which the
     issuer releases with :meth:`issued` after it has added every real part;
-    so an op can never complete while it is still being issued.
+    so an op can never complete while it is still being issued. ``calls``
+    are the op's core collectives (closures returning a ReduceInfo), run in
+    order by the group's runner as one more part.
     """
 
-    __slots__ = ("name", "work", "keep", "finish", "_pending", "_error", "_lock", "_completer",
-                 "_listeners", "_done", "check")
+    __slots__ = ("name", "work", "keep", "finish", "calls", "check", "_pending", "_error", "_lock",
+                 "_completer", "_listeners", "_done")
 
     def __init__(
         self,
         name: str,
         work: PycclWork,
         completer: "Completer",
-        keep: list[Any] | None = None,
-        finish: Callable[[], None] | None = None,
         check: Callable[[Any], BaseException | None] | None = None,
     ) -> None:
         self.name = name
         self.work = work
-        self.keep = keep if keep is not None else []
-        self.finish = finish
+        self.keep: list[Any] = []
+        self.finish: Callable[[], None] | None = None
+        self.calls: list[Callable[[], Any]] = []
         self.check = check  # result of a core op -> error (membership changed) or None
         self._pending = 1
         self._error: BaseException | None = None
@@ -166,40 +178,29 @@ class PendingOp:
             self._pending -= 1
             ready = self._pending == 0
         if ready:
-            self._completer.submit(self)
+            self._completer.complete(self)
 
     def issued(self, error: BaseException | None = None) -> None:
         self.part_done(error)
 
-    def add_core_handle(self, handle: Any) -> None:
-        """Track a core ``AsyncHandle``; its result goes through ``check``."""
-        self.add_part()
-        fut = getattr(handle, "_future", None)
-
-        def on_done(result: Any = None, error: BaseException | None = None) -> None:
-            if error is None and self.check is not None:
+    def run_calls(self) -> None:
+        """On the runner: the op's core collectives, in order; stop at the first failure."""
+        calls, self.calls = self.calls, []
+        error: BaseException | None = None
+        for call in calls:
+            try:
+                result = call()
+            except BaseException as exc:  # noqa: BLE001 - reported through the work
+                error = exc
+                break
+            if self.check is not None:
                 error = self.check(result)
-            self.part_done(error)
-
-        if fut is not None and hasattr(fut, "add_done_callback"):
-            def cb(f: Any) -> None:
-                exc = f.exception()
-                on_done(None if exc is not None else f.result(), exc)
-
-            fut.add_done_callback(cb)
-        else:  # no callback hook on this core version: a waiter thread
-            def waiter() -> None:
-                try:
-                    res = handle.wait()
-                except BaseException as exc:  # noqa: BLE001 - reported through the work
-                    on_done(None, exc)
-                else:
-                    on_done(res, None)
-
-            threading.Thread(target=waiter, name="pyccl-torch-wait", daemon=True).start()
+                if error is not None:
+                    break
+        self.part_done(error)
 
     def then(self, listener: Callable[[], None]) -> None:
-        """Run ``listener`` (on the completion thread) once this op is over."""
+        """Run ``listener`` (on a completion thread) once this op is over."""
         with self._lock:
             if not self._done:
                 self._listeners.append(listener)
@@ -215,40 +216,112 @@ class PendingOp:
                 error = exc
         if error is not None and not isinstance(error, BackendError):
             error = translate(self, error)
-        self.work._complete(error)
-        self.keep = []
-        self.finish = None
         with self._lock:
             self._done = True
             listeners, self._listeners = self._listeners, []
-        for fn in listeners:
+        for fn in listeners:  # (book-keeping first: a future callback may issue the next op)
             fn()
+        self.work._complete(error)
+        self.keep = []
+        self.finish = None
 
 
 class Completer:
-    """The dedicated completion thread of one process group."""
+    """The completion thread of one process group (see the module docstring).
+
+    :meth:`complete` runs an op's completion at once when called on one of
+    the group's dedicated threads (the runner or this one), else hands it to
+    this thread.
+    """
 
     def __init__(self, name: str, translate: Callable[[PendingOp, BaseException], BaseException]) -> None:
         self._q: "queue.SimpleQueue[PendingOp | None]" = queue.SimpleQueue()
         self._translate = translate
         self._thread = threading.Thread(target=self._loop, name=f"pyccl-torch-complete-{name}", daemon=True)
+        self._inline: set[threading.Thread] = {self._thread}
         self._stopped = False
         self._thread.start()
 
-    def submit(self, op: PendingOp) -> None:
-        self._q.put(op)
+    def allow_inline(self, thread: threading.Thread) -> None:
+        self._inline.add(thread)
+
+    def complete(self, op: PendingOp) -> None:
+        if threading.current_thread() in self._inline:
+            self._run(op)
+        else:
+            self._q.put(op)
+
+    def _run(self, op: PendingOp) -> None:
+        try:
+            op._run_completion(self._translate)
+        except BaseException:  # noqa: BLE001 - never let a dedicated thread die
+            log.exception("pyccl: completing %s failed", op.name)
 
     def _loop(self) -> None:
         while True:
             op = self._q.get()
             if op is None:
                 return
-            try:
-                op._run_completion(self._translate)
-            except BaseException:  # noqa: BLE001 - never let the thread die
-                log.exception("pyccl: completing %s failed", op.name)
+            self._run(op)
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._q.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+
+class Runner:
+    """Runs a process group's core collectives, one op at a time, in issue order."""
+
+    def __init__(self, name: str, completer: Completer) -> None:
+        self._q: "queue.SimpleQueue[PendingOp | None]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=f"pyccl-torch-run-{name}", daemon=True)
+        completer.allow_inline(self._thread)
+        self._stopped = False
+        self._thread.start()
+
+    def submit(self, op: PendingOp) -> None:
+        self._q.put(op)
+
+    def on_runner(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def _loop(self) -> None:
+        while True:
+            op = self._q.get()
+            if op is None:
+                return
+            self._run(op)
+
+    @staticmethod
+    def _run(op: PendingOp) -> None:
+        try:
+            op.run_calls()
+        except BaseException:  # noqa: BLE001
+            log.exception("pyccl: running %s failed", op.name)
+
+    def help_until(self, event: threading.Event, timeout: float) -> bool:
+        """A future callback on the runner waits for a later op: run the queue
+        here until ``event`` is set (ops keep their order)."""
+        deadline = time.monotonic() + timeout
+        while not event.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                op = self._q.get(timeout=min(left, 0.05))
+            except queue.Empty:
+                continue
+            if op is None:
+                self._q.put(None)
+                return event.wait(max(0.0, deadline - time.monotonic()))
+            self._run(op)
+        return True
+
+    def stop(self, timeout: float = 30.0) -> None:
         if self._stopped:
             return
         self._stopped = True
@@ -264,4 +337,3 @@ def seconds(td: Any, default: float) -> float:
     if isinstance(td, (int, float)) and td > 0:
         return float(td)
     return default
-

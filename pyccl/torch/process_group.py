@@ -58,7 +58,7 @@ from pyccl.torch._rendezvous import (
     random_base,
     store_get_str,
 )
-from pyccl.torch._work import BackendError, CompletedWork, Completer, PendingOp, PycclWork, seconds
+from pyccl.torch._work import BackendError, Completer, PendingOp, PycclWork, Runner, seconds
 
 log = logging.getLogger("pyccl.torch")
 
@@ -144,7 +144,9 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         self._master_address = ""
         self._endpoint: _p2p.Endpoint | None = None
         self._peers: tuple[int, ...] = ()
+        self._epoch_ok = -1
         self._completer = Completer(group_name, self._translate)
+        self._runner = Runner(group_name, self._completer)
         try:
             self._rendezvous()
         except BaseException:
@@ -228,6 +230,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 f"(expected {self._size}), ring rank {comm.rank} (expected {rank})"
             )
         self._peers = tuple(comm.peers)
+        self._epoch_ok = comm.epoch
         log.info("pyccl: process group '%s' rank %d of %d ready (peer group %d, master %s)",
                  self._group_name, rank, self._size, pgid, address)
 
@@ -309,10 +312,15 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             return self._broken
         if self._closed:
             return f"pyccl: process group '{self._group_name}' was shut down"
+        comm = self._comm
+        if comm is not None and comm.epoch == self._epoch_ok and not getattr(comm, "_lost", None):
+            return None  # fast path: no epoch change since the last check
         why = self._describe_lost()
         if why:
             self._mark_broken(why)
             return self._broken
+        if comm is not None:
+            self._epoch_ok = comm.epoch  # a new epoch with the same members (e.g. after a mismatch)
         return None
 
     def _mark_broken(self, why: str) -> None:
@@ -358,9 +366,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     # ============================================================ machinery
 
     def _new_op(self, name: str, result: list[torch.Tensor] | None = None) -> PendingOp:
-        work = PycclWork(f"{name} on process group '{self._group_name}'", self._timeout, result)
-        op = PendingOp(name, work, self._completer, check=self._check_result)
-        return op
+        work = PycclWork(f"{name} on process group '{self._group_name}'", self._timeout, result, self._runner)
+        return PendingOp(name, work, self._completer, check=self._check_result)
 
     def _launch(self, op: PendingOp, body: Callable[[PendingOp], None]) -> PycclWork:
         """Issue ``op``'s parts under the issue lock; return its Work."""
@@ -379,7 +386,14 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 if isinstance(exc, (ValueError, TypeError)) and not str(exc).startswith("pyccl:"):
                     raise ValueError(f"pyccl: {op.name}: {exc}") from exc
                 raise
+            # The runner's part is the op's last one (unless p2p parts are still
+            # out), so the runner completes the op itself, without a hop.
+            has_calls = bool(op.calls)
+            if has_calls:
+                op.add_part()
             op.issued()
+            if has_calls:
+                self._runner.submit(op)
             if self._coalescing is not None:
                 self._coalescing.append(op.work)
         return op.work
@@ -389,9 +403,10 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             self._inflight.pop(key, None)
 
     def _core(self, pending: PendingOp, kind: str, *args: Any, **kwargs: Any) -> None:
-        """Issue one core collective (``kind``: all_reduce, reduce_scatter, all_gather, broadcast)."""
-        handle = getattr(self._comm, kind + "_async")(*args, **kwargs)
-        pending.add_core_handle(handle)
+        """Add a core collective (``kind``: all_reduce, reduce_scatter, all_gather,
+        broadcast) to the op; the runner calls it in issue order."""
+        fn = getattr(self._comm, kind)
+        pending.calls.append(lambda: fn(*args, **kwargs))
 
     @staticmethod
     def _contig(op: PendingOp, t: torch.Tensor, copy_in: bool = True, copy_back: bool = True) -> torch.Tensor:
@@ -909,6 +924,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             self._endpoint.hub.unregister(self._endpoint)
             self._endpoint = None
             RUNTIME.release_hub()
+        self._runner.stop()  # its queued ops fail at once: the comm is closed
         if handshake and self._owns_master_group and not master_lost:
             self._closing_handshake()
         self._completer.stop()
