@@ -42,4 +42,8 @@ def __getattr__(name: str) -> Any:
         from pyccl.types import ReduceOp
 
         return ReduceOp
+    if name == "diloco":
+        import importlib
+
+        return importlib.import_module("pyccl.diloco")  # needs torch
     raise AttributeError(f"module 'pyccl' has no attribute {name!r}")

@@ -1,0 +1,420 @@
+"""The DiLoCo driver: inner steps, outer steps, joiners and failures.
+
+See the package docstring (``pyccl/diloco/__init__.py``) for the algorithm
+and the protocol; this module is its implementation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from pyccl.errors import CCLError, PeerFailure
+from pyccl.shared_state import SharedState, content_hash
+from pyccl.types import as_buffer
+
+from ._layout import PinnedState, Slot, build_slots, dtype_name, initialize_state, make_outer_optimizer, sync_offsets
+
+log = logging.getLogger("pyccl.diloco")
+
+#: All-reduce tags used by DiLoCo: TAG_BASE + slot index for the parameter
+#: buffers, TAG_BASE + 2**16 + fragment for the contributor counts of delayed
+#: mode. Keep other collectives of the same Communicator off this range.
+TAG_BASE = 0x5D1C0000
+
+
+@dataclass(frozen=True)
+class OuterStepInfo:
+    """What one outer step (of one fragment) did; returned by ``DiLoCo.step()``.
+
+    ``peers``/``world_size`` describe the all-reduce whose average was applied
+    at this step: this step's own in sync mode, the one started one outer step
+    earlier in delayed mode (empty if none was applied or this peer received
+    it through the shared state as a joiner).
+    """
+
+    outer_step: int          # outer steps (fragment syncs) the group has done, this one included
+    fragment: int
+    inner_step: int
+    revision: int            # the shared-state revision after this step
+    world_size: int
+    peers: tuple[int, ...]
+    applied: bool            # an averaged pseudo-gradient was applied to the global parameters
+    seconds: float           # time this step blocked training (everything outside the inner optimizer)
+    reduce_seconds: float    # how long the applied all-reduce took (in the background, in delayed mode)
+    tx_bytes: int
+    rx_bytes: int
+    retries: int             # all-reduce attempts that failed with PeerFailure and were redone
+    admitted: bool           # update_topology() admitted joiners at this step
+    synced: bool             # the shared state was synced at this step
+
+
+def _quantize_supported(comm: Any) -> bool:
+    try:
+        return "quantize" in inspect.signature(comm.all_reduce).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class DiLoCo:
+    """DiLoCo (Douillard et al., 2023) on a pyccl Communicator.
+
+    Args:
+        model: a ``torch.nn.Module`` on the CPU; its trainable parameters are
+            the local copy that the inner optimizer trains.
+        inner_optimizer: any torch optimizer over ``model.parameters()``
+            (AdamW in the paper). Its state stays local to each peer.
+        comm: a connected ``pyccl.Communicator``. A peer that joins a running
+            group should ``connect()`` with a timeout longer than one outer
+            step: it is admitted at the members' next outer step.
+        sync_every: H, inner steps between two outer steps (of each fragment).
+        outer_optimizer: ``callable(list_of_tensors) -> torch.optim.Optimizer``
+            building the outer optimizer over the global parameter copies;
+            default SGD(lr=0.7, momentum=0.9, nesterov=True).
+        delayed: one-step-delayed DiLoCo: the all-reduce of outer step k runs
+            in the background during the next H inner steps and is applied
+            at outer step k + 1.
+        fragments: streaming DiLoCo: F fragments of the parameters (contiguous
+            in model order, about equal size), fragment f synced at the inner
+            steps where ``step % H == f * H // F``. 1 <= F <= H.
+        quantize: passed to ``comm.all_reduce(..., quantize=...)`` for the
+            pseudo-gradients (e.g. ``"uint8"``); contributor counts are never
+            quantized.
+
+    Loop: ``loss.backward(); dl.step()``. ``dl.step()`` runs the inner
+    optimizer (and ``zero_grad``), counts the inner step and, when a fragment
+    is due, does its outer step; it returns an :class:`OuterStepInfo` then,
+    else None. Call ``dl.finish()`` on every peer at the same inner step to
+    end training with the final global parameters in the model.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        comm: Any,
+        sync_every: int,
+        outer_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+        delayed: bool = False,
+        fragments: int = 1,
+        quantize: str | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(inner_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"inner_optimizer must be a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
+        if not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be a positive integer, got {sync_every!r}")
+        if not isinstance(fragments, int) or not 1 <= fragments <= sync_every:
+            raise ValueError(f"fragments must be an integer between 1 and sync_every ({sync_every}), got {fragments!r}")
+        self._qkw: dict[str, Any] = {}
+        if quantize is not None:
+            if not _quantize_supported(comm):
+                raise NotImplementedError(
+                    f"quantize={quantize!r} needs Communicator.all_reduce(..., quantize=...), which this build of "
+                    "pyccl does not have yet; use quantize=None"
+                )
+            self._qkw = {"quantize": quantize}
+        if getattr(comm, "world_size", 0) < 1:
+            raise CCLError("connect() the Communicator before creating DiLoCo")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters")
+        for n, p in named:
+            if p.device.type != "cpu":
+                raise ValueError(f"parameter {n!r} is on {p.device}; DiLoCo works on CPU parameters")
+            if not p.is_floating_point():
+                raise ValueError(f"parameter {n!r} has dtype {p.dtype}; DiLoCo needs floating-point parameters")
+
+        self.model = model
+        self.inner_optimizer = inner_optimizer
+        self.comm = comm
+        self.sync_every = sync_every
+        self.delayed = bool(delayed)
+        self.fragments = fragments
+        self.quantize = quantize
+        self.slots: list[list[Slot]] = build_slots(named, fragments, self.delayed)
+        self._all_slots = [s for fr in self.slots for s in fr]
+        by_name = {name: view for s in self._all_slots for name, view in zip(s.names, s.glob.views)}
+        self._names = [n for n, _ in named]
+        self._global = [by_name[n] for n in self._names]  # model order
+        fragment_of = {id(v): s.fragment for s in self._all_slots for v in s.glob.views}
+        self.outer_optimizer = make_outer_optimizer(outer_optimizer, list(self._global))
+        initialize_state(self.outer_optimizer)
+        self._pinned = PinnedState(self.outer_optimizer, fragment_of)
+
+        self._counters = torch.zeros(2, dtype=torch.int64)  # [inner steps, outer steps]
+        tensors: dict[str, torch.Tensor] = {"diloco.counters": self._counters}
+        for s in self._all_slots:
+            tensors[f"diloco.f{s.fragment}.params.{dtype_name(s.dtype)}"] = s.glob.flat
+        for key, (_, flat) in self._pinned.flats.items():
+            tensors[f"diloco.{key}"] = flat.flat
+        self._count_in = torch.zeros(fragments, dtype=torch.float32)
+        self._pending_count = torch.zeros(fragments, dtype=torch.float32)
+        if self.delayed:
+            # Sums of fragments other than 0 are complete but not yet applied
+            # when the state is synced (at fragment 0's outer step): a joiner
+            # needs them to apply them at their fragment's next outer step.
+            tensors["diloco.pending_count"] = self._pending_count
+            for s in self._all_slots:
+                if s.fragment > 0:
+                    assert s.out is not None
+                    tensors[f"diloco.f{s.fragment}.pending.{dtype_name(s.dtype)}"] = s.out
+        self.state = SharedState(tensors, revision=0)
+        self._hash_keys = [k for k in self.state.keys() if ".pending" not in k]
+        offsets = sync_offsets(sync_every, fragments)
+        self._due = {off: f for f, off in enumerate(offsets)}
+        self._handles: dict[int, list[Any]] = {}
+        self._settled: dict[int, list[Any]] = {}
+        self._finished = False
+        self.inner_step = 0
+        self.outer_step = 0
+        self.join_info = self._join()
+
+    # ------------------------------------------------------------ public API
+
+    def step(self) -> OuterStepInfo | None:
+        """``inner_optimizer.step()``, ``zero_grad()``, and the outer step of
+        the fragment that is due at this inner step, if any."""
+        if self._finished:
+            raise CCLError("DiLoCo.finish() was called; create a new DiLoCo to train on")
+        self.inner_optimizer.step()
+        self.inner_optimizer.zero_grad(set_to_none=True)
+        self.inner_step += 1
+        f = self._due.get(self.inner_step % self.sync_every)
+        if f is None:
+            return None
+        return self._outer(f)
+
+    def finish(self) -> None:
+        """End training: apply the averages still in flight (delayed mode) and
+        load the global parameters into the model, identically on every peer.
+
+        A collective: every peer calls it at the same inner step (ideally a
+        multiple of ``sync_every``: local progress since a fragment's last
+        outer step is dropped). ``step()`` cannot be called afterwards.
+        """
+        if self._finished:
+            return
+        if self.delayed:
+            for f in range(self.fragments):
+                self._settle(f)
+                self._apply_pending(f)
+        for f in range(self.fragments):
+            self._reset_local(f)
+        self._finished = True
+
+    def close(self) -> None:
+        """Wait for background all-reduces (ignoring their errors) without
+        applying them; for a peer that leaves. Does not close ``comm``."""
+        for hs in self._handles.values():
+            for h in hs:
+                try:
+                    h.wait()
+                except CCLError:
+                    pass
+        self._handles.clear()
+        self._finished = True
+
+    def global_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The global (outer) parameters in model order: views of the shared state."""
+        return list(zip(self._names, self._global))
+
+    def state_hash(self) -> int:
+        """One 64-bit hash of the global parameters, the outer optimizer state
+        and the counters (the shared state without pending sums, which an
+        in-flight all-reduce may be writing). Equal on every peer after every
+        outer step."""
+        h = 0
+        for k in self._hash_keys:
+            h = (h * 1_000_003 + content_hash(as_buffer(self.state[k]))) & 0xFFFFFFFFFFFFFFFF
+        return h
+
+    # ------------------------------------------------------------ internals
+
+    def _tag(self, s: Slot) -> int:
+        return TAG_BASE + s.index
+
+    def _count_tag(self, f: int) -> int:
+        return TAG_BASE + (1 << 16) + f
+
+    def _join(self) -> OuterStepInfo:
+        """Enter the group's program at an outer-step boundary: admit anyone
+        waiting, take the group's shared state, start from it."""
+        t0 = time.perf_counter()
+        admitted = self.comm.update_topology()
+        sync = self.comm.sync_shared_state(self.state)
+        self._load_counters()
+        for f in range(self.fragments):
+            self._reset_local(f)
+        if self.delayed and self.inner_step > 0:
+            # The members started fragment 0's all-reduce right after this
+            # sync; this peer has no pseudo-gradient for it, so it takes part
+            # with zeros and a contributor count of 0.
+            self._launch(0, contribute=False)
+        if sync.rx_bytes:
+            log.info("peer %d joined at inner step %d (revision %d): received %d bytes of DiLoCo state",
+                     self.comm.peer_id, self.inner_step, self.state.revision, sync.rx_bytes)
+        return OuterStepInfo(self.outer_step, 0, self.inner_step, self.state.revision, self.comm.world_size,
+                             self.comm.peers, False, time.perf_counter() - t0, 0.0, sync.tx_bytes, sync.rx_bytes,
+                             0, admitted, True)
+
+    def _load_counters(self) -> None:
+        self.inner_step = int(self._counters[0])
+        self.outer_step = int(self._counters[1])
+
+    def _outer(self, f: int) -> OuterStepInfo:
+        t0 = time.perf_counter()
+        if not self.delayed:
+            self._compute_pg(f)
+            infos, retries = self._reduce_now(f)
+            self._apply(f)
+            applied = True
+        else:
+            infos, retries = self._settle(f)
+            self._compute_pg(f)  # against the start point, before the update below moves it
+            applied = self._apply_pending(f)
+        self.outer_step += 1
+        self._counters[0] = self.inner_step
+        self._counters[1] = self.outer_step
+        admitted = synced = False
+        tx = sum(i.tx_bytes for i in infos)
+        rx = sum(i.rx_bytes for i in infos)
+        if f == 0:
+            if self.delayed:
+                # update_topology() and the sync wait for this peer's
+                # in-flight ops anyway; settle them here so that a failed one
+                # is redone now, while its participants are all still here,
+                # and the state holds valid pending sums.
+                for g in range(1, self.fragments):
+                    g_infos, g_retries = self._settle(g)
+                    self._settled[g] = g_infos
+                    retries += g_retries
+            self.state.revision += 1
+            admitted = self.comm.update_topology()
+            sync = self.comm.sync_shared_state(self.state)
+            if sync.rx_bytes:
+                log.warning("peer %d's DiLoCo state differed from the group's at revision %d; took the group's",
+                            self.comm.peer_id, sync.revision)
+                self._load_counters()
+            tx += sync.tx_bytes
+            rx += sync.rx_bytes
+            synced = True
+        if self.delayed:
+            self._launch(f, contribute=True)
+        self._reset_local(f)
+        peers = infos[0].peers if infos else ()
+        return OuterStepInfo(
+            outer_step=self.outer_step, fragment=f, inner_step=self.inner_step, revision=self.state.revision,
+            world_size=infos[0].world_size if infos else self.comm.world_size, peers=peers, applied=applied,
+            seconds=time.perf_counter() - t0, reduce_seconds=max((i.seconds for i in infos), default=0.0),
+            tx_bytes=tx, rx_bytes=rx, retries=retries, admitted=admitted, synced=synced,
+        )
+
+    def _compute_pg(self, f: int) -> None:
+        """pseudo-gradient = global - local, into each slot's flat buffer."""
+        with torch.no_grad():
+            for s in self.slots[f]:
+                torch.cat([p.detach().reshape(-1) for p in s.local], out=s.pg)
+                torch.sub(s.glob.flat, s.pg, out=s.pg)
+
+    def _reduce_now(self, f: int) -> tuple[list[Any], int]:
+        """Sync mode: average each slot in place; on PeerFailure (input
+        untouched, world size already the new one) redo it over the survivors."""
+        infos, retries = [], 0
+        for s in self.slots[f]:
+            while True:
+                try:
+                    infos.append(self.comm.all_reduce(s.pg, op="avg", tag=self._tag(s), **self._qkw))
+                    break
+                except PeerFailure as exc:
+                    retries += 1
+                    log.info("outer all-reduce of fragment %d failed (%s); retrying over %d peers",
+                             f, exc, self.comm.world_size)
+        return infos, retries
+
+    def _launch(self, f: int, contribute: bool) -> None:
+        """Delayed mode: start the background sums of fragment f and of its
+        contributor count (1 per peer that has a pseudo-gradient, 0 for a joiner)."""
+        self._count_in[f] = 1.0 if contribute else 0.0
+        if not contribute:
+            for s in self.slots[f]:
+                s.pg.zero_()
+        hs = [self.comm.all_reduce_async(s.pg, out=s.out, op="sum", tag=self._tag(s), **self._qkw)
+              for s in self.slots[f]]
+        hs.append(self.comm.all_reduce_async(self._count_in[f:f + 1], out=self._pending_count[f:f + 1], op="sum",
+                                             tag=self._count_tag(f)))
+        self._handles[f] = hs
+        self._settled.pop(f, None)
+
+    def _settle(self, f: int) -> tuple[list[Any], int]:
+        """Delayed mode: wait for fragment f's background all-reduces. If any
+        failed, or they did not all run over the same peers, redo them all
+        (out of place, so the inputs are intact) until they succeed together."""
+        hs = self._handles.pop(f, None)
+        if hs is None:
+            return self._settled.pop(f, []), 0
+        infos, failed = [], False
+        for h in hs:
+            try:
+                infos.append(h.wait())
+            except PeerFailure:
+                failed = True
+        retries = 0
+        while failed or len({i.peers for i in infos}) != 1:
+            retries += 1
+            log.info("background all-reduce of fragment %d failed; redoing it over %d peers", f, self.comm.world_size)
+            try:
+                infos = [self.comm.all_reduce(s.pg, out=s.out, op="sum", tag=self._tag(s), **self._qkw)
+                         for s in self.slots[f]]
+                infos.append(self.comm.all_reduce(self._count_in[f:f + 1], out=self._pending_count[f:f + 1],
+                                                  op="sum", tag=self._count_tag(f)))
+                failed = False
+            except PeerFailure:
+                failed = True
+        return infos, retries
+
+    def _apply_pending(self, f: int) -> bool:
+        """Delayed mode: average = sum / contributors, applied to fragment f."""
+        c = float(self._pending_count[f])
+        if c <= 0:
+            return False
+        with torch.no_grad():
+            for s in self.slots[f]:
+                assert s.out is not None
+                s.out.div_(c)
+        self._apply(f)
+        self._pending_count[f] = 0.0
+        return True
+
+    def _apply(self, f: int) -> None:
+        """One outer-optimizer step on fragment f's global parameters, with the
+        averaged pseudo-gradient as their gradient (the others have none)."""
+        views = [v for s in self.slots[f] for v in s.glob.views]
+        with torch.no_grad():
+            for s in self.slots[f]:
+                for v, g in zip(s.glob.views, s.grads):
+                    v.grad = g
+            try:
+                self.outer_optimizer.step()
+            finally:
+                for v in views:
+                    v.grad = None
+        self._pinned.repin()
+
+    def _reset_local(self, f: int) -> None:
+        with torch.no_grad():
+            for s in self.slots[f]:
+                for p, v in zip(s.local, s.glob.views):
+                    p.copy_(v)
+
+    def __repr__(self) -> str:
+        n = sum(s.numel for s in self._all_slots)
+        return (f"DiLoCo(params={n}, sync_every={self.sync_every}, fragments={self.fragments}, "
+                f"delayed={self.delayed}, quantize={self.quantize!r}, inner_step={self.inner_step}, "
+                f"revision={self.state.revision})")
