@@ -489,10 +489,11 @@ def failure_body(rank: int, q: Any, world: int, port: int, mode: str, hb_timeout
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    os.environ["PYCCL_HEARTBEAT_TIMEOUT"] = str(hb_timeout)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    init("pyccl", rank, world, f"tcp://127.0.0.1:{port}")
+    import pyccl.torch
+
+    init("pyccl", rank, world, f"tcp://127.0.0.1:{port}", pg_options=pyccl.torch.Options(heartbeat_timeout=hb_timeout))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
     model = DDP(net, bucket_cap_mb=1)

@@ -96,6 +96,7 @@ class _Runtime:
         self.lock = threading.RLock()
         self.default_master: str | None = None  # address used by the default pyccl group
         self.default_store: Any = None  # that group's store: counters live there
+        self.default_prefix = "pyccl"  # key prefix of that group's incarnation
         self.default_pg_base = 0  # peer-group numbers of the run start here
         self.hub: Any = None
         self.groups: "weakref.WeakSet[Any]" = weakref.WeakSet()

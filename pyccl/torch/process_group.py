@@ -145,6 +145,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         self._endpoint: _p2p.Endpoint | None = None
         self._peers: tuple[int, ...] = ()
         self._epoch_ok = -1
+        self._incarnation = 0
         self._completer = Completer(group_name, self._translate)
         self._runner = Runner(group_name, self._completer)
         try:
@@ -156,14 +157,22 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
     # ============================================================ rendezvous
 
+    def _key(self, name: str) -> str:
+        """Store key of this group's incarnation (a store may outlive a destroyed group)."""
+        return f"pyccl/{self._incarnation}/{name}"
+
     def _rendezvous(self) -> None:
         opts, store, rank = self._options, self._store, self._rank
+        # Every rank counts its own incarnations on this store: the same
+        # number on every rank, and fresh keys after a destroy + re-init.
+        self._incarnation = int(store.add(f"pyccl/incarnation/{rank}", 1))
         limit = opts.connect_timeout or min(self._timeout, 600.0)
         deadline = time.monotonic() + limit
         left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
         with RUNTIME.lock:
             shared_master = RUNTIME.default_master if not self._is_default else None
             shared_store = RUNTIME.default_store if not self._is_default else None
+            shared_prefix = RUNTIME.default_prefix
             base = RUNTIME.default_pg_base
         self._owns_master_group = not opts.master and not shared_master
         # Global rank whose process runs the master (None: an external one).
@@ -183,17 +192,18 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 base = random_base() if opts.master else 0
                 pgid = base
             else:
-                pgid = base + int(shared_store.add("pyccl/peer_groups", 1))
-            store.set("pyccl/master", address)
-            store.set("pyccl/peer_group", str(pgid))
-            store.set("pyccl/base", str(base))
-        address = store_get_str(store, "pyccl/master", left())
-        pgid = int(store_get_str(store, "pyccl/peer_group", left()))
+                pgid = base + int(shared_store.add(f"{shared_prefix}/peer_groups", 1))
+            store.set(self._key("master"), address)
+            store.set(self._key("peer_group"), str(pgid))
+            store.set(self._key("base"), str(base))
+        address = store_get_str(store, self._key("master"), left())
+        pgid = int(store_get_str(store, self._key("peer_group"), left()))
         if self._is_default:
-            base = int(store_get_str(store, "pyccl/base", left()))
+            base = int(store_get_str(store, self._key("base"), left()))
             with RUNTIME.lock:
                 RUNTIME.default_master = address
                 RUNTIME.default_store = store
+                RUNTIME.default_prefix = self._key("")[:-1]
                 RUNTIME.default_pg_base = base
         self._master_address = address
         self._peer_group = pgid
@@ -201,9 +211,9 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         # Point-to-point endpoint before the ring: once a peer is in the ring
         # it may send to us.
         hub = RUNTIME.ensure_hub(local_ip_towards(address))
-        store.set(f"pyccl/p2p/{rank}", hub.address)
+        store.set(self._key(f"p2p/{rank}"), hub.address)
         self._endpoint = _p2p.Endpoint(
-            hub, self._group_name, rank, lambda r: store_get_str(store, f"pyccl/p2p/{r}", 60.0), self._health
+            hub, self._group_name, rank, lambda r: store_get_str(store, self._key(f"p2p/{r}"), 60.0), self._health
         )
         hub.register(self._endpoint)
 
@@ -944,13 +954,13 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         """Count this rank as closed; the master's owner waits (bounded) for the
         live others, so no rank loses the master while it is still closing."""
         try:
-            self._store.add("pyccl/closed", 1)
+            self._store.add(self._key("closed"), 1)
             if self._master is None:
                 return
             expected = self._size - len(self._lost_at_break)
             deadline = time.monotonic() + 10.0
             while time.monotonic() < deadline:
-                if int(self._store.add("pyccl/closed", 0)) >= expected:
+                if int(self._store.add(self._key("closed"), 0)) >= expected:
                     return
                 time.sleep(0.01)
             log.warning("pyccl: not every rank of '%s' shut down within 10 s; stopping the master anyway",
