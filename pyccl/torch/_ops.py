@@ -113,11 +113,11 @@ def _ident(t: torch.Tensor) -> torch.Tensor:
 
 
 def _as_u8(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8)
+    return t.detach().view(torch.uint8)
 
 
 def _as_real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t)
+    return torch.view_as_real(t.detach())
 
 
 def reduction_plan(op: Any, dtype: torch.dtype) -> Plan:
@@ -157,6 +157,7 @@ def reduction_plan(op: Any, dtype: torch.dtype) -> Plan:
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor (any dtype): what data movement sends."""
+    t = t.detach()
     if t.dtype == torch.uint8:
         return t.reshape(-1)
     if t.numel() == 0:

@@ -211,7 +211,8 @@ class PendingOp:
         error = self._error
         if error is None and self.finish is not None:
             try:
-                self.finish()
+                with torch.no_grad():  # copies into parameters (leaves that require grad)
+                    self.finish()
             except BaseException as exc:  # noqa: BLE001 - reported through the work
                 error = exc
         if error is not None and not isinstance(error, BackendError):

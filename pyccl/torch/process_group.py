@@ -388,7 +388,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 self._inflight[key] = op
             op.then(lambda: self._retire(key))
             try:
-                body(op)
+                with torch.no_grad():  # staging copies of parameters must not build graphs
+                    body(op)
             except BaseException as exc:
                 # Nothing (more) was issued: fail the op's work through the
                 # completion path, and raise here as gloo does for bad args.
