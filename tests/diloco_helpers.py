@@ -259,3 +259,46 @@ def exact_peer(pipe: Any, master: str, rank: int, modes: list[tuple[bool, int]],
         dl.finish()
         pipe.send(("done", group))
         comm.close()
+
+
+def churn_peer(pipe: Any, master: str, rank: int, delayed: bool, fragments: int, initial: int, pace: float,
+               limit: float) -> None:
+    """Train until three outer steps of fragment 0 have applied an average
+    that a peer admitted after the first ``initial`` ones took part in (the
+    stop is decided from the all-reduce's participant list, which every
+    participant gets identically, so all peers stop at the same step).
+
+    Every peer starts from a different initialization: the first sync makes
+    them identical.
+    """
+    import torch
+
+    import pyccl
+    from pyccl.diloco import DiLoCo
+
+    torch.set_num_threads(1)
+    deadline = time.monotonic() + limit
+    comm = pyccl.Communicator(master, connections=1, name=f"rank{rank}")
+    comm.connect(timeout=limit)
+    model = make_model(seed=100 + rank)
+    dl = DiLoCo(model, make_inner(model), comm, sync_every=H, delayed=delayed, fragments=fragments)
+    local_is_global = all(torch.equal(p, g) for p, (_, g) in zip(model.parameters(), dl.global_parameters()))
+    pipe.send(("joined", comm.peer_id, dl.state.revision, dl.inner_step, dl.state_hash(), local_is_global,
+               dl.join_info.rx_bytes))
+    seen = 0
+    while seen < 3:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no joiner took part within {limit} s")
+        train_step(model, rank, dl.inner_step + 1)
+        info = dl.step()
+        time.sleep(pace)
+        if info is None:
+            continue
+        pipe.send(("outer", comm.peer_id, info.outer_step, info.revision, info.fragment, dl.state_hash(),
+                   info.peers, info.world_size, info.retries))
+        if info.fragment == 0 and info.peers and max(info.peers) > initial:
+            seen += 1
+    dl.finish()
+    pipe.send(("final", comm.peer_id, dl.inner_step, dl.state_hash(),
+               [p.detach().numpy().tobytes() for p in model.parameters()]))
+    comm.close()

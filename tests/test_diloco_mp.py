@@ -52,3 +52,62 @@ def test_every_mode_matches_the_single_process_reference_bit_for_bit():
             if delayed:
                 # The first outer step of each fragment has nothing to apply yet.
                 assert all(np.array_equal(x, y) for x, y in zip(got["p0"][0], want[0]))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("delayed,fragments", [(False, 1), (True, 1), (True, 2)],
+                         ids=["sync", "delayed", "delayed-streaming"])
+def test_churn_kill_and_join_keep_every_peer_bit_identical(delayed, fragments):
+    from diloco_helpers import churn_peer
+
+    initial = 3
+    with pyccl.Master(host="127.0.0.1", port=0, heartbeat_timeout=5.0) as master, Peers() as peers:
+        for r in range(initial):
+            peers.start(f"p{r}", churn_peer, master.address, r, delayed, fragments, initial, 0.01, 90.0)
+        joined: dict[str, tuple] = {}
+        hashes: dict[int, dict[str, tuple[int, int]]] = {}   # outer step -> peer -> (revision, hash)
+        finals: dict[str, tuple] = {}
+        worlds: list[int] = []
+        at_sync: dict[int, set[tuple[str, int]]] = {}  # revision -> (peer, state hash) after fragment 0's step
+        retried = 0
+        killed = started = False
+        deadline = time.monotonic() + 100
+        while len(finals) < initial:  # p0, p1 and the joiner p3 finish; p2 is killed
+            assert time.monotonic() < deadline, "the run did not finish"
+            for name, msg in peers.poll_any(0.5):
+                if msg[0] == "joined":
+                    joined[name] = msg[1:]
+                elif msg[0] == "outer":
+                    _, pid, outer_step, revision, fragment, h, members, world, retries = msg
+                    hashes.setdefault(outer_step, {})[name] = (revision, h)
+                    if fragment == 0:
+                        at_sync.setdefault(revision, set()).add((name, h))
+                    retried += retries
+                    worlds.append(world)
+                    if name == "p2" and revision >= 3 and not killed:
+                        peers.kill("p2")
+                        killed = True
+                        peers.start("p3", churn_peer, master.address, 3, delayed, fragments, initial, 0.01, 90.0)
+                        started = True
+                elif msg[0] == "final":
+                    finals[name] = msg[1:]
+        assert killed and started
+        print(f"worlds seen {sorted(set(worlds))}, {retried} all-reduce retries, joiner at revision {joined['p3'][1]}")
+    assert set(finals) == {"p0", "p1", "p3"}
+    # Every outer step: one state per step, the same on every peer that did it.
+    assert len(hashes) >= 10
+    for step, by_peer in sorted(hashes.items()):
+        assert len({v for v in by_peer.values()}) == 1, f"peers differ after outer step {step}: {by_peer}"
+    # The joiner started from the group's exact state of the revision it joined at.
+    pid, revision, inner_step, h, local_is_global, rx = joined["p3"]
+    assert revision > 3 and inner_step == revision * H and rx > 0 and local_is_global
+    members_then = {mh for name, mh in at_sync.get(revision, set()) if name != "p3"}
+    assert members_then == {h}, f"joiner at revision {revision}: {h:x}, members: {members_then}"
+    # The joiner took part (world of 3 again after the kill) and everyone ended identical.
+    assert 2 in worlds and worlds[-1] == 3
+    steps = {f[1] for f in finals.values()}
+    assert len(steps) == 1
+    assert len({f[2] for f in finals.values()}) == 1
+    assert len({tuple(f[3]) for f in finals.values()}) == 1, "the final models differ"
+    # The first members started from different initializations and were made identical by the first sync.
+    assert len({j[3] for n, j in joined.items() if n != "p3"}) == 1
