@@ -302,3 +302,34 @@ def churn_peer(pipe: Any, master: str, rank: int, delayed: bool, fragments: int,
     pipe.send(("final", comm.peer_id, dl.inner_step, dl.state_hash(),
                [p.detach().numpy().tobytes() for p in model.parameters()]))
     comm.close()
+
+
+def make_wide_model(seed: int = 0) -> Any:
+    """float32 only, ~8K parameters: big enough that quantization headers are noise."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 4))
+
+
+def quant_peer(pipe: Any, master: str, rank: int, modes: list[tuple[bool, str | None]], steps: int) -> None:
+    """Each (delayed, quantize) mode on its own peer group; report the global
+    parameters and the all-reduce bytes sent after every outer step."""
+    import torch
+
+    from pyccl.diloco import DiLoCo
+
+    torch.set_num_threads(1)
+    for group, (delayed, quantize) in enumerate(modes):
+        comm = connect(master, 2, group=group)
+        model = make_wide_model()
+        dl = DiLoCo(model, make_inner(model), comm, sync_every=H, delayed=delayed, quantize=quantize)
+        for s in range(1, steps + 1):
+            train_step(model, rank, s)
+            info = dl.step()
+            if info is not None:
+                pipe.send(("outer", group, info.outer_step, info.tx_bytes if info.applied else 0, global_arrays(dl)))
+        dl.finish()
+        pipe.send(("done", group))
+        comm.close()

@@ -47,7 +47,8 @@ class FakeComm:
             self.all_reduce = self._all_reduce_q  # type: ignore[method-assign]
 
     def _run(self, x: Any, out: Any, op: str, tag: int, kind: str, **kw: Any) -> ReduceInfo:
-        self.calls.append({"kind": kind, "numel": int(x.numel()), "op": op, "tag": tag, "step": self.step_of(), **kw})
+        self.calls.append({"kind": kind, "numel": int(x.numel()), "dtype": x.dtype, "op": op, "tag": tag,
+                           "step": self.step_of(), **kw})
         if self.fail > 0:
             self.fail -= 1
             raise pyccl.PeerFailure("fake failure")
@@ -63,7 +64,8 @@ class FakeComm:
 
     def all_reduce_async(self, x: Any, out: Any = None, op: str = "sum", tag: int = 0, **kw: Any) -> _Handle:
         # Record the launch now (program order); fail or complete at wait().
-        self.calls.append({"kind": "async", "numel": int(x.numel()), "op": op, "tag": tag, "step": self.step_of(), **kw})
+        self.calls.append({"kind": "async", "numel": int(x.numel()), "dtype": x.dtype, "op": op, "tag": tag,
+                           "step": self.step_of(), **kw})
         fail = self.fail > 0
         if fail:
             self.fail -= 1
@@ -193,14 +195,16 @@ def test_delayed_applies_nothing_at_the_first_outer_step_and_counts_contributors
 # ---------------------------------------------------------------- options
 
 
-def test_quantize_is_passed_to_the_pseudo_gradient_reduces_only():
-    model = make_model()
+def test_quantize_is_passed_to_the_float32_pseudo_gradient_reduces_only():
+    model = make_model()  # float32 and float64 parameters
     comm = FakeComm(quantize=True)
     dl = DiLoCo(model, make_inner(model), comm, sync_every=H, delayed=True, quantize="uint8")
     _run(dl, model, comm, 2 * H)
-    big = [c for c in comm.calls if c["numel"] > 1]
+    f32 = [c for c in comm.calls if c["numel"] > 1 and c["dtype"] == torch.float32]
+    other = [c for c in comm.calls if c["numel"] > 1 and c["dtype"] != torch.float32]
     counts = [c for c in comm.calls if c["numel"] == 1]
-    assert big and all(c.get("quantize") == "uint8" for c in big)
+    assert f32 and all(c.get("quantize") == "uint8" for c in f32)
+    assert other and all("quantize" not in c for c in other)
     assert counts and all("quantize" not in c for c in counts)
 
 
