@@ -42,13 +42,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reps_for(nbytes: int, quick: bool) -> tuple[int, int]:
-    """(blocks per backend, ops per block)."""
+def samples_for(nbytes: int, quick: bool) -> int:
+    """Timed ops per backend. Every op is timed on its own, the two backends
+    alternate op by op (the first one alternates too), so load from other
+    processes hits both alike."""
     if nbytes <= 4 << 10:
-        return (5, 200) if not quick else (3, 100)
-    if nbytes <= 1 << 20:
-        return (5, 20) if not quick else (3, 10)
-    return (4, 2) if not quick else (2, 2)
+        n = 400
+    elif nbytes <= 1 << 20:
+        n = 80
+    else:
+        n = 8
+    return max(2, n // 4) if quick else n
 
 
 def build_model():  # noqa: ANN201
@@ -97,10 +101,22 @@ def worker(rank: int, world: int, port: int, quick: bool, q) -> None:  # noqa: A
     groups = {"pyccl": dist.group.WORLD, "gloo": dist.new_group(backend="gloo")}
     gloo = groups["gloo"]
 
-    def slowest(seconds: float) -> float:
-        t = torch.tensor([seconds], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=gloo)
-        return float(t.item())
+    def timed(fns: dict[str, object], samples: int) -> dict[str, float]:
+        """Median over ``samples`` of the slowest rank's time of one call, per backend."""
+        times = {name: [] for name in fns}
+        names = list(fns)
+        for i in range(samples):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                dist.barrier(group=gloo)
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
+        out = {}
+        for name, v in times.items():
+            t = torch.tensor(v, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=gloo)  # slowest rank, sample by sample
+            out[name] = float(t.median().item())
+        return out
 
     results: dict[str, dict[str, float]] = {}
 
@@ -125,16 +141,7 @@ def worker(rank: int, world: int, port: int, quick: bool, q) -> None:  # noqa: A
     for name in groups:  # warm up
         for _ in range(2):
             step(name)
-    times: dict[str, list[float]] = {n: [] for n in groups}
-    blocks, per = (3, 3) if quick else (5, 4)
-    for _ in range(blocks):
-        for name in groups:
-            for _ in range(per):
-                dist.barrier(group=gloo)
-                t0 = time.perf_counter()
-                step(name)
-                times[name].append(slowest(time.perf_counter() - t0))
-    results["ddp"] = {n: statistics.median(v) for n, v in times.items()}
+    results["ddp"] = timed({name: (lambda name=name: step(name)) for name in groups}, 6 if quick else 24)
     del models
 
     # --------------------------------------------------------- collectives
@@ -143,12 +150,11 @@ def worker(rank: int, world: int, port: int, quick: bool, q) -> None:  # noqa: A
         numel = nbytes // 4
         full = torch.randn(numel)
         part = torch.randn(numel // n)
-        blocks, per = reps_for(nbytes, quick)
         for opname in OPS:
             out_ag = torch.empty(numel)
             out_rs = torch.empty(numel // n)
 
-            def run(g) -> None:  # noqa: ANN001
+            def run(g, opname=opname, out_ag=out_ag, out_rs=out_rs) -> None:  # noqa: ANN001
                 if opname == "all_reduce":
                     dist.all_reduce(full, group=g)
                 elif opname == "all_gather_into_tensor":
@@ -156,18 +162,13 @@ def worker(rank: int, world: int, port: int, quick: bool, q) -> None:  # noqa: A
                 else:
                     dist.reduce_scatter_tensor(out_rs, full, group=g)
 
-            for g in groups.values():
+            for g in groups.values():  # warm up
                 run(g)
-            times = {name: [] for name in groups}
-            for _ in range(blocks):
-                for name, g in groups.items():
-                    dist.barrier(group=gloo)
-                    t0 = time.perf_counter()
-                    for _ in range(per):
-                        run(g)
-                    times[name].append(slowest((time.perf_counter() - t0) / per))
-                full.normal_()  # keep sums finite
-            results[f"{opname} {label}"] = {name: statistics.median(v) for name, v in times.items()}
+            full.normal_()
+            results[f"{opname} {label}"] = timed(
+                {name: (lambda g=g: run(g)) for name, g in groups.items()}, samples_for(nbytes, quick)
+            )
+            full.normal_()  # (repeated in-place sums grow; start afresh)
     if rank == 0:
         q.put((nparams, results))
     dist.destroy_process_group()
@@ -209,8 +210,9 @@ def main() -> None:
             f"{os.cpu_count()} cores, loopback, {world} processes)",
             "",
             f"Command: `{cmd}` ({time.time() - t0:.0f} s). Both backends live in the same two processes "
-            "(default group pyccl, a gloo group of the same ranks) and alternate block by block. "
-            "Times: median over repetitions of the slowest rank's time per op (DDP: per step). "
+            "(default group pyccl, a gloo group of the same ranks) and alternate op by op; every op is timed "
+            "on its own after a barrier. Times: median over samples of the slowest rank's time per op "
+            "(DDP: per step). "
             "Sizes are float32 tensors: the all-reduced tensor, the all-gather output, the reduce-scatter input. "
             "pyccl uses its defaults (4 connections per neighbour, in-process master).",
             "",
