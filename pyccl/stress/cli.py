@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stuck-slack", type=dur, default=5.0,
                    help="a peer in one phase longer than heartbeat timeout + this (counted from the last fault) "
                         "is a violation (default: 5s)")
+    g.add_argument("--sync-timeout", type=dur, default=None,
+                   help="longest legitimate wait in sync_shared_state/connect before the slack (default: the "
+                        "core's fetch timeout, max(5s, 2 x heartbeat timeout))")
     g.add_argument("--cooldown", type=dur, default=None,
                    help="no faults in the last this-many seconds (default: heartbeat timeout + slack)")
 
@@ -110,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> StressConfig:
         connections=args.connections, concurrency=args.concurrency, kill_rate=args.kill_rate,
         hang_rate=args.hang_rate, join_rate=args.join_rate, hang_duration=args.hang_duration,
         hang_kill_fraction=args.hang_kill_fraction, seed=args.seed, heartbeat_timeout=hb,
-        stuck_slack=args.stuck_slack, max_peers=args.max_peers, min_alive=args.min_alive,
+        stuck_slack=args.stuck_slack, sync_timeout=args.sync_timeout, max_peers=args.max_peers, min_alive=args.min_alive,
         state_size=args.state_size, pace=args.pace, cooldown=args.cooldown, net=net, report=args.report,
         plot=args.plot, quiet=args.quiet, live=args.live, workdir=args.workdir, corrupt_peer=corrupt,
     ).validate()

@@ -221,6 +221,7 @@ class StressConfig:
     seed: int = 0
     heartbeat_timeout: float = 5.0
     stuck_slack: float = 5.0
+    sync_timeout: float | None = None  # None: max(5 s, 2 x heartbeat_timeout), the core's fetch timeout
     max_peers: int = 0  # 0: 2 x peers
     min_alive: int = 2
     state_size: int = 64 << 10
@@ -252,10 +253,13 @@ class StressConfig:
 
     @property
     def sync_threshold(self) -> float:
-        """The stuck limit for ``sync`` (and ``connect``): a fetcher notices a hung
-        holder only by its socket timeout, ``max(5 s, 2 x heartbeat_timeout)``
-        (see ``Communicator``'s planned fetch), so that bounds a sync instead."""
-        return max(5.0, 2 * self.heartbeat_timeout) + self.stuck_slack
+        """The stuck limit for ``sync`` (and ``connect``) plus slack: a fetcher
+        notices a hung holder only by its socket timeout, ``max(5 s, 2 x
+        heartbeat_timeout)`` in today's core, so that bounds a sync
+        (``--sync-timeout`` overrides it, e.g. to hold a fixed core to the
+        heartbeat timeout)."""
+        base = self.sync_timeout if self.sync_timeout is not None else max(5.0, 2 * self.heartbeat_timeout)
+        return base + self.stuck_slack
 
     @property
     def hang_range(self) -> DurationRange:
