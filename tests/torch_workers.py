@@ -408,6 +408,46 @@ def collectives_body(rank: int, q: Any, world: int, port: int) -> None:
         dist.all_reduce_coalesced(ar1)
         dist.all_reduce_coalesced(ar2, group=gl)
     check("all_reduce_coalesced", ar1, ar2)
+    # legacy / direct ProcessGroup method names (what older torch and C++ callers use)
+    pg = dist.group.WORLD
+    from torch.distributed.distributed_c10d import AllgatherOptions, ReduceScatterOptions
+
+    x = make_input("sum", torch.float32, rank, 6, 700, exact)
+    o_new, o_old = torch.empty(6 * world), torch.empty(6 * world)
+    dist.all_gather_into_tensor(o_new, x)
+    pg._allgather_base(o_old, x, AllgatherOptions()).wait()
+    check("_allgather_base", o_old, o_new)
+    big = make_input("sum", torch.float32, rank, 6 * world, 701, exact)
+    r_new, r_old = torch.empty(6), torch.empty(6)
+    dist.reduce_scatter_tensor(r_new, big)
+    pg._reduce_scatter_base(r_old, big, ReduceScatterOptions()).wait()
+    check("_reduce_scatter_base", r_old, r_new)
+    a_new, a_old = torch.empty(6 * world), torch.empty(6 * world)
+    dist.all_to_all_single(a_new, big)
+    pg.alltoall_base(a_old, big, [], []).wait()
+    check("alltoall_base", a_old, a_new)
+    outs = [torch.empty(6 * world), torch.empty(6 * world)]
+    pg.allgather_into_tensor_coalesced(outs, [x, x + 1], AllgatherOptions()).wait()
+    check("allgather_into_tensor_coalesced", outs, [o_new, o_new + 1])
+    rs = [torch.empty(6), torch.empty(6)]
+    pg.reduce_scatter_tensor_coalesced(rs, [big, big], ReduceScatterOptions()).wait()
+    check("reduce_scatter_tensor_coalesced", rs, [r_new, r_new])
+    b = torch.full((3,), float(rank))
+    pg.broadcast(b, world - 1).wait()  # legacy broadcast(tensor, root)
+    check("broadcast(tensor, root)", b, torch.full((3,), float(world - 1)))
+    y = x.clone()
+    pg.allreduce(y, dist.ReduceOp.MAX).wait()  # legacy allreduce(tensor, op)
+    ref = x.clone()
+    dist.all_reduce(ref, op=dist.ReduceOp.MAX, group=gl)
+    check("allreduce(tensor, op)", y, ref)
+    ins = [x, (x * 2)[:4], x[:1] + 0.5]
+    og = [[torch.empty_like(t) for t in ins] for _ in range(world)]
+    og_ref = [[torch.empty_like(t) for t in ins] for _ in range(world)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dist.all_gather_coalesced(og, ins)
+        dist.all_gather_coalesced(og_ref, ins, group=gl)
+    check("all_gather_coalesced", [t for lst in og for t in lst], [t for lst in og_ref for t in lst])
     # point to point: ring of send/recv, isend/irecv, any-source recv, batch_isend_irecv
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     payload = torch.arange(10, dtype=torch.float64) * (rank + 1)

@@ -626,19 +626,20 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
     def allgather_coalesced(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> PycclWork:
+        """torch's layout: ``output_lists[r][i]`` receives rank r's ``inputs[i]``."""
         output_lists, inputs = [list(o) for o in output_lists], list(inputs)
-        if len(output_lists) != len(inputs):
-            # torch's convention: output_lists[r] holds rank r's tensors, one per input
-            output_lists = [list(x) for x in zip(*output_lists)] if len(output_lists) == self._size else output_lists
-        if len(output_lists) != len(inputs):
-            raise ValueError("pyccl: allgather_coalesced: output lists do not match the inputs")
+        self._check_len(output_lists, "allgather_coalesced output lists")
+        for lst in output_lists:
+            if len(lst) != len(inputs):
+                raise ValueError(f"pyccl: allgather_coalesced: an output list has {len(lst)} tensors for "
+                                 f"{len(inputs)} inputs")
+        per_input = [[output_lists[r][i] for r in range(self._size)] for i in range(len(inputs))]
         flat_out = [o for lst in output_lists for o in lst]
         _check_cpu(*inputs, *flat_out)
         op = self._new_op("allgather_coalesced", flat_out)
 
         def body(op: PendingOp) -> None:
-            for lst, t in zip(output_lists, inputs):
-                self._check_len(lst, "allgather_coalesced output list")
+            for lst, t in zip(per_input, inputs):
                 self._allgather_list(op, lst, t)
 
         return self._launch(op, body)
