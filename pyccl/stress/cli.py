@@ -86,7 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="redraw the live view in place even when stdout is not a terminal")
     g.add_argument("--report", metavar="PATH", help="write the JSON report here")
     g.add_argument("--plot", metavar="PATH", help="draw world size, throughput and faults over time (PNG; matplotlib)")
-    g.add_argument("--workdir", metavar="DIR", help="logs of the master, the proxies and every peer (default: a temp dir)")
+    g.add_argument("--workdir", metavar="DIR",
+                   help="logs of the master, the proxies and every peer (default: a temporary directory, "
+                        "removed after a run without violations unless --keep-logs)")
+    g.add_argument("--keep-logs", action="store_true", help="keep the temporary log directory of a passing run")
     # Hidden debug switch: the peer with this spawn index corrupts one of its
     # results, to prove the checks catch it (also PYCCL_STRESS_CORRUPT=N).
     p.add_argument("--debug-corrupt-peer", type=int, default=None, help=argparse.SUPPRESS)
@@ -115,7 +118,8 @@ def config_from_args(args: argparse.Namespace) -> StressConfig:
         hang_kill_fraction=args.hang_kill_fraction, seed=args.seed, heartbeat_timeout=hb,
         stuck_slack=args.stuck_slack, sync_timeout=args.sync_timeout, max_peers=args.max_peers, min_alive=args.min_alive,
         state_size=args.state_size, pace=args.pace, cooldown=args.cooldown, net=net, report=args.report,
-        plot=args.plot, quiet=args.quiet, live=args.live, workdir=args.workdir, corrupt_peer=corrupt,
+        plot=args.plot, quiet=args.quiet, live=args.live, workdir=args.workdir, keep_logs=args.keep_logs,
+        corrupt_peer=corrupt,
     ).validate()
 
 
@@ -140,7 +144,13 @@ def run(args: argparse.Namespace) -> int:
               + (f"; net delay {cfg.net.delay * 1e3:g} ms stall {cfg.net.stall_rate:g}/s reset {cfg.net.reset_rate:g}/s"
                  if cfg.net.enabled else ""), flush=True)
     result = orchestrator.run(cfg)
-    print(report.summary_table(result), flush=True)
+    text = report.summary_table(result)
+    if result.ok and cfg.workdir is None and not cfg.keep_logs:
+        import shutil
+
+        shutil.rmtree(result.workdir, ignore_errors=True)
+        text = text.replace(f"logs: {result.workdir}", "logs: removed (the run passed; --keep-logs or --workdir keeps them)")
+    print(text, flush=True)
     if cfg.report:
         report.write_json(result, cfg.report)
     if cfg.plot:
