@@ -448,6 +448,16 @@ def collectives_body(rank: int, q: Any, world: int, port: int) -> None:
         dist.all_gather_coalesced(og, ins)
         dist.all_gather_coalesced(og_ref, ins, group=gl)
     check("all_gather_coalesced", [t for lst in og for t in lst], [t for lst in og_ref for t in lst])
+    # a future callback that runs (and waits for) another collective of the same group
+    a_cb, b_cb = torch.ones(4), torch.full((4,), 2.0)
+
+    def in_callback(f: Any) -> Any:
+        dist.all_reduce(b_cb)
+        return f.value()
+
+    dist.all_reduce(a_cb, async_op=True).get_future().then(in_callback).wait()
+    check("collective waited for inside a future callback", [a_cb, b_cb],
+          [torch.full((4,), float(world)), torch.full((4,), 2.0 * world)])
     # point to point: ring of send/recv, isend/irecv, any-source recv, batch_isend_irecv
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     payload = torch.arange(10, dtype=torch.float64) * (rank + 1)

@@ -57,10 +57,11 @@ class PycclWork(dist.Work):
     from C++ (pitfall 5); the rest serves Python callers."""
 
     def __init__(self, name: str, timeout: float, result: list[torch.Tensor] | None = None,
-                 runner: "Runner | None" = None) -> None:
+                 runner: "Runner | None" = None, completer: "Completer | None" = None) -> None:
         super().__init__()
         self._name = name
         self._runner = runner
+        self._completer = completer
         self._timeout = timeout
         self._result = result if result is not None else []
         self._event = threading.Event()
@@ -88,8 +89,12 @@ class PycclWork(dist.Work):
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else (timeout or 0.0)
         if seconds <= 0:
             seconds = self._timeout
-        if self._runner is not None and not self._event.is_set() and self._runner.on_runner():
+        if self._event.is_set():
+            done = True
+        elif self._runner is not None and self._runner.on_runner():
             done = self._runner.help_until(self._event, seconds)
+        elif self._completer is not None and self._completer.on_completer():
+            done = self._completer.help_until(self._event, seconds)
         else:
             done = self._event.wait(seconds)
         if not done:
@@ -245,6 +250,27 @@ class Completer:
 
     def allow_inline(self, thread: threading.Thread) -> None:
         self._inline.add(thread)
+
+    def on_completer(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def help_until(self, event: threading.Event, timeout: float) -> bool:
+        """A future callback on this thread waits for another op: complete
+        queued ops here until ``event`` is set."""
+        deadline = time.monotonic() + timeout
+        while not event.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                op = self._q.get(timeout=min(left, 0.05))
+            except queue.Empty:
+                continue
+            if op is None:
+                self._q.put(None)
+                return event.wait(max(0.0, deadline - time.monotonic()))
+            self._run(op)
+        return True
 
     def complete(self, op: PendingOp) -> None:
         if threading.current_thread() in self._inline:

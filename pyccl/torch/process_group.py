@@ -376,7 +376,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     # ============================================================ machinery
 
     def _new_op(self, name: str, result: list[torch.Tensor] | None = None) -> PendingOp:
-        work = PycclWork(f"{name} on process group '{self._group_name}'", self._timeout, result, self._runner)
+        work = PycclWork(f"{name} on process group '{self._group_name}'", self._timeout, result, self._runner,
+                         self._completer)
         return PendingOp(name, work, self._completer, check=self._check_result)
 
     def _launch(self, op: PendingOp, body: Callable[[PendingOp], None]) -> PycclWork:
