@@ -588,6 +588,6 @@ def test_stress_catches_a_corrupted_result(tmp_path: Path) -> None:
     kinds = {v["kind"] for v in rep["violations"]}
     assert {"wrong_result", "hash_mismatch"} <= kinds, rep["violations"]
     wrong = next(v for v in rep["violations"] if v["kind"] == "wrong_result")
-    assert wrong["rev"] is not None and len(wrong["peers"]) == 3
+    assert wrong["rev"] is not None and len(wrong["peers"]) >= 2  # (may happen before the third peer is in)
     assert wrong["values"]["got"] == wrong["values"]["expected"] + 1
     assert "VIOLATION [wrong_result]" in out and "RESULT: FAILED" in out
