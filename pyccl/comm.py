@@ -217,6 +217,11 @@ class Communicator:
         return e.number if e else 0
 
     @property
+    def lost(self) -> str | None:
+        """Why this peer is no longer part of the group (master gone, expelled), or None."""
+        return self._lost
+
+    @property
     def peers(self) -> tuple[int, ...]:
         """Peer ids of the current members in ring order."""
         e = self._epoch
@@ -453,9 +458,9 @@ class Communicator:
             first = self._await_sync_frame(("sync_plan", "sync_result"))
             if first["type"] == "sync_result":
                 raise CCLError(f"shared-state sync refused: {first.get('reason', '?')}")
-            ok, reason, rx = fetch_planned(
-                first, keys, self.peer_id, timeout=max(5.0, 2 * self._control.heartbeat_timeout)
-            )
+            # A holder silent for a heartbeat timeout is given up (the timeout
+            # restarts with every byte, so a slow but live holder is kept).
+            ok, reason, rx = fetch_planned(first, keys, self.peer_id, timeout=self._control.heartbeat_timeout)
             self._control.send({"type": "sync_done", "sync": first.get("sync", 0), "ok": ok, "reason": reason[:1024]})
             result = self._await_sync_frame(("sync_result",))
         finally:

@@ -136,10 +136,12 @@ def test_update_loop_keeps_hashes_equal_and_transfers_only_once():
 # ------------------------------------------------------------------ joiner
 
 
-def _member(pipe: Any, master: str, steps: int, join_at: int) -> None:
+def _member(pipe: Any, master: str, steps: int, stop: Any) -> None:
     comm = _connect(master, 2)
     state = _make_state(0)
     for step in range(steps):
+        if stop.is_set():
+            break
         comm.update_topology()
         info = comm.sync_shared_state(state)
         pipe.send(("sync", step, comm.world_size, info.revision, sorted(state.hashes().items()),
@@ -166,20 +168,24 @@ def _joiner(pipe: Any, master: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_joiner_receives_the_state_bit_exactly():
+    stop = CTX.Event()
     with pyccl.Master(host="127.0.0.1", port=0) as master, Peers() as peers:
-        peers.start("a", _member, master.address, 12, 4)
-        peers.start("b", _member, master.address, 12, 4)
+        # the members keep stepping (up to 1000 steps) until the joiner is in
+        peers.start("a", _member, master.address, 1000, stop)
+        peers.start("b", _member, master.address, 1000, stop)
         for _ in range(4):
             peers.recv("a"), peers.recv("b")
         peers.start("j", _joiner, master.address)
         joined = peers.recv("j")
+        stop.set()
         # the members' record of the same sync (same revision)
         ref = None
-        for _ in range(8):
+        while True:
             m = peers.recv("a")
             if m[3] == joined[2]:
                 ref = m
                 break
+            assert m[3] < joined[2], (m[3], joined[2])
         assert ref is not None, "no member sync at the joiner's revision"
         assert joined[1] == 3 and ref[2] == 3
         assert joined[3] > 0
