@@ -148,8 +148,8 @@ class PendingOp:
     order by the group's runner as one more part.
     """
 
-    __slots__ = ("name", "work", "keep", "finish", "calls", "check", "_pending", "_error", "_lock",
-                 "_completer", "_listeners", "_done")
+    __slots__ = ("name", "work", "keep", "finish", "calls", "check", "inline_thread", "_pending", "_error",
+                 "_lock", "_completer", "_listeners", "_done")
 
     def __init__(
         self,
@@ -164,6 +164,7 @@ class PendingOp:
         self.finish: Callable[[], None] | None = None
         self.calls: list[Callable[[], Any]] = []
         self.check = check  # result of a core op -> error (membership changed) or None
+        self.inline_thread: threading.Thread | None = None  # may complete here (synchronous call)
         self._pending = 1
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -174,6 +175,10 @@ class PendingOp:
     def add_part(self) -> None:
         with self._lock:
             self._pending += 1
+
+    def only_issue_part(self) -> bool:
+        with self._lock:
+            return self._pending == 1
 
     def part_done(self, error: BaseException | None = None) -> None:
         """Any thread: one part is over (with an error, or not)."""
@@ -273,7 +278,8 @@ class Completer:
         return True
 
     def complete(self, op: PendingOp) -> None:
-        if threading.current_thread() in self._inline:
+        me = threading.current_thread()
+        if me in self._inline or op.inline_thread is me:
             self._run(op)
         else:
             self._q.put(op)
@@ -306,12 +312,21 @@ class Runner:
     def __init__(self, name: str, completer: Completer) -> None:
         self._q: "queue.SimpleQueue[PendingOp | None]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=f"pyccl-torch-run-{name}", daemon=True)
+        self._queued = 0  # submitted and not yet run
+        self._count_lock = threading.Lock()
         completer.allow_inline(self._thread)
         self._stopped = False
         self._thread.start()
 
     def submit(self, op: PendingOp) -> None:
+        with self._count_lock:
+            self._queued += 1
         self._q.put(op)
+
+    def idle(self) -> bool:
+        """Nothing queued or running (stable while the caller holds the group's issue lock)."""
+        with self._count_lock:
+            return self._queued == 0
 
     def on_runner(self) -> bool:
         return threading.current_thread() is self._thread
@@ -323,12 +338,14 @@ class Runner:
                 return
             self._run(op)
 
-    @staticmethod
-    def _run(op: PendingOp) -> None:
+    def _run(self, op: PendingOp) -> None:
         try:
             op.run_calls()
         except BaseException:  # noqa: BLE001
             log.exception("pyccl: running %s failed", op.name)
+        finally:
+            with self._count_lock:
+                self._queued -= 1
 
     def help_until(self, event: threading.Event, timeout: float) -> bool:
         """A future callback on the runner waits for a later op: run the queue

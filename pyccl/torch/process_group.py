@@ -65,6 +65,10 @@ log = logging.getLogger("pyccl.torch")
 RedOpType = dist.ReduceOp.RedOpType
 
 
+def _is_sync(opts: Any) -> bool:
+    return opts is not None and getattr(opts, "asyncOp", True) is False
+
+
 def _single(tensors: Any, what: str) -> torch.Tensor:
     if isinstance(tensors, torch.Tensor):
         return tensors
@@ -380,8 +384,14 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                          self._completer)
         return PendingOp(name, work, self._completer, check=self._check_result)
 
-    def _launch(self, op: PendingOp, body: Callable[[PendingOp], None]) -> PycclWork:
-        """Issue ``op``'s parts under the issue lock; return its Work."""
+    def _launch(self, op: PendingOp, body: Callable[[PendingOp], None], sync: bool = False) -> PycclWork:
+        """Issue ``op``'s parts under the issue lock; return its Work.
+
+        ``sync``: the caller waits for the result right away (``async_op=False``
+        in the dist API). If the op is only core collectives and the runner
+        has nothing queued, it runs here on the caller's thread: same order,
+        two thread hops less. Nobody holds its Work yet, so completing it here
+        runs no user callback (pitfall 8 is about those)."""
         with self._issue_lock:
             self._ensure_usable(op.name)
             key = id(op)
@@ -401,11 +411,17 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             # The runner's part is the op's last one (unless p2p parts are still
             # out), so the runner completes the op itself, without a hop.
             has_calls = bool(op.calls)
-            if has_calls:
+            if has_calls and sync and op.only_issue_part() and self._runner.idle():
+                op.inline_thread = threading.current_thread()
                 op.add_part()
-            op.issued()
-            if has_calls:
-                self._runner.submit(op)
+                op.issued()
+                op.run_calls()  # completes the op on this thread
+            else:
+                if has_calls:
+                    op.add_part()
+                op.issued()
+                if has_calls:
+                    self._runner.submit(op)
             if self._coalescing is not None:
                 self._coalescing.append(op.work)
         return op.work
@@ -496,7 +512,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             x = self._contig(op, t)
             self._reduce_into(op, x, None, opts.reduceOp)
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> PycclWork:
         opts = _opt(opts, AllreduceCoalescedOptions)
@@ -513,7 +529,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 self._reduce_into(op, flat, None, opts.reduceOp)
                 _add_finish(op, _unflatten(flat, group))
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     def broadcast(self, tensors: Any, opts: Any = None) -> PycclWork:
         if isinstance(opts, int):  # legacy broadcast(tensor, root)
@@ -532,7 +548,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             op.keep.append(x)
             self._core(op, "broadcast", _ops.byte_view(x), root=root)
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     def reduce(self, tensors: Any, opts: Any = None) -> PycclWork:
         opts = _opt(opts, ReduceOptions)
@@ -549,7 +565,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             if self._rank == root:
                 _add_finish(op, lambda: t.copy_(result))
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     # --------------------------------------------------------------- gathers
 
@@ -559,7 +575,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         _check_cpu(t, *outputs)
         self._check_len(outputs, "allgather output list")
         op = self._new_op("allgather", outputs)
-        return self._launch(op, lambda op: self._allgather_list(op, outputs, t))
+        return self._launch(op, lambda op: self._allgather_list(op, outputs, t), sync=_is_sync(opts))
 
     def _allgather_list(self, op: PendingOp, outputs: list[torch.Tensor], t: torch.Tensor) -> None:
         for o in outputs:
@@ -607,7 +623,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> PycclWork:
         _check_cpu(output, input)
         op = self._new_op("all_gather_into_tensor", [output])
-        return self._launch(op, lambda op: self._allgather_flat(op, output, input))
+        return self._launch(op, lambda op: self._allgather_flat(op, output, input), sync=_is_sync(opts))
 
     _allgather_base = all_gather_single
 
@@ -622,7 +638,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             for o, i in zip(outputs, inputs):
                 self._allgather_flat(op, o, i)
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
@@ -643,7 +659,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             for lst, t in zip(per_input, inputs):
                 self._allgather_list(op, lst, t)
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     def gather(self, output_tensors: Any, input_tensors: Any, opts: Any = None) -> PycclWork:
         opts = _opt(opts, GatherOptions)
@@ -669,7 +685,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
                 _add_finish(op, fin)
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     def scatter(self, output_tensors: Any, input_tensors: Any, opts: Any = None) -> PycclWork:
         opts = _opt(opts, ScatterOptions)
@@ -696,7 +712,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             r = self._rank
             _add_finish(op, lambda: out.copy_(staging[r * nb:(r + 1) * nb].view(out.dtype).view(out.shape)))
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     # ------------------------------------------------------- reduce-scatters
 
@@ -725,7 +741,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             _add_finish(op, lambda: out.view(-1).copy_(flat[start:start + n]) if out.is_contiguous()
                         else out.copy_(flat[start:start + n].view(out.shape)))
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     def _reduce_scatter_flat(self, op: PendingOp, output: torch.Tensor, input: torch.Tensor, rop: Any) -> None:
         if output.dtype != input.dtype:
@@ -740,7 +756,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         opts = _opt(opts, ReduceScatterOptions)
         _check_cpu(output, input)
         op = self._new_op("reduce_scatter_tensor", [output])
-        return self._launch(op, lambda op: self._reduce_scatter_flat(op, output, input, opts.reduceOp))
+        return self._launch(op, lambda op: self._reduce_scatter_flat(op, output, input, opts.reduceOp), sync=_is_sync(opts))
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -756,7 +772,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             for o, i in zip(outputs, inputs):
                 self._reduce_scatter_flat(op, o, i, opts.reduceOp)
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
@@ -789,7 +805,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             op.keep += [x, o]
             self._exchange(op, sends, recvs)
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     alltoall_base = all_to_all_single
 
@@ -805,7 +821,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             recvs = [self._contig(op, o, copy_in=False) for o in outputs]
             self._exchange(op, sends, recvs)
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     def _exchange(self, op: PendingOp, sends: list[torch.Tensor], recvs: list[torch.Tensor]) -> None:
         """All-to-all over the side channel: block i of ``sends`` goes to rank i."""
@@ -888,7 +904,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             op.keep.append(token)
             self._core(op, "all_reduce", token, op="sum")
 
-        return self._launch(op, body)
+        return self._launch(op, body, sync=_is_sync(opts))
 
     def monitored_barrier(self, timeout: Any = None, wait_all_ranks: bool = False) -> None:
         self.barrier().wait(timeout)
