@@ -504,6 +504,17 @@ def collectives_body(rank: int, q: Any, world: int, port: int) -> None:
         dist.all_reduce(z, group=sub)
         check("subgroup all_reduce", z, torch.full((5,), float(sum(r + 1 for r in evens))))
         assert dist.get_world_size(sub) == len(evens) and dist.get_rank(sub) == evens.index(rank)
+    # ranks that disagree on a collective get a clear error (no hang), and the group goes on
+    err = ""
+    try:
+        dist.all_reduce(torch.ones(4 + rank))
+    except RuntimeError as exc:
+        err = str(exc)
+    if "pyccl" not in err or "different arguments" not in err:
+        failures.append(f"mismatched all_reduce: unclear error {err!r}")
+    z = torch.ones(3)
+    dist.all_reduce(z)
+    check("all_reduce after a mismatch", z, torch.full((3,), float(world)))
     # errors are clear
     err = ""
     try:
