@@ -65,6 +65,14 @@ log = logging.getLogger("pyccl.torch")
 RedOpType = dist.ReduceOp.RedOpType
 
 
+def _comm_lost(comm: Any) -> str | None:
+    """Why the Communicator left its group (master gone, expelled), or None."""
+    if comm is None:
+        return None
+    lost = getattr(type(comm), "lost", None)
+    return comm.lost if lost is not None else getattr(comm, "_lost", None)  # (older cores: no public property)
+
+
 def _is_sync(opts: Any) -> bool:
     return opts is not None and getattr(opts, "asyncOp", True) is False
 
@@ -308,7 +316,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     def _describe_lost(self) -> str:
         lost = self._lost_ranks()
         comm = self._comm
-        master_gone = comm is not None and getattr(comm, "_lost", None)
+        master_gone = _comm_lost(comm)
         if lost:
             globs = [self._global_ranks[r] for r in lost]
             who = ", ".join(f"rank {r}" + (f" (global rank {g})" if g != r else "") for r, g in zip(lost, globs))
@@ -327,7 +335,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         if self._closed:
             return f"pyccl: process group '{self._group_name}' was shut down"
         comm = self._comm
-        if comm is not None and comm.epoch == self._epoch_ok and not getattr(comm, "_lost", None):
+        if comm is not None and comm.epoch == self._epoch_ok and not _comm_lost(comm):
             return None  # fast path: no epoch change since the last check
         why = self._describe_lost()
         if why:
@@ -942,7 +950,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             self._closed = True
         RUNTIME.groups.discard(self)
         comm, self._comm = self._comm, None
-        master_lost = comm is not None and bool(getattr(comm, "_lost", None))
+        master_lost = bool(_comm_lost(comm))
         if comm is not None:
             try:
                 comm.close()  # fails (and joins) the core ops still running
