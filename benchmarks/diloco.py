@@ -160,7 +160,7 @@ async def one_row(n: int, connections: int, params: int, mode: dict, args: argpa
         master.stop()
 
 
-MODES = [
+MODES: list[tuple[str, dict[str, Any]]] = [
     ("sync", {}),
     ("delayed", {"delayed": True}),
     ("sync, uint8", {"quantize": "uint8"}),

@@ -306,7 +306,7 @@ def run_method(method: str, cfg: Config, say: Any) -> dict[str, Any]:
             for r in mpc.wait(list(pipes), 1.0):
                 seed = pipes[r]
                 try:
-                    msg = r.recv()
+                    msg: Any = r.recv()  # type: ignore[union-attr,call-arg]
                 except (EOFError, OSError):
                     del pipes[r]
                     if seed != victim and seed not in finals:

@@ -175,7 +175,7 @@ class Peers:
         for p in mpc.wait(list(self.pipes.values()), timeout):
             name = by_pipe[id(p)]
             try:
-                msg = p.recv()
+                msg = p.recv()  # type: ignore[union-attr,call-arg]
             except (EOFError, OSError):
                 del self.pipes[name]
                 continue

@@ -91,6 +91,15 @@ class DiLoCo:
     is due, does its outer step; it returns an :class:`OuterStepInfo` then,
     else None. Call ``dl.finish()`` on every peer at the same inner step to
     end training with the final global parameters in the model.
+
+    Only trainable parameters are averaged and shared: frozen parameters
+    and buffers (e.g. BatchNorm statistics) stay local, so give them the same
+    values on every peer. The global copy has each parameter's own dtype
+    (a bfloat16 model gets a bfloat16 outer step). Errors other than
+    ``PeerFailure`` propagate: ``CCLError`` when this peer lost the group or
+    a joiner's state transfer failed (every holder died: close the
+    Communicator and join again), ``MismatchError`` when a quantized
+    all-reduce met NaN or Inf (training diverged).
     """
 
     def __init__(
