@@ -89,6 +89,19 @@ class _Ticket:
     epoch: "_Epoch"
     seq: int
 
+    @property
+    def name(self) -> str:
+        return _COLLECTIVE_NAMES.get(self.kind, "collective")
+
+
+_COLLECTIVE_NAMES = {
+    _core.Collective.ALL_REDUCE: "all_reduce",
+    _core.Collective.ALL_REDUCE_Q8: "all_reduce(quantize='uint8')",
+    _core.Collective.REDUCE_SCATTER: "reduce_scatter",
+    _core.Collective.ALL_GATHER: "all_gather",
+    _core.Collective.BROADCAST: "broadcast",
+}
+
 
 class AsyncHandle:
     """Handle of an ``all_reduce_async``; ``wait()`` returns its ReduceInfo or raises its error."""
@@ -252,6 +265,7 @@ class Communicator:
                     "data_host": adv_host,
                     "data_port": adv_port,
                     "name": self.name[:128],
+                    "beat": True,  # ask for the master's heartbeats (frozen-master detection)
                     **({"order": self.order} if self.order is not None else {}),
                 },
                 max(0.1, deadline - time.monotonic()),
@@ -592,9 +606,9 @@ class Communicator:
             )
             if n > 1:
                 self._report(kind, message, t.epoch.number, t.tag, t.seq)
-                self._await_verdict(t.epoch.number, t.tag, t.seq, kind, message)
+                self._await_verdict(t.epoch.number, t.tag, t.seq, kind, message, t.name)
             elif kind != _core.FailKind.NONE:
-                raise self._failure_for(t.epoch.number, local=(kind, message))
+                raise self._failure_for(t.epoch.number, local=(kind, message), what=t.name)
             # Committed: only now may the caller's buffers change.
             if t.kind in (_core.Collective.ALL_REDUCE, _core.Collective.ALL_REDUCE_Q8) and scratch is not None:
                 _core.copy(src.ptr, work_ptr, src.nbytes)
@@ -626,7 +640,7 @@ class Communicator:
         except CCLError:
             pass  # the lost-connection path wakes the waiter below
 
-    def _await_verdict(self, epoch: int, tag: int, seq: int, kind: Any, message: str) -> None:
+    def _await_verdict(self, epoch: int, tag: int, seq: int, kind: Any, message: str, what: str) -> None:
         key = (epoch, tag, seq)
         with self._cv:
             # Wait for op_ok, or for the drain of this epoch and the epoch after it.
@@ -639,9 +653,9 @@ class Communicator:
             if key in self._decided:
                 self._decided.discard(key)
                 return
-            raise self._failure_for(epoch, local=(kind, message))
+            raise self._failure_for(epoch, local=(kind, message), what=what)
 
-    def _failure_for(self, epoch: int, local: tuple[Any, str] | None = None) -> CCLError:
+    def _failure_for(self, epoch: int, local: tuple[Any, str] | None = None, what: str = "collective") -> CCLError:
         """The exception for an op of ``epoch`` that did not succeed."""
         if self._closed:
             return CCLError("the Communicator was closed while the op was running")
@@ -654,7 +668,7 @@ class Communicator:
             return MismatchError(drain.reason)
         why = drain.reason if drain is not None else (local[1] if local else "the membership changed")
         return PeerFailure(
-            f"all-reduce aborted because the group changed ({why}); world size is now {self.world_size}: retry the call"
+            f"{what} aborted because the group changed ({why}); world size is now {self.world_size}: retry the call"
         )
 
     def _check_usable(self) -> None:

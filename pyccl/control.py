@@ -119,7 +119,7 @@ class ControlClient:
             raise CCLError("not connected to the master")
         try:
             with self._send_lock:
-                sock.sendall(data)
+                sock.sendall(data)  # the socket's timeout also bounds a send to a stuck master
         except OSError as exc:
             raise CCLError(f"lost the connection to the master at {self.address} ({exc})") from None
 
@@ -128,10 +128,20 @@ class ControlClient:
     def _read_loop(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         assert self._sock is not None
         reason = "the master closed the connection"
+        # The master heart-beats every interval: two timeouts of silence mean
+        # it froze or the path to it died.
+        silence = 2 * self.heartbeat_timeout
+        self._sock.settimeout(silence)
         try:
             while not self._stop.is_set():
-                frame = wire.recv_frame(self._sock)
-                on_frame(frame)
+                try:
+                    frame = wire.recv_frame(self._sock)
+                except socket.timeout:
+                    reason = f"the master at {self.address} sent nothing for {silence:.1f} s"
+                    log.error("%s; leaving the group", reason)
+                    break
+                if frame["type"] != "heartbeat":
+                    on_frame(frame)
         except wire.FrameError as exc:
             reason = f"the master sent an invalid frame ({exc})"
             log.error("%s; leaving the group", reason)

@@ -64,7 +64,7 @@ def test_byte_view_and_rows() -> None:
 
 
 def test_core_reason_drops_the_retry_advice() -> None:
-    msg = "all-reduce aborted because the group changed (peer 3 is gone: connection closed); world size is now 2: retry the call"
+    msg = "all_reduce aborted because the group changed (peer 3 is gone: connection closed); world size is now 2: retry the call"
     assert _core_reason(msg) == "peer 3 is gone: connection closed"
 
 

@@ -433,6 +433,18 @@ class Master:
             raise RuntimeError("the master is not listening; call start() first")
         return self._bound
 
+    async def _beat(self, core: "_Core") -> None:
+        """Send every connection a heartbeat each interval, so that peers can
+        tell a frozen or unreachable master from a quiet one (they give up
+        after two heartbeat timeouts of silence). A timer, not a poll."""
+        data = encode({"type": "heartbeat"})
+        interval = self._state.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            for conn_id, t in list(core.transports.items()):
+                if not t.is_closing() and self._state.wants_heartbeat(conn_id):
+                    t.write(data)
+
     async def _main(self, loop: asyncio.AbstractEventLoop, ready: Callable[[], None], install_signals: bool) -> None:
         core = _Core(loop, self._state)
         server = await loop.create_server(
@@ -448,9 +460,11 @@ class Master:
         for sig in signals:
             loop.add_signal_handler(sig, stop_event.set)
         ready()
+        beat = loop.create_task(self._beat(core))
         try:
             await stop_event.wait()
         finally:
+            beat.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             log.info("pyccl master on %s stopping", self.address)

@@ -157,6 +157,7 @@ class _Peer:
         "data_port",
         "name",
         "order",
+        "wants_beat",
         "next_round",
         "waiting_round",
     )
@@ -171,6 +172,7 @@ class _Peer:
         self.data_port = 0
         self.name = ""
         self.order: int | None = None  # ring-order key from the hello, if any
+        self.wants_beat = False  # asked (hello "beat": true) for the master's heartbeats
         self.next_round = 0  # the round number this member's next vote must carry
         self.waiting_round: int | None = None  # voted this ADMIT round, not answered yet
 
@@ -440,6 +442,11 @@ class MasterState:
         rnd = g.rounds.get(round_) if g is not None else None
         return rnd.decision if rnd is not None else None
 
+    def wants_heartbeat(self, conn_id: int) -> bool:
+        """Whether the peer on this connection asked for the master's heartbeats."""
+        peer = self._conns.get(conn_id)
+        return peer is not None and peer.wants_beat
+
     def connection_count(self) -> int:
         return len(self._conns)
 
@@ -460,6 +467,7 @@ class MasterState:
         order = get_int(frame, "order", 0, MAX_PEER_GROUP) if frame.get("order") is not None else None
 
         peer.order = order
+        peer.wants_beat = frame.get("beat") is True
         peer.peer_id = self._next_peer_id
         self._next_peer_id += 1
         peer.data_host, peer.data_port, peer.name = host, port, name
