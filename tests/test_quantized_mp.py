@@ -3,7 +3,6 @@ peer, ~4x fewer bytes, and clear errors for inputs quantization cannot carry."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import traceback
 from typing import Any
 
@@ -11,9 +10,9 @@ import numpy as np
 import pytest
 
 import pyccl
+from pipe_peers import run_pipe_peers
 from pyccl import _core
 
-CTX = mp.get_context("spawn")
 
 
 def _peer(master: str, n: int, pipe: Any) -> None:
@@ -66,24 +65,7 @@ def _peer(master: str, n: int, pipe: Any) -> None:
 @pytest.mark.parametrize("n", [2, 3])
 def test_quantized_all_reduce(n):
     with pyccl.Master(host="127.0.0.1", port=0) as master:
-        pipes, procs = [], []
-        try:
-            for _ in range(n):
-                r, w = CTX.Pipe(duplex=False)
-                p = CTX.Process(target=_peer, args=(master.address, n, w))
-                p.start()
-                w.close()
-                pipes.append(r)
-                procs.append(p)
-            res = []
-            for r in pipes:
-                assert r.poll(100)
-                res.append(r.recv())
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
+        res = run_pipe_peers(_peer, n, master.address, n, timeout=100)
     for out in res:
         assert "crash" not in out, out.get("crash")
     for name in ("normal", "negative", "constant", "tiny"):

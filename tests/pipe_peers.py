@@ -1,0 +1,38 @@
+"""Run N peer processes that each report one result over their own pipe.
+
+One pipe per peer, never a shared queue: a peer killed while writing to a
+shared queue would wedge it for everyone. Every child is joined (or killed)
+before this returns, whatever happens.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Any, Callable
+
+CTX = mp.get_context("spawn")
+
+
+def run_pipe_peers(target: Callable[..., None], n: int, *args: Any, timeout: float = 100.0) -> list[Any]:
+    """Start ``target(*args, pipe)`` n times; return each peer's one message, in start order."""
+    pipes, procs = [], []
+    try:
+        for _ in range(n):
+            r, w = CTX.Pipe(duplex=False)
+            p = CTX.Process(target=target, args=(*args, w))
+            p.start()
+            w.close()
+            pipes.append(r)
+            procs.append(p)
+        out = []
+        for i, r in enumerate(pipes):
+            if not r.poll(timeout):
+                raise AssertionError(f"peer {i} sent nothing within {timeout} s")
+            out.append(r.recv())
+        return out
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
