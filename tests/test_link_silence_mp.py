@@ -120,7 +120,7 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(90)
 def test_silent_link_fails_the_op_and_the_group_recovers():
-    heartbeat_timeout = 2.0
+    heartbeat_timeout = 3.0  # roomy: CI machines are loaded
     with pyccl.Master(host="127.0.0.1", port=0, heartbeat_timeout=heartbeat_timeout) as master:
         b_port = _free_port()
         proxy = StallingProxy(b_port)

@@ -7,12 +7,14 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 import pytest
 
 import pyccl
+from conftest import pyccl_pythonpath
 
 
 @pytest.mark.timeout(60)
@@ -20,7 +22,8 @@ def test_peer_declares_a_frozen_master_lost():
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyccl.cli", "master", "--host", "127.0.0.1", "--port", "0",
          "--heartbeat-timeout", "1"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir(),
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pyccl_pythonpath()},
     )
     try:
         address = None

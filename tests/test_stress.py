@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import pyccl_pythonpath  # noqa: E402
 from pyccl.stress import config as cfgmod
 from pyccl.stress.faults import FaultKind, FaultScheduler
 from pyccl.stress.protocol import OpOutcome, StepReport, SyncReport, parse_peer_frame
@@ -82,7 +84,7 @@ def test_parsers() -> None:
 def test_cli_rejects_bad_arguments() -> None:
     for args in (["--peers", "1"], ["--size", "3", "--dtype", "float32"], ["--kill-rate", "often"]):
         r = subprocess.run([sys.executable, "-m", "pyccl.cli", "stress", *args], capture_output=True, text=True,
-                           timeout=50, env=_env())
+                           timeout=50, env=_env(), cwd=tempfile.gettempdir())
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "error" in r.stderr
 
@@ -487,7 +489,7 @@ def test_netem_process_hosts_proxies() -> None:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = pyccl_pythonpath()
     env.pop("PYCCL_STRESS_CORRUPT", None)
     return env
 
@@ -500,8 +502,10 @@ def _stress(args: list[str], timeout: float, tmp: Path, env: dict[str, str] | No
     report = tmp / "report.json"
     cmd = [sys.executable, "-m", "pyccl.cli", "stress", "--quiet", "--report", str(report),
            "--workdir", str(tmp / "logs"), *args]
+    # cwd outside the repository: `python -m` puts the cwd first on sys.path,
+    # and the source tree must not shadow an installed pyccl (CI).
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env or _env(), start_new_session=True)
+                            env=env or _env(), start_new_session=True, cwd=str(tmp))
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -14,13 +14,14 @@ pytest.importorskip("torch")
 
 from mp_helpers import running_master  # noqa: E402
 from torch_mp import free_port  # noqa: E402
+from conftest import pyccl_pythonpath  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _torchrun(script: str, nproc: int, *args: str, env: dict[str, str] | None = None, timeout: float = 90) -> str:
     full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
+    full_env["PYTHONPATH"] = pyccl_pythonpath()
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(ROOT / "examples" / script), *args]
