@@ -44,6 +44,32 @@ import torch.distributed as dist
 log = logging.getLogger("pyccl.torch")
 
 
+
+def _serve_queue_until(q: "queue.Queue[Any]", run: Callable[[Any], None], event: threading.Event,
+                       timeout: float) -> bool:
+    """Run items of ``q`` on the calling thread until ``event`` is set.
+
+    Used when a thread that normally serves ``q`` must wait for an item that
+    is behind it in the same queue (a future callback waiting for a later
+    op): serving the queue itself is what lets that item complete. A ``None``
+    item (shutdown) is put back and ends the serving. Returns False on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while not event.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            # Short waits so that `event` (set by another thread) is noticed.
+            item = q.get(timeout=min(left, 0.05))
+        except queue.Empty:
+            continue
+        if item is None:
+            q.put(None)
+            return event.wait(max(0.0, deadline - time.monotonic()))
+        run(item)
+    return True
+
 class BackendError(RuntimeError):
     """Every error of the pyccl torch backend (messages start with ``pyccl:``)."""
 
@@ -262,20 +288,7 @@ class Completer:
     def help_until(self, event: threading.Event, timeout: float) -> bool:
         """A future callback on this thread waits for another op: complete
         queued ops here until ``event`` is set."""
-        deadline = time.monotonic() + timeout
-        while not event.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                op = self._q.get(timeout=min(left, 0.05))
-            except queue.Empty:
-                continue
-            if op is None:
-                self._q.put(None)
-                return event.wait(max(0.0, deadline - time.monotonic()))
-            self._run(op)
-        return True
+        return _serve_queue_until(self._q, self._run, event, timeout)
 
     def complete(self, op: PendingOp) -> None:
         me = threading.current_thread()
@@ -350,20 +363,7 @@ class Runner:
     def help_until(self, event: threading.Event, timeout: float) -> bool:
         """A future callback on the runner waits for a later op: run the queue
         here until ``event`` is set (ops keep their order)."""
-        deadline = time.monotonic() + timeout
-        while not event.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                op = self._q.get(timeout=min(left, 0.05))
-            except queue.Empty:
-                continue
-            if op is None:
-                self._q.put(None)
-                return event.wait(max(0.0, deadline - time.monotonic()))
-            self._run(op)
-        return True
+        return _serve_queue_until(self._q, self._run, event, timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._stopped:
