@@ -1,7 +1,6 @@
 #include "collectives/ring_allreduce.h"
 
 #include "collectives/ring_common.h"
-#include "kernels/reduce.h"
 
 namespace pyccl {
 
@@ -14,7 +13,6 @@ Status run_ring_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links,
   const RingLayout& L = op->layout();
   const int n = op->world_size();
   const int r = op->rank();
-  const size_t elem = L.elem_size();
   const char* input = static_cast<const char*>(op->input());
   char* work = op->work();
 
@@ -25,17 +23,11 @@ Status run_ring_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links,
     const int s = op->step_of(phase, static_cast<int>(ch.segment));
     if (phase == Phase::ReduceScatter) {
       // A partial sum arrived in `work`: fold in our input and pass it on.
-      // At the last step the segment is ours: finish it (AVG divides here)
-      // and start its all-gather.
-      void* dst = work + ch.offset;
-      const void* src = input + ch.offset;
-      if (s == n - 2) {
-        reduce_final(op->dtype(), op->redop(), dst, src, ch.length / elem, n);
-        links.send(op, op->header(Phase::AllGather, c), work + ch.offset);
-      } else {
-        reduce_step(op->dtype(), op->redop(), dst, src, ch.length / elem);
-        links.send(op, op->header(Phase::ReduceScatter, c), work + ch.offset);
-      }
+      // At the last step the segment is ours: finished, it starts the
+      // all-gather.
+      const bool owner = (s == n - 2);
+      ring::fold_input(*op, ch, owner);
+      links.send(op, op->header(owner ? Phase::AllGather : Phase::ReduceScatter, c), work + ch.offset);
     } else if (s < n - 2) {
       // A finished chunk: forward it verbatim unless it has been everywhere.
       links.send(op, op->header(Phase::AllGather, c), work + ch.offset);

@@ -7,6 +7,7 @@
 
 #include "collectives/op.h"
 #include "common/status.h"
+#include "kernels/reduce.h"
 #include "net/ring_links.h"
 
 namespace pyccl::ring {
@@ -30,6 +31,17 @@ inline void send_segment(const std::shared_ptr<Op>& op, net::RingLinks& links, n
 // peers that disagree about the op always find out (see Phase::Start).
 inline void open_op(const std::shared_ptr<Op>& op, net::RingLinks& links, bool sends_data) {
   if (!sends_data) links.send(op, op->header(net::Phase::Start, 0), op->input());
+}
+
+// Reduce-scatter's step on an arrived chunk: the partial sum in work[chunk]
+// absorbs this peer's input; the segment's owner also finishes it (AVG
+// divides there), once, so every peer later receives the same bytes.
+inline void fold_input(Op& op, const Chunk& ch, bool owner) {
+  const size_t elem = op.layout().elem_size();
+  void* dst = op.work() + ch.offset;
+  const void* src = static_cast<const char*>(op.input()) + ch.offset;
+  if (owner) reduce_final(op.dtype(), op.redop(), dst, src, ch.length / elem, op.world_size());
+  else reduce_step(op.dtype(), op.redop(), dst, src, ch.length / elem);
 }
 
 // Publish, start, wait for `expected` arrivals, then for quiescence (the

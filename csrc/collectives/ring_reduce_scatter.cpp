@@ -1,7 +1,6 @@
 #include "collectives/ring_reduce_scatter.h"
 
 #include "collectives/ring_common.h"
-#include "kernels/reduce.h"
 
 namespace pyccl {
 
@@ -14,7 +13,6 @@ Status run_ring_reduce_scatter(const std::shared_ptr<Op>& op, net::RingLinks& li
   const RingLayout& L = op->layout();
   const int n = op->world_size();
   const int r = op->rank();
-  const size_t elem = L.elem_size();
   const char* input = static_cast<const char*>(op->input());
   char* work = op->work();
 
@@ -24,15 +22,9 @@ Status run_ring_reduce_scatter(const std::shared_ptr<Op>& op, net::RingLinks& li
   op->set_on_arrival([&](Phase phase, uint32_t c) {
     if (phase != Phase::ReduceScatter) return;
     const Chunk& ch = L.chunk(c);
-    const int s = op->step_of(phase, static_cast<int>(ch.segment));
-    void* dst = work + ch.offset;
-    const void* src = input + ch.offset;
-    if (s == n - 2) {
-      reduce_final(op->dtype(), op->redop(), dst, src, ch.length / elem, n);
-    } else {
-      reduce_step(op->dtype(), op->redop(), dst, src, ch.length / elem);
-      links.send(op, op->header(Phase::ReduceScatter, c), work + ch.offset);
-    }
+    const bool owner = op->step_of(phase, static_cast<int>(ch.segment)) == n - 2;
+    ring::fold_input(*op, ch, owner);
+    if (!owner) links.send(op, op->header(Phase::ReduceScatter, c), work + ch.offset);
   });
 
   const int first = mod(r - 1, n);
