@@ -8,18 +8,31 @@ before this returns, whatever happens.
 from __future__ import annotations
 
 import multiprocessing as mp
+import traceback
 from typing import Any, Callable
 
 CTX = mp.get_context("spawn")
 
 
+def _child(target: Callable[..., None], args: tuple[Any, ...], pipe: Any) -> None:
+    """Run the peer body; a crash is reported as {"crash": traceback} so the
+    test shows it instead of waiting for a message that never comes."""
+    try:
+        target(*args, pipe)
+    except BaseException:
+        pipe.send({"crash": traceback.format_exc()})
+
+
 def run_pipe_peers(target: Callable[..., None], n: int, *args: Any, timeout: float = 100.0) -> list[Any]:
-    """Start ``target(*args, pipe)`` n times; return each peer's one message, in start order."""
+    """Start ``target(*args, pipe)`` n times; return each peer's one message, in start order.
+
+    A peer that raises sends ``{"crash": traceback}`` instead; see ``check_no_crash``.
+    """
     pipes, procs = [], []
     try:
         for _ in range(n):
             r, w = CTX.Pipe(duplex=False)
-            p = CTX.Process(target=target, args=(*args, w))
+            p = CTX.Process(target=_child, args=(target, args, w))
             p.start()
             w.close()
             pipes.append(r)
@@ -36,3 +49,8 @@ def run_pipe_peers(target: Callable[..., None], n: int, *args: Any, timeout: flo
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def check_no_crash(results: list[Any]) -> None:
+    for i, r in enumerate(results):
+        assert not (isinstance(r, dict) and "crash" in r), f"peer {i} crashed:\n{r['crash']}"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 
 import numpy as np
 import pytest
 
 import pyccl
+from pipe_peers import check_no_crash, run_pipe_peers
 
 
 def _idle_peer(master: str, n: int, out) -> None:
@@ -23,25 +23,15 @@ def _idle_peer(master: str, n: int, out) -> None:
     cpu = time.process_time() - t_cpu
     wall = time.monotonic() - t_wall
     comm.all_reduce(x)  # still works after idling
-    out.put(cpu / wall)
+    out.send(cpu / wall)
     comm.close()
 
 
 @pytest.mark.timeout(60)
 def test_idle_peer_uses_no_cpu():
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     with pyccl.Master(host="127.0.0.1", port=0) as master:
-        procs = [ctx.Process(target=_idle_peer, args=(master.address, 2, out)) for _ in range(2)]
-        for p in procs:
-            p.start()
-        try:
-            shares = [out.get(timeout=50) for _ in procs]
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
+        shares = run_pipe_peers(_idle_peer, 2, master.address, 2, timeout=50)
+    check_no_crash(shares)
     # Process CPU time over all threads (senders, readers, heartbeat): a
     # busy-poll anywhere would show up as tens of percent.
     assert max(shares) < 0.02, shares
@@ -61,26 +51,16 @@ def _torch_peer(master: str, n: int, out) -> None:
         out_t = torch.empty_like(t)
         comm.all_reduce(torch.full((1000,), comm.peer_id, dtype=dtype), out=out_t, op="max")
         results[str(dtype)] = (t[0].item(), out_t[0].item(), bool((t == t[0]).all()))
-    out.put((comm.peer_id, results))
+    out.send((comm.peer_id, results))
     comm.close()
 
 
 @pytest.mark.timeout(90)
 def test_torch_tensors_all_dtypes():
     pytest.importorskip("torch")
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     with pyccl.Master(host="127.0.0.1", port=0) as master:
-        procs = [ctx.Process(target=_torch_peer, args=(master.address, 2, out)) for _ in range(2)]
-        for p in procs:
-            p.start()
-        try:
-            res = [out.get(timeout=80) for _ in procs]
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
+        res = run_pipe_peers(_torch_peer, 2, master.address, 2, timeout=80)
+    check_no_crash(res)
     ids = [r[0] for r in res]
     for _, results in res:
         for dtype, (s, m, uniform) in results.items():

@@ -3,62 +3,58 @@ peer, ~4x fewer bytes, and clear errors for inputs quantization cannot carry."""
 
 from __future__ import annotations
 
-import traceback
 from typing import Any
 
 import numpy as np
 import pytest
 
 import pyccl
-from pipe_peers import run_pipe_peers
+from pipe_peers import check_no_crash, run_pipe_peers
 from pyccl import _core
 
 
 
 def _peer(master: str, n: int, pipe: Any) -> None:
-    try:
-        comm = pyccl.Communicator(master, connections=2)
-        comm.connect(timeout=60)
-        while comm.world_size < n:
-            comm.update_topology()
-        out: dict[str, Any] = {}
-        rng = np.random.default_rng(100 + comm.rank)
-        cases = {
-            "normal": rng.standard_normal(300_000).astype(np.float32),
-            "negative": -np.abs(rng.standard_normal(70_001)).astype(np.float32) - 5,
-            "constant": np.full(5000, 3.25, np.float32),
-            "tiny": np.array([1.5], np.float32),
+    comm = pyccl.Communicator(master, connections=2)
+    comm.connect(timeout=60)
+    while comm.world_size < n:
+        comm.update_topology()
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(100 + comm.rank)
+    cases = {
+        "normal": rng.standard_normal(300_000).astype(np.float32),
+        "negative": -np.abs(rng.standard_normal(70_001)).astype(np.float32) - 5,
+        "constant": np.full(5000, 3.25, np.float32),
+        "tiny": np.array([1.5], np.float32),
+    }
+    for name, x in cases.items():
+        exact = x.copy()
+        comm.all_reduce(exact, op="avg")
+        q = x.copy()
+        info = comm.all_reduce(q, op="avg", quantize="uint8")
+        plain = comm.all_reduce(x.copy(), op="avg")
+        out[name] = {
+            "hash": _core.content_hash(q.ctypes.data, q.nbytes),
+            "max_err": float(np.max(np.abs(q - exact))),
+            "range": float(np.ptp(exact)) if exact.size else 0.0,
+            "tx": info.tx_bytes,
+            "tx_plain": plain.tx_bytes,
         }
-        for name, x in cases.items():
-            exact = x.copy()
-            comm.all_reduce(exact, op="avg")
-            q = x.copy()
-            info = comm.all_reduce(q, op="avg", quantize="uint8")
-            plain = comm.all_reduce(x.copy(), op="avg")
-            out[name] = {
-                "hash": _core.content_hash(q.ctypes.data, q.nbytes),
-                "max_err": float(np.max(np.abs(q - exact))),
-                "range": float(np.ptp(exact)) if exact.size else 0.0,
-                "tx": info.tx_bytes,
-                "tx_plain": plain.tx_bytes,
-            }
-        # NaN on one peer: every peer gets a clear error, nobody hangs
-        bad = np.ones(1000, np.float32)
-        if comm.rank == 0:
-            bad[10] = np.nan
-        try:
-            comm.all_reduce(bad, op="avg", quantize="uint8")
-            out["nan"] = "no error"
-        except pyccl.MismatchError as exc:
-            out["nan"] = str(exc)
-        try:
-            comm.all_reduce(np.ones(4, np.float64), quantize="uint8")
-        except ValueError as exc:
-            out["dtype"] = str(exc)
-        pipe.send(out)
-        comm.close()
-    except BaseException:
-        pipe.send({"crash": traceback.format_exc()})
+    # NaN on one peer: every peer gets a clear error, nobody hangs
+    bad = np.ones(1000, np.float32)
+    if comm.rank == 0:
+        bad[10] = np.nan
+    try:
+        comm.all_reduce(bad, op="avg", quantize="uint8")
+        out["nan"] = "no error"
+    except pyccl.MismatchError as exc:
+        out["nan"] = str(exc)
+    try:
+        comm.all_reduce(np.ones(4, np.float64), quantize="uint8")
+    except ValueError as exc:
+        out["dtype"] = str(exc)
+    pipe.send(out)
+    comm.close()
 
 
 @pytest.mark.timeout(120)
@@ -66,8 +62,7 @@ def _peer(master: str, n: int, pipe: Any) -> None:
 def test_quantized_all_reduce(n):
     with pyccl.Master(host="127.0.0.1", port=0) as master:
         res = run_pipe_peers(_peer, n, master.address, n, timeout=100)
-    for out in res:
-        assert "crash" not in out, out.get("crash")
+    check_no_crash(res)
     for name in ("normal", "negative", "constant", "tiny"):
         hashes = {out[name]["hash"] for out in res}
         assert len(hashes) == 1, (name, hashes)  # bit-identical everywhere
