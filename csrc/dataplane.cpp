@@ -175,11 +175,15 @@ void DataPlane::accept_loop() {
     int fd = s.fd();
     try {
       std::thread t([this, sock = std::move(s), done, fd]() mutable {
-        serve_incoming(std::move(sock));
+        serve_incoming(sock);
         {
           std::lock_guard<std::mutex> l(workers_mu_);
           incoming_fds_.remove(fd);
         }
+        // Closed only once close() can no longer see the number: a closed fd
+        // is reused at once, and shutting down a stale number would cut
+        // whatever socket this process opened next (the master link, say).
+        sock.close();
         done->store(true);
       });
       incoming_fds_.push_back(fd);
@@ -205,7 +209,7 @@ std::shared_ptr<net::RingLinks> DataPlane::links_for(uint64_t epoch, double time
   return links_;
 }
 
-void DataPlane::serve_incoming(net::Socket sock) {
+void DataPlane::serve_incoming(net::Socket& sock) {
   const std::string addr = sock.peer_name();
   // Both kinds of opening frame are 40 bytes; the magic tells them apart.
   static_assert(sizeof(net::LinkHello) == sizeof(state::StateRequest), "opening frames differ in size");

@@ -58,7 +58,7 @@ class DataPlane {
 
  private:
   void accept_loop();
-  void serve_incoming(net::Socket sock);
+  void serve_incoming(net::Socket& sock);
   void read_frames(net::Socket& sock, net::RingLinks& links, const std::string& from);
   std::shared_ptr<net::RingLinks> links_for(uint64_t epoch, double timeout_s);
   uint64_t current_epoch();

@@ -101,14 +101,22 @@ class ControlClient:
                 except CCLError:
                     pass
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the reader; later reads see EOF at once
             except OSError:
                 pass
-            sock.close()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5.0)
+                if t.is_alive():
+                    log.warning("thread %s did not stop within 5 s of closing the connection to the master at %s",
+                                t.name, self.address)
         self._threads = []
+        # The descriptor is released only after the reader is gone: a thread
+        # about to poll a number that was just closed and handed to a new
+        # socket (the data plane opens them all the time) would wait on that
+        # socket instead and miss the shutdown.
+        if sock is not None:
+            sock.close()
 
     # -------------------------------------------------------------- sending
 

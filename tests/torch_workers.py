@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import threading
+import traceback
 import time
 from typing import Any, Callable
 
@@ -528,9 +531,17 @@ def collectives_body(rank: int, q: Any, world: int, port: int) -> None:
     hub = __import__("pyccl.torch._rendezvous", fromlist=["RUNTIME"]).RUNTIME.hub
     hub_port = int(hub.address.rsplit(":", 1)[1])
     master_port = int(dist.group.WORLD._master_address.rsplit(":", 1)[1]) if rank == 0 else 0
+    t0 = time.monotonic()
     dist.destroy_process_group()
-    time.sleep(0.3)
-    leftover = [t.name for t in threading.enumerate() if "pyccl" in t.name]
+    took = time.monotonic() - t0
+    # destroy joins every pyccl thread it owns; a short grace covers a thread
+    # descheduled between its last line and its exit on a busy machine
+    grace = time.monotonic() + 0.3
+    for t in [t for t in threading.enumerate() if "pyccl" in t.name]:
+        t.join(max(0.0, grace - time.monotonic()))
+    frames = sys._current_frames()
+    leftover = [f"{t.name} (destroy took {took:.2f} s; at {''.join(traceback.format_stack(frames[t.ident])[-4:])})"
+                for t in threading.enumerate() if "pyccl" in t.name and t.ident in frames]
     q.put(("result", rank, {"checked": checked, "failures": failures, "threads": leftover,
                             "ports": [p for p in (hub_port, master_port) if p]}))
 

@@ -266,10 +266,14 @@ class TelemetryClient:
 
     def close(self) -> None:
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
         except OSError:
             pass
-        self._sock.close()
+        # Close the descriptor only once the reader is gone: a number closed
+        # under a thread about to read it may already belong to a new socket.
+        self._reader.join(5.0)
+        if not self._reader.is_alive():
+            self._sock.close()
 
 
 # ------------------------------------------------------------ orchestrator side

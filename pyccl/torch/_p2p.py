@@ -331,29 +331,33 @@ class _Conn:
                     self._busy = None
                 self._dead = f"pyccl: point-to-point connection to {self.address} failed: {exc}"
                 item.settle(RuntimeError(self._dead))
-                self._close_sock()
+                self._shutdown_sock()
 
     def abort_if_busy(self, item: _Send) -> None:
         with self._lock:
             busy = self._busy is item
         if busy:
             self._dead = "pyccl: point-to-point send aborted"
-            self._close_sock()
+            self._shutdown_sock()
 
-    def _close_sock(self) -> None:
+    def _shutdown_sock(self) -> None:
+        """Wake the sender and end the connection; the descriptor stays open
+        until close() has joined the sender (a closed number is reused at
+        once, and a sender about to write would write to the new owner)."""
         s = self._sock
         if s is not None:
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            s.close()
 
     def close(self) -> None:
         self._q.put(None)
-        self._close_sock()
+        self._shutdown_sock()
         if self._thread is not threading.current_thread():
             self._thread.join(5.0)
+            if self._sock is not None and not self._thread.is_alive():
+                self._sock.close()
 
 
 class Hub:
@@ -489,7 +493,6 @@ class Hub:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._listener.close()
         with self._lock:
             conns = list(self._conns.values())
             self._conns.clear()
@@ -509,5 +512,6 @@ class Hub:
             t.join(5.0)
             s.close()
         self._accept_thread.join(5.0)
+        self._listener.close()  # only now: see _Conn._shutdown_sock
         self._monitor.join(5.0)
 
