@@ -193,6 +193,11 @@ def matrix_peer(idx: int, q: Any, address: str, n: int) -> None:
     mismatches = {
         "count": lambda: np.ones(1000 if idx == 0 else 1001, np.float32),
         "count-tiny": lambda: np.ones(1 if idx == 0 else 4099, np.float32),
+        # small all-reduces take the gather path, large ones the ring: a
+        # disagreement across that line, including one where the gathered
+        # size of one equals the other's size at n = 2 (48 KiB vs 96 KiB)
+        "count-path": lambda: np.ones(1024 if idx == 0 else 1 << 16, np.float32),
+        "count-gathered-size": lambda: np.ones(12288 if idx == 0 else 24576, np.float32),
         "dtype": lambda: np.ones(1001, np.int32 if idx == 0 else np.float32),
         "op": None,  # same buffer, op differs
     }

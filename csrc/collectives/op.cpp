@@ -14,8 +14,13 @@ const char* collective_name(Collective c) {
     case Collective::AllGather: return "all_gather";
     case Collective::Broadcast: return "broadcast";
     case Collective::AllReduceQ8: return "all_reduce(quantize=uint8)";
+    case Collective::AllReduceGather: return "all_reduce";
   }
   return "?";
+}
+
+uint64_t call_bytes(Collective c, uint64_t total_bytes, uint32_t world_size) {
+  return c == Collective::AllReduceGather && world_size > 0 ? total_bytes / world_size : total_bytes;
 }
 
 Op::Op(OpKey key, RingShape shape, DType dtype, RedOp redop, const void* input, void* work, RingLayout layout, int rank,
@@ -79,6 +84,7 @@ bool Op::may_receive(net::Phase phase, int segment) const {
       if (phase != net::Phase::ReduceScatter) return false;
       break;
     case Collective::AllGather:
+    case Collective::AllReduceGather:
       if (phase != net::Phase::AllGather) return false;
       break;
     case Collective::AllReduce:
@@ -120,12 +126,15 @@ char* Op::begin_write(const net::DataHeader& h, const std::string& from) {
     const uint8_t their_op = h.redop & 0xF, their_coll = h.redop >> 4;
     std::ostringstream os;
     os << collective_name(shape_.collective) << " tag " << key_.tag << " #" << key_.seq << ": peers disagree: "
-       << from << " called " << (their_coll <= 4 ? collective_name(static_cast<Collective>(their_coll)) : "?")
-       << " with " << h.total_bytes << " bytes of "
+       << from << " called " << (their_coll <= 5 ? collective_name(static_cast<Collective>(their_coll)) : "?")
+       << " with "
+       << (their_coll <= 5 ? call_bytes(static_cast<Collective>(their_coll), h.total_bytes, h.world_size)
+                           : h.total_bytes)
+       << " bytes of "
        << (valid_dtype(h.dtype) ? dtype_name(static_cast<DType>(h.dtype)) : "?") << " op "
        << (valid_redop(their_op) ? redop_name(static_cast<RedOp>(their_op)) : "?") << " in a world of "
        << h.world_size << ", this peer called " << collective_name(shape_.collective) << " with "
-       << layout_.total_bytes() << " bytes of " << dtype_name(dtype_) << " op " << redop_name(redop_)
+       << call_bytes(shape_.collective, layout_.total_bytes(), static_cast<uint32_t>(world_size_)) << " bytes of " << dtype_name(dtype_) << " op " << redop_name(redop_)
        << " in a world of " << world_size_ << "; every peer must make the same call (collective, size, dtype, op)";
     fail(FailKind::Mismatch, os.str());
     return nullptr;

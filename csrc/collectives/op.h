@@ -29,8 +29,21 @@ struct OpKey {
 
 // Which collective an op is. Travels in the high nibble of the header's
 // op byte, so peers that call different collectives get a mismatch.
-enum class Collective : uint8_t { AllReduce = 0, ReduceScatter = 1, AllGather = 2, Broadcast = 3, AllReduceQ8 = 4 };
+// AllReduceGather is how the data plane runs a small all_reduce (see
+// gather_allreduce.h): its own value, so that a peer that picked the ring
+// for the same call (it saw another size) gets a mismatch, not garbage.
+enum class Collective : uint8_t {
+  AllReduce = 0,
+  ReduceScatter = 1,
+  AllGather = 2,
+  Broadcast = 3,
+  AllReduceQ8 = 4,
+  AllReduceGather = 5,
+};
 const char* collective_name(Collective c);
+// Bytes of the caller's tensor for an op whose layout spans `total_bytes`
+// (the gathered buffer for AllReduceGather), for error messages.
+uint64_t call_bytes(Collective c, uint64_t total_bytes, uint32_t world_size);
 
 // Where an op's ring starts: peer r owns segment (r + owner_offset) after
 // reduce-scatter, and sends segment (r + owner_offset - 1) first. All-reduce
