@@ -7,8 +7,8 @@
 #include <cstring>
 #include <system_error>
 
-#include "collectives/ring_allgather.h"
 #include "collectives/gather_allreduce.h"
+#include "collectives/ring_allgather.h"
 #include "collectives/ring_allreduce.h"
 #include "collectives/ring_allreduce_quantized.h"
 #include "collectives/ring_broadcast.h"
@@ -155,7 +155,7 @@ OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32
     case Collective::AllGather: st = run_ring_all_gather(op, *links, publish); break;
     case Collective::Broadcast: st = run_ring_broadcast(op, *links, publish); break;
     case Collective::AllReduceQ8: st = run_ring_all_reduce_quantized(op, *links, publish); break;
-    case Collective::AllReduceGather: st = run_gather_all_reduce(op, *links, publish, result, count); break;
+    case Collective::AllReduceGather: st = run_gather_all_reduce(op, *links, publish, result); break;
   }
   if (!st.ok()) op->fail(st.kind, st.message);
   // Never return while a sender still reads from, or a reader still writes

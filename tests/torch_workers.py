@@ -12,8 +12,8 @@ import hashlib
 import os
 import sys
 import threading
-import traceback
 import time
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -197,7 +197,6 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def collectives_body(rank: int, q: Any, world: int, port: int) -> None:
     """Every collective on pyccl (default group) against gloo (a gloo group of the same ranks)."""
-    import threading
     import warnings
 
     warnings.filterwarnings("ignore")

@@ -8,12 +8,13 @@
 namespace pyccl {
 
 Status run_gather_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links,
-                             const std::function<Status()>& publish, void* result, size_t count) {
+                             const std::function<Status()>& publish, void* result) {
   if (Status st = run_ring_all_gather(op, links, publish); !st.ok()) return st;
   // run_ring_all_gather returns only once no reader writes into the gathered
   // buffer, so it is stable here.
   const int n = op->world_size();
-  const size_t bytes = count * op->layout().elem_size();
+  const size_t bytes = op->layout().total_bytes() / static_cast<size_t>(n);
+  const size_t count = bytes / op->layout().elem_size();
   const char* gathered = op->work();
   if (bytes == 0) return Status::Ok();
   std::memcpy(result, gathered, bytes);

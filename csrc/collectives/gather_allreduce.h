@@ -28,9 +28,9 @@ inline bool use_gather_all_reduce(size_t bytes, int world_size) {
 }
 
 // `op` is a Collective::AllReduceGather op over the gathered buffer
-// (op->work(), n x count elements; op->input() holds this peer's count
-// elements). On success the reduction of the n inputs is in `result`.
+// (op->work(), n inputs; op->input() holds this peer's). On success the
+// reduction of the n inputs is in `result`, which holds one input's bytes.
 Status run_gather_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links,
-                             const std::function<Status()>& publish, void* result, size_t count);
+                             const std::function<Status()>& publish, void* result);
 
 }  // namespace pyccl
