@@ -113,7 +113,7 @@ PYBIND11_MODULE(_core, m) {
       "copy",
       [](uintptr_t dst, uintptr_t src, size_t nbytes) {
         py::gil_scoped_release release;
-        std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes);
+        if (nbytes > 0) std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes);
       },
       py::arg("dst"), py::arg("src"), py::arg("nbytes"), "memmove without the GIL (commits large results).");
 

@@ -118,7 +118,7 @@ OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32
                                                 std::to_string(info.world_size))};
   if (info.world_size == 1) {
     // Alone: every collective is a copy (all-gather: our segment is everything).
-    if (work != input) std::memmove(work, input, count * elem);
+    if (work != input && count > 0) std::memmove(work, input, count * elem);
     return {};
   }
   if (kind == Collective::AllReduceQ8 && dtype != DType::Float32)

@@ -397,3 +397,57 @@ def test_empty_tensor_on_one_peer_is_a_mismatch_not_a_hang() -> None:
     for i in range(n):
         bad = [o for o in res[i] if o[2] != "MismatchError"]
         assert not bad, f"peer {i}: {bad} (all outcomes: {res[i]})"
+
+
+# ------------------------------------------------- empty tensors everywhere
+
+
+def all_empty_peer(idx: int, q: Any, address: str, n: int) -> None:
+    """Every collective with zero elements on every peer, numpy and torch
+    (whose empty tensors may have a null data pointer)."""
+    import pyccl
+
+    comm = join_group(address, n, connections=2, name=f"all-empty-{idx}")
+    kinds: list[Any] = [np.zeros(0, np.float32), np.zeros(0, np.int64)]
+    try:
+        import torch
+
+        kinds += [torch.empty(0), torch.empty(0, dtype=torch.bfloat16)]
+    except ImportError:
+        pass
+    done = []
+    for x in kinds:
+        out = x[:0].copy() if isinstance(x, np.ndarray) else x.clone()
+        calls = {
+            "all_reduce": lambda: comm.all_reduce_async(x),
+            "all_reduce out=": lambda: comm.all_reduce_async(x, out=out),
+            "all_reduce avg": lambda: comm.all_reduce_async(x, op="avg"),
+            "all_gather": lambda: comm.all_gather_async(x, out),
+            "reduce_scatter": lambda: comm.reduce_scatter_async(x, out),
+            "broadcast": lambda: comm.broadcast_async(x, root=n - 1),
+        }
+        for name, call in calls.items():
+            try:
+                info = call().wait(timeout=10)
+            except pyccl.Timeout:
+                q.put(("result", idx, {"hung": f"{name} {x.dtype}"}))
+                return  # the hung op keeps a thread: let the test kill us
+            assert info.world_size == n and info.tx_bytes == 0 and info.rx_bytes == 0, (name, info)
+            done.append(f"{name} {x.dtype}")
+    y = np.full(3, float(idx + 1))  # the group still works afterwards
+    comm.all_reduce(y)
+    assert np.all(y == n * (n + 1) / 2)
+    q.put(("result", idx, {"done": done}))
+    comm.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_collective_on_empty_tensors_completes(n: int) -> None:
+    with running_master() as master, PeerProcs() as procs:
+        for i in range(n):
+            procs.start(i, all_empty_peer, master.address, n)
+        res = procs.gather("result", range(n), timeout=75)
+    for i in range(n):
+        assert "hung" not in res[i], f"peer {i}: {res[i]['hung']} did not complete within 10 s"
+        assert len(res[i]["done"]) >= 12, res[i]

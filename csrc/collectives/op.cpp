@@ -7,6 +7,14 @@
 
 namespace pyccl {
 
+namespace {
+// Where a start frame's zero payload bytes "go". begin_write returns null to
+// reject a frame, so it must never return the work buffer for a start frame:
+// an op over an empty tensor may have a null work buffer (torch hands out
+// data_ptr() == 0 for zero elements), and the frame would be dropped.
+char start_frame_sink = 0;
+}  // namespace
+
 const char* collective_name(Collective c) {
   switch (c) {
     case Collective::AllReduce: return "all_reduce";
@@ -150,7 +158,7 @@ char* Op::begin_write(const net::DataHeader& h, const std::string& from) {
     }
     if (!status_.ok()) return nullptr;
     ++active_writers_;
-    return work();  // nothing is written: length 0
+    return &start_frame_sink;  // nothing is written: length 0
   }
   if (h.chunk >= layout_.num_chunks()) {
     problem = "chunk index out of range";
