@@ -41,6 +41,8 @@ MAGIC = 0x50325031  # "1P2P"
 HEADER = struct.Struct("<IBxxxiqQI")  # magic, kind, source rank, tag, nbytes, key length
 KIND_P2P = 0
 KIND_A2A = 1
+KIND_MONITOR = 2  # monitored_barrier's tokens
+KINDS = (KIND_P2P, KIND_A2A, KIND_MONITOR)
 MAX_KEY = 4096
 
 Done = Callable[[int, BaseException | None], None]  # (source rank, error)
@@ -259,6 +261,14 @@ class Endpoint:
             item.settle(RuntimeError(why))
             conn.abort_if_busy(item)
 
+    def cancel_recvs(self, kind: int, tag: int, why: str) -> None:
+        """Fail the posted receives of ``kind``/``tag`` (a caller gave up on them)."""
+        with self._lock:
+            victims = [r for r in self._posted if r.kind == kind and r.tag == tag]
+            self._posted = [r for r in self._posted if not (r.kind == kind and r.tag == tag)]
+        for r in victims:
+            r.settle(r.src, RuntimeError(why))
+
     def fail_source(self, src: int, why: str) -> None:
         with self._lock:
             victims = [r for r in self._posted if r.src == src]
@@ -444,7 +454,7 @@ class Hub:
                 except ConnectionError:
                     return
                 magic, kind, src, tag, nbytes, klen = HEADER.unpack(hdr)
-                if magic != MAGIC or klen > MAX_KEY or kind not in (KIND_P2P, KIND_A2A):
+                if magic != MAGIC or klen > MAX_KEY or kind not in KINDS:
                     why = "a malformed message arrived"
                     log.warning("pyccl: dropping a point-to-point connection: bad header")
                     return

@@ -88,7 +88,7 @@ class PycclWork(dist.Work):
         self._name = name
         self._runner = runner
         self._completer = completer
-        self._timeout = timeout
+        self.timeout = timeout  # the op's deadline, enforced by the group's watchdog
         self._result = result if result is not None else []
         self._event = threading.Event()
         self._error: BaseException | None = None
@@ -112,9 +112,17 @@ class PycclWork(dist.Work):
     # ------------------------------------------------------------ torch API
 
     def wait(self, timeout: timedelta | float | None = None) -> bool:
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else (timeout or 0.0)
-        if seconds <= 0:
-            seconds = self._timeout
+        """Wait for the op; raise its error if it failed.
+
+        With a positive ``timeout`` (torch passes a timedelta), raise a
+        timeout error once it passes; the op goes on (torch's
+        ``Work.wait(timeout)`` contract). Without one, the op's own timeout
+        bounds the wait: the group's watchdog fails the op when it passes.
+        """
+        given = timeout.total_seconds() if isinstance(timeout, timedelta) else (timeout or 0.0)
+        # Without a timeout, the watchdog completes the op by its deadline;
+        # the margin only guards against a bug leaving a caller stuck forever.
+        seconds = given if given > 0 else self.timeout + 60.0
         if self._event.is_set():
             done = True
         elif self._runner is not None and self._runner.on_runner():
@@ -124,7 +132,8 @@ class PycclWork(dist.Work):
         else:
             done = self._event.wait(seconds)
         if not done:
-            raise BackendError(f"pyccl: {self._name} did not complete within {seconds:.1f} s")
+            raise BackendError(f"pyccl: {self._name} Timed out waiting {seconds * 1000:.0f} ms in Work.wait(); "
+                               "the op itself goes on")
         if self._error is not None:
             raise BackendError(str(self._error)) from self._error
         return True

@@ -26,6 +26,7 @@ fixed membership, so there is no retry: destroy it and re-initialise.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -58,6 +59,8 @@ from pyccl.torch._rendezvous import (
     random_base,
     store_get_str,
 )
+from pyccl.torch._monitored_barrier import monitored_barrier
+from pyccl.torch._watchdog import Watchdog
 from pyccl.torch._work import BackendError, Completer, PendingOp, PycclWork, Runner, seconds
 
 log = logging.getLogger("pyccl.torch")
@@ -93,7 +96,7 @@ def _check_cpu(*tensors: torch.Tensor) -> None:
                 "(the core moves CPU memory only); move the tensor to the CPU or use backend='nccl' for it"
             )
         if t.is_sparse:
-            raise BackendError("pyccl: sparse tensors are not supported")
+            raise BackendError("pyccl: sparse tensors are supported by allreduce (SUM) only, as in gloo")
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -158,8 +161,10 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         self._peers: tuple[int, ...] = ()
         self._epoch_ok = -1
         self._incarnation = 0
+        self._timed_out: tuple[PendingOp, str] | None = None  # the op that timed out, and the error
         self._completer = Completer(group_name, self._translate)
         self._runner = Runner(group_name, self._completer)
+        self._watchdog: Watchdog[PendingOp] = Watchdog(group_name, self._on_timeout)
         try:
             self._rendezvous()
         except BaseException:
@@ -281,6 +286,13 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     def name(self) -> str:
         return "pyccl"
 
+    @property
+    def _device_types(self) -> list[torch.device]:
+        """The devices this backend serves, as gloo's group reports them:
+        torch's state-dict, checkpoint and object-collective helpers pick
+        their staging device from this list."""
+        return [torch.device("cpu")]
+
     def rank(self) -> int:
         return self._rank
 
@@ -346,12 +358,37 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         return None
 
     def _mark_broken(self, why: str) -> None:
+        self._break(f"pyccl: process group '{self._group_name}' (rank {self._rank} of {self._size}) {why}")
+
+    def _break(self, message: str) -> bool:
+        """Mark the group unusable with ``message``; False if it already was."""
         lost = self._lost_ranks()
         with self._state_lock:
-            if self._broken is None:
-                self._lost_at_break = lost
-                self._broken = f"pyccl: process group '{self._group_name}' (rank {self._rank} of {self._size}) {why}"
-                log.error("%s", self._broken)
+            if self._broken is not None:
+                return False
+            self._lost_at_break = lost
+            self._broken = message
+        log.error("%s", message)
+        return True
+
+    def _on_timeout(self, op: PendingOp, timeout: float) -> None:
+        """Watchdog thread: ``op`` outlived its timeout. Fail it with a timeout
+        error and abort the group (as gloo does, the group cannot be trusted
+        afterwards: some rank is elsewhere in the program): leaving the pyccl
+        group releases the core ops blocked on the missing rank, and the
+        other ranks see this one leave and fail their ops too."""
+        which = "the call's" if timeout != self._timeout else "the process group's"
+        message = (f"pyccl: {op.name} on process group '{self._group_name}' (rank {self._rank} of {self._size}) "
+                   f"Timed out after {timeout:g} s ({which} timeout): a rank did not call it or is stuck; "
+                   "the group is aborted: destroy it and re-initialise")
+        self._timed_out = (op, message)
+        if not self._break(message):
+            return
+        comm = self._comm
+        if comm is not None:
+            comm.close()
+        if self._endpoint is not None:
+            self._endpoint.fail_all(message)
 
     def _ensure_usable(self, name: str) -> None:
         if self._closed:
@@ -369,6 +406,10 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
     def _translate(self, op: PendingOp, exc: BaseException) -> BaseException:
         head = f"pyccl: {op.name} failed on process group '{self._group_name}' (rank {self._rank} of {self._size})"
+        timed_out = self._timed_out
+        if timed_out is not None:
+            late, message = timed_out
+            return BackendError(message if late is op else f"{head}: the group was aborted: {message}")
         if isinstance(exc, MismatchError):
             return BackendError(f"{head}: the ranks called it with different arguments: {exc}")
         if isinstance(exc, (PeerFailure, CCLError)):
@@ -387,8 +428,11 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
     # ============================================================ machinery
 
-    def _new_op(self, name: str, result: list[torch.Tensor] | None = None) -> PendingOp:
-        work = PycclWork(f"{name} on process group '{self._group_name}'", self._timeout, result, self._runner,
+    def _new_op(self, name: str, result: list[torch.Tensor] | None = None, opts: Any = None) -> PendingOp:
+        """A new op; its timeout is the call's (``opts.timeout``, where torch
+        sets one) or else the group's."""
+        timeout = seconds(getattr(opts, "timeout", None), self._timeout)
+        work = PycclWork(f"{name} on process group '{self._group_name}'", timeout, result, self._runner,
                          self._completer)
         return PendingOp(name, work, self._completer, check=self._check_result)
 
@@ -405,7 +449,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             key = id(op)
             with self._state_lock:
                 self._inflight[key] = op
-            op.then(lambda: self._retire(key))
+            self._watchdog.watch(op, op.work.timeout)
+            op.then(lambda: self._retire(key, op))
             try:
                 with torch.no_grad():  # staging copies of parameters must not build graphs
                     body(op)
@@ -434,7 +479,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 self._coalescing.append(op.work)
         return op.work
 
-    def _retire(self, key: int) -> None:
+    def _retire(self, key: int, op: PendingOp) -> None:
+        self._watchdog.unwatch(op)
         with self._state_lock:
             self._inflight.pop(key, None)
 
@@ -513,8 +559,10 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     def allreduce(self, tensors: Any, opts: Any = None) -> PycclWork:
         opts = _opt(opts, AllreduceOptions)
         t = _single(tensors, "allreduce")
+        if t.is_sparse:
+            return self._sparse_allreduce(t, opts)
         _check_cpu(t)
-        op = self._new_op("allreduce", [t])
+        op = self._new_op("allreduce", [t], opts)
 
         def body(op: PendingOp) -> None:
             x = self._contig(op, t)
@@ -522,11 +570,56 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
         return self._launch(op, body, sync=_is_sync(opts))
 
+    def _sparse_allreduce(self, t: torch.Tensor, opts: Any) -> PycclWork:
+        """gloo's sparse all-reduce: gather every rank's coalesced indices and
+        values, add the ranks' tensors in rank order, coalesce; every rank
+        gets the same tensor (what DDP needs for ``nn.Embedding(sparse=True)``)."""
+        if t.device.type != "cpu":
+            _check_cpu(t)
+        if opts.reduceOp != dist.ReduceOp.SUM:
+            raise ValueError("pyccl: allreduce of sparse tensors only works with ReduceOp.SUM (as in gloo)")
+        op = self._new_op("allreduce (sparse)", [t], opts)
+        comm, n = self._comm, self._size
+        result: list[torch.Tensor] = []
+
+        def gather_all() -> Any:
+            local = t.detach().coalesce()
+            dims = [local.sparse_dim(), local.dense_dim(), *local.shape]
+            meta = torch.tensor([local._nnz(), len(dims), *dims], dtype=torch.int64)
+            metas = torch.empty(n * meta.numel(), dtype=torch.int64)
+            comm.all_gather(meta, metas)  # a rank with other dimensions: MismatchError (sizes differ)
+            metas = metas.view(n, -1)
+            if not bool((metas[:, 1:] == meta[1:]).all()):
+                raise ValueError(f"pyccl: sparse allreduce: the ranks' tensors differ in shape or dimensions "
+                                 f"(rank r: [nnz, ndims, sparse_dim, dense_dim, *shape] = {metas.tolist()})")
+            nnz = metas[:, 0].tolist()
+            width = max(nnz)
+            indices = torch.zeros((local.sparse_dim(), width), dtype=torch.int64)
+            indices[:, :nnz[self._rank]] = local.indices()
+            values = torch.zeros((width, *local.values().shape[1:]), dtype=local.dtype)
+            values[:nnz[self._rank]] = local.values()
+            all_idx = torch.empty((n, *indices.shape), dtype=torch.int64)
+            all_val = torch.empty((n, *values.shape), dtype=values.dtype)
+            comm.all_gather(_ops.byte_view(indices), _ops.byte_view(all_idx))
+            info = comm.all_gather(_ops.byte_view(values), _ops.byte_view(all_val))
+            total = torch.sparse_coo_tensor(all_idx[0, :, :nnz[0]], all_val[0, :nnz[0]], local.shape)
+            for r in range(1, n):
+                total = total + torch.sparse_coo_tensor(all_idx[r, :, :nnz[r]], all_val[r, :nnz[r]], local.shape)
+            result.append(total.coalesce())
+            return info
+
+        def body(op: PendingOp) -> None:
+            op.keep.append(t)
+            op.calls.append(gather_all)
+            _add_finish(op, lambda: t.copy_(result[0]))
+
+        return self._launch(op, body, sync=_is_sync(opts))
+
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> PycclWork:
         opts = _opt(opts, AllreduceCoalescedOptions)
         tensors = list(tensors)
         _check_cpu(*tensors)
-        op = self._new_op("allreduce_coalesced", tensors)
+        op = self._new_op("allreduce_coalesced", tensors, opts)
 
         def body(op: PendingOp) -> None:
             by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -549,7 +642,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         _check_cpu(t)
         root = opts.rootRank
         self._check_rank(root, "broadcast root")
-        op = self._new_op("broadcast", [t])
+        op = self._new_op("broadcast", [t], opts)
 
         def body(op: PendingOp) -> None:
             x = self._contig(op, t)
@@ -564,7 +657,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         _check_cpu(t)
         root = opts.rootRank
         self._check_rank(root, "reduce root")
-        op = self._new_op("reduce", [t])
+        op = self._new_op("reduce", [t], opts)
 
         def body(op: PendingOp) -> None:
             x = t.contiguous()
@@ -582,7 +675,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         t = _single(input_tensors, "allgather")
         _check_cpu(t, *outputs)
         self._check_len(outputs, "allgather output list")
-        op = self._new_op("allgather", outputs)
+        op = self._new_op("allgather", outputs, opts)
         return self._launch(op, lambda op: self._allgather_list(op, outputs, t), sync=_is_sync(opts))
 
     def _allgather_list(self, op: PendingOp, outputs: list[torch.Tensor], t: torch.Tensor) -> None:
@@ -630,7 +723,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> PycclWork:
         _check_cpu(output, input)
-        op = self._new_op("all_gather_into_tensor", [output])
+        op = self._new_op("all_gather_into_tensor", [output], opts)
         return self._launch(op, lambda op: self._allgather_flat(op, output, input), sync=_is_sync(opts))
 
     _allgather_base = all_gather_single
@@ -640,7 +733,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         if len(outputs) != len(inputs):
             raise ValueError("pyccl: all_gather coalesced: outputs and inputs differ in length")
         _check_cpu(*outputs, *inputs)
-        op = self._new_op("all_gather_into_tensor_coalesced", outputs)
+        op = self._new_op("all_gather_into_tensor_coalesced", outputs, opts)
 
         def body(op: PendingOp) -> None:
             for o, i in zip(outputs, inputs):
@@ -661,7 +754,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         per_input = [[output_lists[r][i] for r in range(self._size)] for i in range(len(inputs))]
         flat_out = [o for lst in output_lists for o in lst]
         _check_cpu(*inputs, *flat_out)
-        op = self._new_op("allgather_coalesced", flat_out)
+        op = self._new_op("allgather_coalesced", flat_out, opts)
 
         def body(op: PendingOp) -> None:
             for lst, t in zip(per_input, inputs):
@@ -678,7 +771,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         _check_cpu(t, *outputs)
         if self._rank == root:
             self._check_len(outputs, "gather output list")
-        op = self._new_op("gather", outputs)
+        op = self._new_op("gather", outputs, opts)
 
         def body(op: PendingOp) -> None:
             x = t.contiguous()
@@ -704,7 +797,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         _check_cpu(out, *inputs)
         if self._rank == root:
             self._check_len(inputs, "scatter input list")
-        op = self._new_op("scatter", [out])
+        op = self._new_op("scatter", [out], opts)
 
         def body(op: PendingOp) -> None:
             # A broadcast of the root's concatenated list; each rank keeps its block.
@@ -730,7 +823,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         inputs = list(input_lists[0]) if input_lists and isinstance(input_lists[0], (list, tuple)) else list(input_lists)
         _check_cpu(out, *inputs)
         self._check_len(inputs, "reduce_scatter input list")
-        op = self._new_op("reduce_scatter", [out])
+        op = self._new_op("reduce_scatter", [out], opts)
 
         def body(op: PendingOp) -> None:
             for x in inputs:
@@ -763,7 +856,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> PycclWork:
         opts = _opt(opts, ReduceScatterOptions)
         _check_cpu(output, input)
-        op = self._new_op("reduce_scatter_tensor", [output])
+        op = self._new_op("reduce_scatter_tensor", [output], opts)
         return self._launch(op, lambda op: self._reduce_scatter_flat(op, output, input, opts.reduceOp), sync=_is_sync(opts))
 
     _reduce_scatter_base = reduce_scatter_single
@@ -774,7 +867,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         if len(outputs) != len(inputs):
             raise ValueError("pyccl: reduce_scatter coalesced: outputs and inputs differ in length")
         _check_cpu(*outputs, *inputs)
-        op = self._new_op("reduce_scatter_tensor_coalesced", outputs)
+        op = self._new_op("reduce_scatter_tensor_coalesced", outputs, opts)
 
         def body(op: PendingOp) -> None:
             for o, i in zip(outputs, inputs):
@@ -800,13 +893,13 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             raise ValueError("pyccl: all_to_all_single: input and output dtypes differ")
         in_rows = _rows(input, input_split_sizes, n, "input")
         out_rows = _rows(output, output_split_sizes, n, "output")
-        op = self._new_op("all_to_all_single", [output])
+        op = self._new_op("all_to_all_single", [output], opts)
 
         def body(op: PendingOp) -> None:
             x = input.contiguous()
             o = self._contig(op, output, copy_in=False)
-            row_in = x[0].numel() if x.dim() else 1
-            row_out = o[0].numel() if o.dim() else 1
+            row_in = math.prod(x.shape[1:]) if x.dim() else 1  # (dim 0 may be empty)
+            row_out = math.prod(o.shape[1:]) if o.dim() else 1
             xf, of = x.reshape(-1), o.reshape(-1)
             sends = [xf[a * row_in:b * row_in] for a, b in in_rows]
             recvs = [of[a * row_out:b * row_out] for a, b in out_rows]
@@ -822,7 +915,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         _check_cpu(*outputs, *inputs)
         self._check_len(outputs, "alltoall output list")
         self._check_len(inputs, "alltoall input list")
-        op = self._new_op("alltoall", outputs)
+        op = self._new_op("alltoall", outputs, opts)
 
         def body(op: PendingOp) -> None:
             sends = [x.contiguous() for x in inputs]
@@ -898,7 +991,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     # -------------------------------------------------------------- barrier
 
     def barrier(self, opts: Any = None) -> PycclWork:
-        op = self._new_op("barrier", [])
+        op = self._new_op("barrier", [], opts)
 
         def body(op: PendingOp) -> None:
             # Complete only after every op issued before it (as gloo does), and
@@ -915,7 +1008,15 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         return self._launch(op, body, sync=_is_sync(opts))
 
     def monitored_barrier(self, timeout: Any = None, wait_all_ranks: bool = False) -> None:
-        self.barrier().wait(timeout)
+        """gloo's monitored barrier: rank 0 waits at most ``timeout`` (None:
+        the group's) for every other rank and raises naming the first rank
+        that did not arrive (``wait_all_ranks``: all of them); see
+        :mod:`pyccl.torch._monitored_barrier`. torch's ``dist.monitored_barrier``
+        accepts only a backend named gloo: call this method on the group."""
+        self._ensure_usable("monitored_barrier")
+        assert self._endpoint is not None
+        limit = self._timeout if timeout is None else max(0.0, _as_seconds(timeout))
+        monitored_barrier(self._endpoint, self._rank, self._size, limit, self._timeout, wait_all_ranks)
 
     # ----------------------------------------------------------- coalescing
 
@@ -962,6 +1063,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             self._endpoint = None
             RUNTIME.release_hub()
         self._runner.stop()  # its queued ops fail at once: the comm is closed
+        self._watchdog.stop()
         if handshake and self._owns_master_group and not master_lost:
             self._closing_handshake()
         self._completer.stop()
@@ -1007,6 +1109,10 @@ class ProcessGroupPyccl(dist.ProcessGroup):
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _as_seconds(t: Any) -> float:
+    return t.total_seconds() if isinstance(t, timedelta) else float(t)
 
 
 def _core_reason(message: str) -> str:
