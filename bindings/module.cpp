@@ -157,16 +157,17 @@ PYBIND11_MODULE(_core, m) {
         for (auto& [key, hash, ptr, nbytes] : targets) ts.push_back({key, hash, reinterpret_cast<void*>(ptr), nbytes});
         state::FetchOptions opt{connections_per_holder, piece_bytes, io_timeout_s};
         uint64_t rx = 0;
+        int64_t bad_key = -1;
         Status st;
         {
           py::gil_scoped_release release;
-          st = state::fetch_state(hs, ts, opt, &rx);
+          st = state::fetch_state(hs, ts, opt, &rx, &bad_key);
         }
-        return py::make_tuple(st.kind, st.message, rx);
+        return py::make_tuple(st.kind, st.message, rx, bad_key);
       },
       py::arg("holders"), py::arg("targets"), py::arg("connections_per_holder") = 2, py::arg("piece_bytes") = 4u << 20,
       py::arg("io_timeout_s") = 10.0,
-      "Pull (key index, hash, address, nbytes) targets from (peer_id, host, port) holders; returns (FailKind, message, rx_bytes).");
+      "Pull (key index, hash, address, nbytes) targets from (peer_id, host, port) holders; returns (FailKind, message, rx_bytes, index of the key whose hash differed or -1).");
 
   m.def(
       "quantize_roundtrip",

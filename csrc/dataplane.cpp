@@ -275,7 +275,7 @@ void DataPlane::serve_incoming(net::Socket& sock) {
   } catch (const net::SocketError& e) {
     if (!links->broken()) {
       const std::string what = e.what();
-      std::string reason = what == "receive timed out"
+      std::string reason = e.kind() == net::SocketError::Kind::Timeout
                                ? "no data from " + from + " for " + std::to_string(links->info().link_timeout_s) +
                                      " s: the link went silent"
                                : "lost connection from " + from + " (" + what + ")";

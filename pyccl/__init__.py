@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyccl.errors import CCLError, MismatchError, PeerFailure, ProtocolError, Timeout
+from pyccl.errors import CCLError, GroupLost, MismatchError, PeerFailure, ProtocolError, Timeout
 
 __all__ = [
     "CCLError",
     "PeerFailure",
+    "GroupLost",
     "Timeout",
     "ProtocolError",
     "MismatchError",
@@ -30,14 +31,10 @@ def __getattr__(name: str) -> Any:
         from pyccl.master import Master
 
         return Master
-    if name in ("Communicator", "ReduceInfo", "AsyncHandle"):
-        from pyccl import comm
+    if name in ("Communicator", "ReduceInfo", "AsyncHandle", "SharedState", "SyncInfo"):
+        from pyccl import peer
 
-        return getattr(comm, name)
-    if name in ("SharedState", "SyncInfo"):
-        from pyccl import shared_state
-
-        return getattr(shared_state, name)
+        return getattr(peer, name)
     if name == "ReduceOp":
         from pyccl.types import ReduceOp
 

@@ -4,7 +4,7 @@ Shared by the master (asyncio) and the peer's control client (blocking
 sockets). Decoding never trusts the peer: lengths are bounded before any
 allocation, msgpack limits are set, and the result must be a map with a
 string ``type``. Field-level validation lives with whoever consumes the frame
-(:mod:`pyccl.master.state` for the master, :mod:`pyccl.control` for peers),
+(the typed frames of :mod:`pyccl.protocol`),
 using the small checkers below.
 """
 

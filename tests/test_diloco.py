@@ -15,9 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import pyccl  # noqa: E402
-from pyccl.comm import ReduceInfo  # noqa: E402
+from pyccl.peer import ReduceInfo  # noqa: E402
 from pyccl.diloco import DiLoCo, partition, sync_offsets  # noqa: E402
-from pyccl.shared_state import SyncInfo  # noqa: E402
+from pyccl.peer import SyncInfo  # noqa: E402
 
 from diloco_helpers import H, make_inner, make_model, train_step  # noqa: E402
 

@@ -54,7 +54,7 @@ class Harness:
         for a in actions:
             if isinstance(a, Send):
                 assert a.conn_id not in self.closed, "sent to a closed connection"
-                self.inbox[a.conn_id].append(dict(a.frame))
+                self.inbox[a.conn_id].append(a.frame.to_wire())
             else:
                 assert isinstance(a, Close)
                 assert a.conn_id not in self.closed, "closed twice"

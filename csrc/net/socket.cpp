@@ -119,7 +119,7 @@ void Socket::sendv_all(iovec* iov, int iovcnt) {
     ssize_t k = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
     if (k < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) throw SocketError("send timed out");
+      if (errno == EAGAIN || errno == EWOULDBLOCK) throw SocketError("send timed out", SocketError::Kind::Timeout);
       fail("send", errno);
     }
     size_t left = static_cast<size_t>(k);
@@ -139,10 +139,10 @@ void Socket::recv_exact(void* data, size_t n) {
   char* p = static_cast<char*>(data);
   while (n > 0) {
     ssize_t k = ::recv(fd_, p, n, 0);
-    if (k == 0) throw SocketError("connection closed by peer");
+    if (k == 0) throw SocketError("connection closed by peer", SocketError::Kind::Closed);
     if (k < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) throw SocketError("receive timed out");
+      if (errno == EAGAIN || errno == EWOULDBLOCK) throw SocketError("receive timed out", SocketError::Kind::Timeout);
       fail("recv", errno);
     }
     p += k;
@@ -221,7 +221,7 @@ Socket connect_tcp(const std::string& host, uint16_t port, double timeout_s) {
     do {
       pr = ::poll(&p, 1, timeout_ms);
     } while (pr < 0 && errno == EINTR);
-    if (pr == 0) throw SocketError("connect " + host + ":" + std::to_string(port) + ": timed out");
+    if (pr == 0) throw SocketError("connect " + host + ":" + std::to_string(port) + ": timed out", SocketError::Kind::Timeout);
     int err = 0;
     socklen_t len = sizeof(err);
     getsockopt(s.fd(), SOL_SOCKET, SO_ERROR, &err, &len);

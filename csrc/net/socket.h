@@ -16,11 +16,15 @@ namespace pyccl::net {
 // Thrown for any socket-level failure; what() names the operation and errno.
 class SocketError : public std::exception {
  public:
-  explicit SocketError(std::string msg) : msg_(std::move(msg)) {}
+  // Why a socket call failed, for callers that act on it (the message is for people).
+  enum class Kind { Other, Timeout, Closed };
+  explicit SocketError(std::string msg, Kind kind = Kind::Other) : msg_(std::move(msg)), kind_(kind) {}
   const char* what() const noexcept override { return msg_.c_str(); }
+  Kind kind() const noexcept { return kind_; }
 
  private:
   std::string msg_;
+  Kind kind_;
 };
 
 class Socket {

@@ -139,7 +139,7 @@ void worker(const Holder& h, const std::vector<FetchTarget>& targets, const Fetc
 }  // namespace
 
 Status fetch_state(const std::vector<Holder>& holders, const std::vector<FetchTarget>& targets,
-                   const FetchOptions& options, uint64_t* rx_bytes) {
+                   const FetchOptions& options, uint64_t* rx_bytes, int64_t* bad_key) {
   *rx_bytes = 0;
   std::deque<Piece> pieces;
   // Whole hash blocks per piece, so that fetchers can hash as bytes arrive.
@@ -173,8 +173,9 @@ Status fetch_state(const std::vector<Holder>& holders, const std::vector<FetchTa
     const uint64_t got = combine_block_hashes(block_hashes[i].data(), block_hashes[i].size(), targets[i].nbytes);
     if (got != targets[i].hash) {
       char buf[128];
-      std::snprintf(buf, sizeof(buf), "key %u arrived with hash %016llx, expected %016llx", targets[i].key_index,
+      std::snprintf(buf, sizeof(buf), "arrived with hash %016llx, expected %016llx",
                     static_cast<unsigned long long>(got), static_cast<unsigned long long>(targets[i].hash));
+      if (bad_key) *bad_key = targets[i].key_index;
       return Status::Fail(FailKind::Protocol, buf);
     }
   }

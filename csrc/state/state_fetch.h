@@ -33,8 +33,9 @@ struct FetchOptions {
 // Blocks until every byte arrived and every key matched its hash (Ok), or
 // every holder failed (Peer, naming the last error), or a key arrived with
 // another hash (Protocol). Pieces of a failed holder are re-fetched from the
-// others. Keys are hashed block by block while they arrive.
+// others. Keys are hashed block by block while they arrive. On a hash
+// mismatch `*bad_key` (if given) is the key's index; else it is left as is.
 Status fetch_state(const std::vector<Holder>& holders, const std::vector<FetchTarget>& targets,
-                   const FetchOptions& options, uint64_t* rx_bytes);
+                   const FetchOptions& options, uint64_t* rx_bytes, int64_t* bad_key = nullptr);
 
 }  // namespace pyccl::state

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from pyccl.errors import CCLError, PeerFailure
-from pyccl.shared_state import SharedState, content_hash
+from pyccl.peer.shared_state import SharedState, content_hash
 from pyccl.types import as_buffer
 
 from ._layout import PinnedState, Slot, build_slots, dtype_name, initialize_state, make_outer_optimizer, sync_offsets

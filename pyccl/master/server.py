@@ -23,6 +23,7 @@ import threading
 from typing import Any, Callable, Iterable, cast
 
 from pyccl.master.state import Action, MasterState, Send
+from pyccl.protocol import HEARTBEAT
 from pyccl.wire import FrameError, clip, decode_body, decode_length, encode
 
 __all__ = ["Master", "DEFAULT_PORT"]
@@ -157,9 +158,9 @@ class _Core:
                 frame = action.frame
                 if frame is not last_frame:
                     try:
-                        data = encode(frame)
+                        data = encode(frame.to_wire())
                     except FrameError:  # over the frame limit (a ring of thousands of long hostnames)
-                        log.error("cannot send a %r frame: larger than the frame limit", frame.get("type"))
+                        log.error("cannot send a %r frame: larger than the frame limit", frame.TYPE)
                         continue
                     last_frame = frame
                 t.write(data)
@@ -437,7 +438,7 @@ class Master:
         """Send every connection a heartbeat each interval, so that peers can
         tell a frozen or unreachable master from a quiet one (they give up
         after two heartbeat timeouts of silence). A timer, not a poll."""
-        data = encode({"type": "heartbeat"})
+        data = encode(HEARTBEAT.to_wire())
         interval = self._state.heartbeat_interval
         while True:
             await asyncio.sleep(interval)

@@ -42,17 +42,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
-from pyccl.master.sync import STRATEGIES, SyncPlan, SyncRequest, parse_keys, plan_sync
-from pyccl.wire import (
-    MAX_TAG,
-    FrameError,
-    clip,
-    get_bool,
-    get_choice,
-    get_int,
-    get_pairs,
-    get_str,
-)
+from pyccl import protocol as P
+from pyccl.master.sync import SyncPlan, SyncRequest, plan_sync
+from pyccl.protocol import PROTOCOL_VERSION, MasterFrame, PeerFrame, clip_reason
+from pyccl.wire import FrameError, clip
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -68,16 +61,9 @@ __all__ = [
 
 log = logging.getLogger("pyccl.master")
 
-PROTOCOL_VERSION = 1
-MAX_PEER_GROUP = (1 << 31) - 1
-MAX_HOST_LEN = 255
-MAX_NAME_LEN = 128
-MAX_REASON_LEN = 1024
-MAX_NEXT_SEQ_ENTRIES = 4096
 # Undecided (tag, seq) entries per group. A correct group has a handful in
 # flight; the cap only stops a broken member from growing the table forever.
 MAX_OPEN_OPS = 1 << 16
-FAILURE_KINDS = frozenset({"peer", "mismatch", "protocol"})
 
 
 class PeerPhase(enum.Enum):
@@ -103,12 +89,12 @@ class RoundDecision(enum.Enum):
 class Send:
     """Write ``frame`` to connection ``conn_id``.
 
-    The same dict object is reused for every receiver of a fan-out, so the
+    The same frame object is reused for every receiver of a fan-out, so the
     I/O layer may encode it once (compare by identity).
     """
 
     conn_id: int
-    frame: Mapping[str, Any]
+    frame: MasterFrame
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +168,8 @@ class _Peer:
         name = f" {self.name!r}" if self.name else ""
         return f"peer {self.peer_id}{name} ({self.addr})"
 
-    def ring_entry(self) -> list[Any]:
-        return [self.peer_id, self.data_host, self.data_port]
+    def ring_entry(self) -> P.Member:
+        return P.Member(self.peer_id, self.data_host, self.data_port)
 
 
 class _Round:
@@ -256,7 +242,7 @@ class _Group:
         return GroupPhase.RUNNING if self.drain is None else GroupPhase.DRAINING
 
 
-_Handler = Callable[["MasterState", _Peer, Mapping[str, Any], float, "list[Action]"], None]
+_Handler = Callable[["MasterState", _Peer, Any, float, "list[Action]"], None]
 _ANY_PEER = frozenset({PeerPhase.PENDING, PeerPhase.MEMBER})
 _MEMBER = frozenset({PeerPhase.MEMBER})
 _NEW = frozenset({PeerPhase.CONNECTED})
@@ -265,10 +251,6 @@ _PHASE_WORDS = {
     PeerPhase.PENDING: "from a pending (not yet admitted) peer",
     PeerPhase.MEMBER: "from a member",
 }
-
-
-def _clip_reason(reason: str) -> str:
-    return reason if len(reason) <= MAX_REASON_LEN else reason[: MAX_REASON_LEN - 3] + "..."
 
 
 # ---------------------------------------------------------------- the machine
@@ -319,7 +301,9 @@ class MasterState:
         return []
 
     def on_frame(self, conn_id: int, frame: Mapping[str, Any], now: float) -> list[Action]:
-        """A decoded frame (a map with a string ``type``) arrived on ``conn_id``."""
+        """A decoded frame (a map with a string ``type``) arrived on ``conn_id``:
+        parsed into its :mod:`pyccl.protocol` class here, so a malformed one
+        expels its sender like any other protocol error."""
         peer = self._conns.get(conn_id)
         if peer is None:  # already closed by us; the I/O layer may still hold parsed bytes
             return []
@@ -327,17 +311,17 @@ class MasterState:
         live[conn_id] = now
         live.move_to_end(conn_id)
         out: list[Action] = []
-        ftype = frame.get("type")
-        entry = _DISPATCH.get(ftype) if isinstance(ftype, str) else None
-        if entry is None:
-            self._reject(peer, f"unknown frame type {clip(ftype, 40)}", now, out)
+        cls = P.PEER_FRAMES.get(frame.get("type"))  # type: ignore[arg-type]
+        if cls is None:
+            self._reject(peer, f"unknown frame type {clip(frame.get('type'), 40)}", now, out)
             return out
-        handler, phases = entry
+        handler, phases = _DISPATCH[cls]
         if peer.phase not in phases:
-            self._reject(peer, f"'{ftype}' not allowed {_PHASE_WORDS[peer.phase]}", now, out)
+            self._reject(peer, f"'{cls.TYPE}' not allowed {_PHASE_WORDS[peer.phase]}", now, out)
             return out
         try:
-            handler(self, peer, frame, now, out)
+            msg: PeerFrame = cls.parse(frame)
+            handler(self, peer, msg, now, out)
         except FrameError as exc:
             self._reject(peer, str(exc), now, out)
         return out
@@ -454,49 +438,34 @@ class MasterState:
     # Each handler validates every field before it changes anything, raising
     # FrameError (-> the sender is expelled); see _DISPATCH for who may send what.
 
-    def _on_hello(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
-        version = frame.get("version")
-        if type(version) is not int or version != PROTOCOL_VERSION:
-            raise FrameError(f"'hello' protocol version {clip(version, 20)} unsupported (master speaks {PROTOCOL_VERSION})")
-        gid = get_int(frame, "peer_group", 0, MAX_PEER_GROUP)
-        host = get_str(frame, "data_host", MAX_HOST_LEN)
-        if not host:
-            raise FrameError("'hello' field 'data_host' is empty")
-        port = get_int(frame, "data_port", 1, 65535)
-        name = get_str(frame, "name", MAX_NAME_LEN, optional=True)
-        order = get_int(frame, "order", 0, MAX_PEER_GROUP) if frame.get("order") is not None else None
-
-        peer.order = order
-        peer.wants_beat = frame.get("beat") is True
+    def _on_hello(self, peer: _Peer, frame: P.Hello, now: float, out: list[Action]) -> None:
+        gid = frame.peer_group
+        peer.order = frame.order
+        peer.wants_beat = frame.beat
         peer.peer_id = self._next_peer_id
         self._next_peer_id += 1
-        peer.data_host, peer.data_port, peer.name = host, port, name
+        peer.data_host, peer.data_port, peer.name = frame.data_host, frame.data_port, frame.name
         group = self._groups.get(gid)
         if group is None:
             group = self._groups[gid] = _Group(gid)
         peer.group = group
         peer.phase = PeerPhase.PENDING
         group.pending[peer.peer_id] = peer
-        out.append(Send(peer.conn_id, {
-            "type": "welcome",
-            "peer_id": peer.peer_id,
-            "heartbeat_interval": self.heartbeat_interval,
-            "heartbeat_timeout": self.heartbeat_timeout,
-        }))
+        out.append(Send(peer.conn_id, P.Welcome(peer.peer_id, self.heartbeat_interval, self.heartbeat_timeout)))
         if not group.members:
             # Nobody to agree with: an empty group admits at once.
             self._admit_into_empty(group, f"{peer.label()} joined an empty group", out)
         else:
             log.info("%s is waiting for admission to group %d", peer.label(), gid)
 
-    def _on_heartbeat(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
+    def _on_heartbeat(self, peer: _Peer, frame: P.Heartbeat, now: float, out: list[Action]) -> None:
         pass  # liveness was refreshed by on_frame; that is all a heartbeat is for
 
-    def _on_bye(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
+    def _on_bye(self, peer: _Peer, frame: P.Bye, now: float, out: list[Action]) -> None:
         self._kill(peer, "bye", now, out, error=None, drain_kind="leave")
 
-    def _on_vote(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
-        k = get_int(frame, "round")
+    def _on_vote(self, peer: _Peer, frame: P.Vote, now: float, out: list[Action]) -> None:
+        k = frame.round
         if peer.waiting_round is not None:
             raise FrameError(f"'vote' for round {k} while round {peer.waiting_round} is undecided")
         if k < peer.next_round:
@@ -511,16 +480,14 @@ class MasterState:
             rnd = self._decide_round(group, k)
         peer.next_round = k + 1
         if rnd.result is not None:
-            out.append(Send(peer.conn_id, {"type": "round_done", "round": k, "changed": rnd.result}))
+            out.append(Send(peer.conn_id, P.RoundDone(k, rnd.result)))
             return
         peer.waiting_round = k
         self._check_rounds(group, now, out)
 
-    def _on_done(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
+    def _on_done(self, peer: _Peer, frame: P.Done, now: float, out: list[Action]) -> None:
         # Hot path: every collective of every member passes here. Keep it flat.
-        epoch = get_int(frame, "epoch")
-        tag = get_int(frame, "tag", 0, MAX_TAG)
-        seq = get_int(frame, "seq")
+        epoch, tag, seq = frame.epoch, frame.tag, frame.seq
         group = peer.group
         assert group is not None
         if epoch != group.epoch:
@@ -541,15 +508,11 @@ class MasterState:
         members = group.members
         if len(reported) == len(members):
             del group.ops[key]
-            ok = {"type": "op_ok", "epoch": epoch, "tag": tag, "seq": seq}
+            ok = P.OpOk(epoch, tag, seq)
             out.extend([Send(m.conn_id, ok) for m in members])
 
-    def _on_failed(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
-        epoch = get_int(frame, "epoch")
-        tag = get_int(frame, "tag", 0, MAX_TAG)
-        seq = get_int(frame, "seq")
-        kind = get_choice(frame, "kind", FAILURE_KINDS)
-        reason = get_str(frame, "reason", MAX_REASON_LEN)
+    def _on_failed(self, peer: _Peer, frame: P.Failed, now: float, out: list[Action]) -> None:
+        epoch, tag, seq, kind, reason = frame.epoch, frame.tag, frame.seq, frame.kind, frame.reason
         group = peer.group
         assert group is not None
         if epoch > group.epoch:
@@ -560,9 +523,8 @@ class MasterState:
                     peer.label(), tag, seq, epoch, kind, reason)
         self._start_drain(group, kind, f"peer {peer.peer_id} failed op (tag {tag}, seq {seq}): {reason}", now, out)
 
-    def _on_drained(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
-        epoch = get_int(frame, "epoch")
-        pairs = get_pairs(frame, "next_seq", MAX_NEXT_SEQ_ENTRIES)
+    def _on_drained(self, peer: _Peer, frame: P.Drained, now: float, out: list[Action]) -> None:
+        epoch, pairs = frame.epoch, frame.next_seq
         group = peer.group
         assert group is not None
         if epoch > group.epoch:
@@ -579,10 +541,8 @@ class MasterState:
         if not drain.expected:
             self._commit(group, now, out)
 
-    def _on_sync(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
-        revision = get_int(frame, "revision")
-        strategy = get_choice(frame, "strategy", STRATEGIES)
-        keys = parse_keys(frame)
+    def _on_sync(self, peer: _Peer, frame: P.Sync, now: float, out: list[Action]) -> None:
+        revision, strategy, keys = frame.revision, frame.strategy, frame.keys
         group = peer.group
         assert group is not None
         pid = peer.peer_id
@@ -606,10 +566,8 @@ class MasterState:
             rnd.reports[pid] = request
         self._check_sync(group, out)
 
-    def _on_sync_done(self, peer: _Peer, frame: Mapping[str, Any], now: float, out: list[Action]) -> None:
-        number = get_int(frame, "sync")
-        ok = get_bool(frame, "ok")
-        reason = get_str(frame, "reason", MAX_REASON_LEN)
+    def _on_sync_done(self, peer: _Peer, frame: P.SyncDone, now: float, out: list[Action]) -> None:
+        number, ok, reason = frame.sync, frame.ok, frame.reason
         group = peer.group
         assert group is not None
         rnd = group.sync
@@ -640,7 +598,7 @@ class MasterState:
         self._live.pop(conn_id, None)
         if not closed:
             if error is not None:
-                out.append(Send(conn_id, {"type": "error", "reason": _clip_reason(error)}))
+                out.append(Send(conn_id, P.Error(clip_reason(error))))
             out.append(Close(conn_id, cause))
         previous, peer.phase = peer.phase, PeerPhase.GONE
         group = peer.group
@@ -668,7 +626,7 @@ class MasterState:
                 # Nobody left to admit and no drain started for it: every voter
                 # (past and future) gets changed=False, so they still agree.
                 rnd.result = False
-                done = {"type": "round_done", "round": k, "changed": False}
+                done = P.RoundDone(k, False)
                 for m in group.members:
                     if m.waiting_round == k:
                         m.waiting_round = None
@@ -689,7 +647,7 @@ class MasterState:
             # and its report (if any) no longer counts toward the fence.
             drain.expected.discard(peer.peer_id)
             drain.reports.pop(peer.peer_id, None)
-            drain.reason = _clip_reason(f"{drain.reason}; {reason}")
+            drain.reason = clip_reason(f"{drain.reason}; {reason}")
             if not drain.expected:
                 self._commit(group, now, out)
 
@@ -740,27 +698,17 @@ class MasterState:
         for pid, reason in sorted(plan.rejected.items()):
             peer = rnd.waiting.pop(pid)
             log.warning("group %d sync %d: rejected %s: %s", group.gid, rnd.number, peer.label(), reason)
-            out.append(Send(peer.conn_id, {
-                "type": "sync_result",
-                "sync": rnd.number,
-                "ok": False,
-                "revision": rnd.reports[pid].revision,
-                "reason": _clip_reason(reason),
-            }))
+            out.append(Send(peer.conn_id, P.SyncResult(rnd.number, False, rnd.reports[pid].revision,
+                                                       clip_reason(reason))))
         if not rnd.waiting:
             return  # everyone rejected or gone: _finish_sync logs the end
         log.info("group %d sync %d plan: %s", group.gid, rnd.number, plan.describe())
         for note in plan.notes:
             log.warning("group %d sync %d: %s", group.gid, rnd.number, note)
-        holders = [list(e) for e in plan.holder_entries]
+        holders = tuple(P.Member(*e) for e in plan.holder_entries)
+        assert plan.revision is not None
         for pid, peer in rnd.waiting.items():
-            out.append(Send(peer.conn_id, {
-                "type": "sync_plan",
-                "sync": rnd.number,
-                "revision": plan.revision,
-                "fetch": [list(f) for f in plan.fetch[pid]],
-                "holders": holders,
-            }))
+            out.append(Send(peer.conn_id, P.SyncPlan(rnd.number, plan.revision, tuple(plan.fetch[pid]), holders)))
 
     def _finish_sync(self, group: _Group, rnd: _SyncRound, out: list[Action]) -> None:
         plan = rnd.plan
@@ -773,9 +721,7 @@ class MasterState:
         good = [pid for pid in rnd.waiting if rnd.done[pid][0]]
         for pid, peer in rnd.waiting.items():
             ok, reason = rnd.done[pid]
-            out.append(Send(peer.conn_id, {
-                "type": "sync_result", "sync": rnd.number, "ok": ok, "revision": target, "reason": reason,
-            }))
+            out.append(Send(peer.conn_id, P.SyncResult(rnd.number, ok, target, reason)))
         if good:
             group.revision = target
         failed = [pid for pid in rnd.waiting if pid not in good]
@@ -848,13 +794,13 @@ class MasterState:
 
     def _start_drain(self, group: _Group, kind: str, reason: str, now: float, out: list[Action],
                      admit_round: int | None = None) -> None:
-        reason = _clip_reason(reason)
+        reason = clip_reason(reason)
         group.ops.clear()  # every undecided op of this epoch has failed
         group.drain = _Drain(
             group.epoch, kind, reason, {m.peer_id for m in group.members}, now + self.heartbeat_timeout, admit_round
         )
         self._draining[group.gid] = group
-        frame = {"type": "drain", "epoch": group.epoch, "kind": kind, "reason": reason}
+        frame = P.Drain(group.epoch, kind, reason)
         out.extend([Send(m.conn_id, frame) for m in group.members])
         log.info("group %d draining epoch %d (%s): %s", group.gid, group.epoch, kind, reason)
 
@@ -893,7 +839,7 @@ class MasterState:
             # round_done after the epoch frame: a voter that sees changed=True
             # already knows the new ring.
             rnd.result = bool(joiners)
-            done = {"type": "round_done", "round": k, "changed": rnd.result}
+            done = P.RoundDone(k, rnd.result)
             for m in voters:
                 m.waiting_round = None
                 out.append(Send(m.conn_id, done))
@@ -901,15 +847,8 @@ class MasterState:
 
     def _send_epoch(self, group: _Group, kind: str, reason: str, fence: list[tuple[int, int]], next_round: int,
                     out: list[Action]) -> None:
-        frame = {
-            "type": "epoch",
-            "epoch": group.epoch,
-            "members": [m.ring_entry() for m in group.members],
-            "fence": [list(p) for p in fence],
-            "next_round": next_round,
-            "kind": kind,
-            "reason": reason,
-        }
+        frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
+                        kind, reason)
         out.extend([Send(m.conn_id, frame) for m in group.members])
         log.info("group %d committed epoch %d (%s): ring %s, fence %s",
                  group.gid, group.epoch, kind, [m.peer_id for m in group.members], fence)
@@ -917,14 +856,16 @@ class MasterState:
 
 # Frame type -> (handler, the phases allowed to send it). Anything else, or a
 # frame from another phase, is a protocol error that expels its sender.
-_DISPATCH: dict[str, tuple[_Handler, frozenset[PeerPhase]]] = {
-    "hello": (MasterState._on_hello, _NEW),
-    "heartbeat": (MasterState._on_heartbeat, _ANY_PEER),
-    "bye": (MasterState._on_bye, _ANY_PEER),
-    "vote": (MasterState._on_vote, _MEMBER),
-    "done": (MasterState._on_done, _MEMBER),
-    "failed": (MasterState._on_failed, _MEMBER),
-    "drained": (MasterState._on_drained, _MEMBER),
-    "sync": (MasterState._on_sync, _MEMBER),
-    "sync_done": (MasterState._on_sync_done, _MEMBER),
+_DISPATCH: dict[type, tuple[_Handler, frozenset[PeerPhase]]] = {
+    P.Hello: (MasterState._on_hello, _NEW),
+    P.Heartbeat: (MasterState._on_heartbeat, _ANY_PEER),
+    P.Bye: (MasterState._on_bye, _ANY_PEER),
+    P.Vote: (MasterState._on_vote, _MEMBER),
+    P.Done: (MasterState._on_done, _MEMBER),
+    P.Failed: (MasterState._on_failed, _MEMBER),
+    P.Drained: (MasterState._on_drained, _MEMBER),
+    P.Sync: (MasterState._on_sync, _MEMBER),
+    P.SyncDone: (MasterState._on_sync_done, _MEMBER),
 }
+assert set(_DISPATCH) == set(P.PEER_FRAMES.values()), "every peer frame needs a handler"
+

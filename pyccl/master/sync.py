@@ -35,7 +35,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from pyccl.wire import MAX_INT, MAX_UINT64, FrameError, clip, get_list, is_int
+from pyccl.protocol import MAX_DIMS, MAX_DTYPE_LEN, MAX_KEY_NAME_LEN, MAX_STATE_KEYS, STRATEGIES, StateKey, parse_keys
+from pyccl.wire import clip
 
 __all__ = [
     "STRATEGIES",
@@ -49,23 +50,6 @@ __all__ = [
     "plan_sync",
     "parse_keys",
 ]
-
-STRATEGIES = ("enforce_popular", "receive_only", "send_only")
-MAX_STATE_KEYS = 1 << 16
-MAX_KEY_NAME_LEN = 256
-MAX_DTYPE_LEN = 16
-MAX_DIMS = 32
-
-
-class StateKey(NamedTuple):
-    """One key of a peer's shared state as reported in its `sync` frame."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    hash: int
-
 
 @dataclass(frozen=True, slots=True)
 class SyncRequest:
@@ -257,41 +241,3 @@ def plan_sync(group_revision: int | None, requests: Iterable[SyncRequest]) -> Sy
         else:
             fetch[r.peer_id] = diff
     return SyncPlan(target, holders, holder_entries, fetch, rejected, tuple(notes))
-
-
-# --------------------------------------------------------------- frame check
-
-
-def parse_keys(frame: Mapping[str, Any], field: str = "keys") -> tuple[StateKey, ...]:
-    """The `sync` frame's key list, fully checked, or FrameError naming the entry.
-
-    Each entry is ``[name (str <= 256), dtype (non-empty str <= 16), shape
-    (list of <= 32 ints in [0, 2**63)), nbytes (int in [0, 2**63)), hash
-    (int in [0, 2**64))]``; names strictly increasing (sorted by code point,
-    no duplicates); at most 65536 entries.
-    """
-    raw = get_list(frame, field, MAX_STATE_KEYS)
-    keys: list[StateKey] = []
-    prev: str | None = None
-    for i, e in enumerate(raw):
-        where = f"'sync' field '{field}' entry {i}"
-        if not isinstance(e, (list, tuple)) or len(e) != 5:
-            raise FrameError(f"{where} must be [name, dtype, shape, nbytes, hash], got {clip(e, 60)}")
-        name, dtype, shape, nbytes, h = e
-        if not isinstance(name, str) or len(name) > MAX_KEY_NAME_LEN:
-            raise FrameError(f"{where}: name must be a string of at most {MAX_KEY_NAME_LEN} characters")
-        if not isinstance(dtype, str) or not 0 < len(dtype) <= MAX_DTYPE_LEN:
-            raise FrameError(f"{where}: dtype must be a non-empty string of at most {MAX_DTYPE_LEN} characters")
-        if (not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS
-                or not all(is_int(d) for d in shape)):
-            raise FrameError(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers")
-        if not is_int(nbytes):
-            raise FrameError(f"{where}: nbytes must be an integer in [0, {MAX_INT}]")
-        if not is_int(h, 0, MAX_UINT64):
-            raise FrameError(f"{where}: hash must be an integer in [0, 2**64)")
-        if prev is not None and not name > prev:
-            what = "duplicate key" if name == prev else "keys not sorted by name at key"
-            raise FrameError(f"{where}: {what} {clip(name, 60)}")
-        prev = name
-        keys.append(StateKey(name, dtype, tuple(shape), nbytes, h))
-    return tuple(keys)

@@ -298,9 +298,5 @@ class _Peer:
 
 
 def _is_lost(comm: Any) -> bool:
-    """True if the Communicator can no longer be used (expelled, master lost, closed).
-
-    The Communicator has no public flag for this; the stress tool reads its
-    private ``_lost`` (see the report on core changes in docs/architecture.md).
-    """
-    return getattr(comm, "_lost", None) is not None or getattr(comm, "_closed", False)
+    """True if the Communicator can no longer be used (expelled, master lost, closed)."""
+    return comm.lost is not None or comm.closed

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from pyccl import _core
+from pyccl import protocol as P
+from pyccl.protocol import STRATEGIES
 from pyccl.types import Buffer, as_buffer
 
 log = logging.getLogger("pyccl.shared_state")
 
-STRATEGIES = ("enforce_popular", "receive_only", "send_only")
+__all__ = ["STRATEGIES", "SyncInfo", "KeyInfo", "SharedState", "content_hash", "fetch_planned"]
 
 
 @dataclass(frozen=True)
@@ -115,26 +117,23 @@ def content_hash(buf: Buffer) -> int:
     return int(_core.content_hash(buf.ptr, buf.nbytes))
 
 
-def fetch_planned(plan: dict[str, Any], keys: list[KeyInfo], self_id: int, timeout: float) -> tuple[bool, str, int]:
+def fetch_planned(plan: P.SyncPlan, keys: list[KeyInfo], self_id: int, timeout: float) -> tuple[bool, str, int]:
     """Carry out a ``sync_plan``'s fetches into ``keys``' buffers.
 
     Pulls every listed key from all holders at once; the core verifies each
     key against the plan's hash as it arrives. Returns (ok, reason, rx_bytes).
     """
-    from pyccl import wire
-
-    fetch = wire.get_pairs(plan, "fetch", 65536, hi_first=len(keys) - 1 if keys else 0, hi_second=wire.MAX_UINT64)
-    if not fetch:
+    if not plan.fetch:
         return True, "", 0
-    holders = []
-    for h in plan.get("holders") or []:
-        if isinstance(h, list) and len(h) == 3 and h[0] != self_id:
-            holders.append((int(h[0]), str(h[1]), int(h[2])))
-    targets = [(i, h, keys[i].buffer.ptr, keys[i].nbytes) for i, h in fetch]
-    kind, message, rx = _core.fetch_state(holders, targets, 2, 4 << 20, timeout)
+    bad = [i for i, _ in plan.fetch if i >= len(keys)]
+    if bad:
+        return False, f"the sync plan names key index {bad[0]}, but this peer has {len(keys)} keys", 0
+    holders = [(h.peer_id, h.host, h.port) for h in plan.holders if h.peer_id != self_id]
+    targets = [(i, h, keys[i].buffer.ptr, keys[i].nbytes) for i, h in plan.fetch]
+    kind, message, rx, key_index = _core.fetch_state(holders, targets, 2, 4 << 20, timeout)
     if kind != _core.FailKind.NONE:
-        for i, _ in fetch:  # name the key, not its index
-            message = message.replace(f"key {i} ", f"key {keys[i].name!r} ")
+        if key_index >= 0:  # the key whose bytes did not match the popular hash
+            message = f"key {keys[key_index].name!r} {message}"
         return False, message, int(rx)
-    log.info("peer %d fetched %d keys (%d bytes) from %d holders", self_id, len(fetch), rx, len(holders))
+    log.info("peer %d fetched %d keys (%d bytes) from %d holders", self_id, len(plan.fetch), rx, len(holders))
     return True, "", int(rx)

@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any, Callable, Mapping
+from typing import Callable
 
+from pyccl import protocol as P
 from pyccl import wire
-from pyccl.errors import CCLError, ProtocolError, Timeout
+from pyccl.errors import CCLError, GroupLost, LostCause, ProtocolError, Timeout
 
 log = logging.getLogger("pyccl.control")
 
-FrameHandler = Callable[[dict[str, Any]], None]
-LostHandler = Callable[[str], None]
+FrameHandler = Callable[[P.MasterFrame], None]
+LostHandler = Callable[[LostCause, str], None]
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -53,33 +54,35 @@ class ControlClient:
         except OSError as exc:
             raise CCLError(
                 f"cannot reach the master at {self.address} ({exc}); check that `pyccl master` runs there"
-            ) from None
+            ) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         return sock.getsockname()[0]
 
-    def handshake(self, hello: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+    def handshake(self, hello: P.Hello, timeout: float) -> P.Welcome:
         """Send ``hello`` and wait for ``welcome``; returns the welcome frame."""
         assert self._sock is not None
         self.send(hello)
         self._sock.settimeout(timeout)
         try:
-            frame = wire.recv_frame(self._sock)
-        except socket.timeout:
-            raise Timeout(f"the master at {self.address} did not answer the hello within {timeout:.1f} s") from None
+            frame = P.parse_master_frame(wire.recv_frame(self._sock))
+        except socket.timeout as exc:
+            raise Timeout(f"the master at {self.address} did not answer the hello within {timeout:.1f} s",
+                          seconds=timeout) from exc
         except (ConnectionError, OSError) as exc:
-            raise CCLError(f"the master at {self.address} closed the connection during the hello ({exc})") from None
+            raise CCLError(f"the master at {self.address} closed the connection during the hello ({exc})") from exc
         except wire.FrameError as exc:
-            raise ProtocolError(f"the master at {self.address} sent an invalid frame: {exc}") from None
+            raise ProtocolError(f"the master at {self.address} sent an invalid frame: {exc}") from exc
         finally:
             self._sock.settimeout(None)
-        if frame["type"] == "error":
-            raise CCLError(f"the master refused this peer: {frame.get('reason', '?')}")
-        if frame["type"] != "welcome":
-            raise ProtocolError(f"expected 'welcome' from the master, got {frame['type']!r}")
-        self.peer_id = wire.get_int(frame, "peer_id", 1)
-        self.heartbeat_interval = wire.get_float(frame, "heartbeat_interval", 0.001, 3600.0)
-        self.heartbeat_timeout = wire.get_float(frame, "heartbeat_timeout", 0.001, 36000.0)
+        if isinstance(frame, P.Error):
+            raise GroupLost(f"the master at {self.address} refused this peer: {frame.reason}",
+                            cause=LostCause.EXPELLED, reason=frame.reason)
+        if not isinstance(frame, P.Welcome):
+            raise ProtocolError(f"expected 'welcome' from the master at {self.address}, got {frame.TYPE!r}")
+        self.peer_id = frame.peer_id
+        self.heartbeat_interval = frame.heartbeat_interval
+        self.heartbeat_timeout = frame.heartbeat_timeout
         return frame
 
     def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
@@ -97,7 +100,7 @@ class ControlClient:
         if sock is not None:
             if say_bye:
                 try:
-                    self.send({"type": "bye"})
+                    self.send(P.Bye())
                 except CCLError:
                     pass
             try:
@@ -120,8 +123,8 @@ class ControlClient:
 
     # -------------------------------------------------------------- sending
 
-    def send(self, frame: Mapping[str, Any]) -> None:
-        data = wire.encode(frame)
+    def send(self, frame: P.PeerFrame) -> None:
+        data = wire.encode(frame.to_wire())
         sock = self._sock
         if sock is None:
             raise CCLError("not connected to the master")
@@ -129,13 +132,14 @@ class ControlClient:
             with self._send_lock:
                 sock.sendall(data)  # the socket's timeout also bounds a send to a stuck master
         except OSError as exc:
-            raise CCLError(f"lost the connection to the master at {self.address} ({exc})") from None
+            raise CCLError(f"lost the connection to the master at {self.address} ({exc})") from exc
 
     # -------------------------------------------------------------- threads
 
     def _read_loop(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         assert self._sock is not None
-        reason = "the master closed the connection"
+        reason = f"the master at {self.address} closed the connection"
+        cause = LostCause.MASTER_UNREACHABLE
         # The master heart-beats every interval: two timeouts of silence mean
         # it froze or the path to it died.
         silence = 2 * self.heartbeat_timeout
@@ -143,12 +147,17 @@ class ControlClient:
         try:
             while not self._stop.is_set():
                 try:
-                    frame = wire.recv_frame(self._sock)
+                    frame = P.parse_master_frame(wire.recv_frame(self._sock))
                 except socket.timeout:
                     reason = f"the master at {self.address} sent nothing for {silence:.1f} s"
                     log.error("%s; leaving the group", reason)
                     break
-                if frame["type"] != "heartbeat":
+                if isinstance(frame, P.Error):
+                    reason = f"the master at {self.address} removed this peer: {frame.reason}"
+                    cause = LostCause.EXPELLED
+                    log.error("%s", reason)
+                    break
+                if not isinstance(frame, P.Heartbeat):
                     on_frame(frame)
         except wire.FrameError as exc:
             reason = f"the master sent an invalid frame ({exc})"
@@ -163,12 +172,12 @@ class ControlClient:
             if not self._stop.is_set():
                 log.exception("control thread failed")
         if not self._stop.is_set():
-            on_lost(reason)
+            on_lost(cause, reason)
 
     def _heartbeat_loop(self) -> None:
         # A timer, not a poll: sleeps on the stop event between beats.
         while not self._stop.wait(self.heartbeat_interval):
             try:
-                self.send({"type": "heartbeat"})
+                self.send(P.HEARTBEAT)
             except CCLError:
                 return

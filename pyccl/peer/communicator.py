@@ -1,0 +1,501 @@
+"""Communicator: the public peer API.
+
+A Communicator ties together the master connection
+(:class:`~pyccl.peer.control.ControlClient`), the C++ data plane
+(``pyccl._core.DataPlane``) and the peer's protocol state
+(:class:`~pyccl.peer.state.PeerState`, pure). This module holds the threads
+and the waiting; the protocol's decisions are the state's:
+
+1. ``begin_op`` gives a call its ``(epoch, tag, seq)`` in program order
+   (blocking while the master drains an epoch; an op owed to a fence fails
+   at once);
+2. the data plane runs the ring into a work buffer (never the caller's
+   input, :class:`~pyccl.peer.ops.WorkBuffers`);
+3. the peer reports ``done``/``failed`` and waits for the verdict: ``op_ok``
+   commits the result into the caller's buffer; a ``drain`` of the op's
+   epoch raises ``PeerFailure`` once the next epoch is known, so
+   ``world_size`` is already the new one and the input is untouched.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from pyccl import _core
+from pyccl import protocol as P
+from pyccl.errors import CCLError, LostCause, Timeout
+from pyccl.peer import state as S
+from pyccl.peer.control import ControlClient
+from pyccl.peer.ops import (
+    LOCAL_RESULTS,
+    AsyncHandle,
+    Call,
+    ReduceInfo,
+    ScratchPool,
+    Ticket,
+    WorkBuffers,
+    all_reduce_call,
+    check_for_epoch,
+    pair_call,
+)
+from pyccl.peer.shared_state import STRATEGIES, SharedState, SyncInfo, content_hash, fetch_planned
+from pyccl.types import ReduceOp
+
+log = logging.getLogger("pyccl.comm")
+
+__all__ = ["Communicator", "ReduceInfo", "AsyncHandle"]
+
+
+class Communicator:
+    """A peer of a pyccl group.
+
+    Args:
+        master: ``"host:port"`` of the master.
+        peer_group: peers with the same group number reduce together.
+        connections: TCP connections per ring neighbour; every collective is
+            striped over all of them.
+        name: free-form label shown in the master's logs.
+        data_port: port of this peer's data listener (0: any free port).
+        advertise: ``(host, port)`` the other peers should connect to instead
+            of the listener's own address, for NAT port forwards or a proxy
+            in front of the peer (``pyccl stress`` puts its fault-injecting
+            proxy there).
+        order: ring-order key: members that give one stand in the ring sorted
+            by it (so a fixed group can make ring rank == its own rank);
+            members without one follow in admission order.
+
+    Thread safety: collectives, ``update_topology`` and
+    ``sync_shared_state`` may be called from several threads; each call
+    takes its place in the sequence when it is made (program order).
+    """
+
+    def __init__(
+        self,
+        master: str,
+        peer_group: int = 0,
+        connections: int = 4,
+        name: str = "",
+        data_port: int = 0,
+        advertise: tuple[str, int] | None = None,
+        order: int | None = None,
+    ) -> None:
+        if not 1 <= connections <= 64:
+            raise ValueError(f"connections must be between 1 and 64, got {connections}")
+        if not 0 <= peer_group < 2**31:
+            raise ValueError(f"peer_group must be in [0, 2**31), got {peer_group}")
+        self.master_address = master
+        self.peer_group = peer_group
+        self.connections = connections
+        self.name = name
+        self.data_port = data_port
+        self.advertise = advertise
+        self.order = order
+        self._control = ControlClient(master)
+        self._dp: Any = None
+        self._cv = threading.Condition()
+        self._state = S.PeerState()  # guarded by _cv
+        self._connected = False
+        self._sync_frames: dict[type, P.MasterFrame] = {}  # latest SyncPlan / SyncResult
+        self._in_sync = False
+        self._scratch = ScratchPool()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def peer_id(self) -> int:
+        """The id the master gave this peer (0 before ``connect``)."""
+        return self._control.peer_id
+
+    @property
+    def world_size(self) -> int:
+        """Members of this peer group in the current epoch (0 before admission)."""
+        return self._state.world_size
+
+    @property
+    def rank(self) -> int:
+        """This peer's position in the current ring (may change between epochs)."""
+        e = self._state.epoch
+        return e.rank if e else -1
+
+    @property
+    def epoch(self) -> int:
+        e = self._state.epoch
+        return e.number if e else 0
+
+    @property
+    def lost(self) -> str | None:
+        """Why this peer is no longer part of the group (master gone, expelled), or None."""
+        lost = self._state.lost
+        return lost.reason if lost is not None else None
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._state.closed
+
+    @property
+    def peers(self) -> tuple[int, ...]:
+        """Peer ids of the current members in ring order."""
+        e = self._state.epoch
+        return e.peer_ids if e else ()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def connect(self, timeout: float = 30.0) -> "Communicator":
+        """Join the group; returns once the master has admitted this peer.
+
+        The first peer of a group is admitted at once; later ones at the
+        members' next ``update_topology()``.
+        """
+        if self._connected:
+            raise CCLError("connect() was already called on this Communicator")
+        if self._state.closed:
+            raise CCLError("this Communicator is closed; create a new one")
+        deadline = time.monotonic() + timeout
+        local_ip = self._control.open(timeout)
+        try:
+            self._dp = _core.DataPlane(local_ip, self.data_port, self.connections)
+            adv_host, adv_port = self.advertise or (local_ip, self._dp.port)
+            hello = P.Hello(self.peer_group, adv_host, adv_port, self.name[:P.MAX_NAME_LEN], beat=True,
+                            order=self.order)
+            welcome = self._control.handshake(hello, max(0.1, deadline - time.monotonic()))
+            with self._cv:
+                self._state.welcome(welcome)
+            # Data links use the master's liveness settings: keepalives at the
+            # heartbeat interval, silence for heartbeat_timeout kills a link.
+            self._dp.set_link_timeouts(self._control.heartbeat_interval, self._control.heartbeat_timeout)
+            self._connected = True
+            self._control.start(self._on_frame, self._on_lost)
+            with self._cv:
+                ok = self._cv.wait_for(lambda: self._state.epoch is not None or self._state.stopped(),
+                                       max(0.0, deadline - time.monotonic()))
+                err = self._state.usable_error()
+                if err is not None:
+                    raise err
+                if not ok:
+                    raise Timeout(
+                        f"not admitted within {timeout:.1f} s: the group's members must call update_topology()",
+                        seconds=timeout)
+        except BaseException:
+            self.close()
+            raise
+        log.info("peer %d admitted: rank %d of %d", self.peer_id, self.rank, self.world_size)
+        return self
+
+    def close(self) -> None:
+        """Leave the group and release every thread, socket and port. Idempotent."""
+        with self._cv:
+            if self._state.closed:
+                return
+            self._state.close()
+            self._cv.notify_all()
+        self._control.close(say_bye=self._connected and self._state.lost is None)
+        if self._dp is not None:
+            self._dp.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        with self._cv:
+            self._cv.notify_all()
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_connected(self) -> None:
+        if not self._connected and not self._state.closed:
+            raise CCLError("call connect() before using the Communicator")
+
+    # -------------------------------------------------------------- topology
+
+    def update_topology(self) -> bool:
+        """Admit waiting peers. Every member calls it; safe on every iteration.
+
+        Waits for this peer's own outstanding async ops first. Returns True if
+        the membership changed (joiners were admitted).
+
+        The round a call votes in is named by this peer's program position
+        (see :class:`~pyccl.peer.state.PeerState`), so members at the same
+        point of the same program vote in the same round, and a joiner lines
+        up whether its loop starts with update_topology() or a collective.
+        """
+        self._check_connected()
+        with self._cv:
+            self._cv.wait_for(self._state.quiet)
+            k = self._state.vote()
+        log.debug("peer %d votes round %d", self.peer_id, k)
+        self._control.send(P.Vote(k))
+        with self._cv:
+            self._cv.wait_for(lambda: self._state.round_known(k))
+            return self._state.take_round_result(k)
+
+    def wait_for_world(self, n: int, timeout: float) -> int:
+        """Call ``update_topology()`` until the group has at least ``n``
+        members; returns the world size. Between rounds it sleeps until the
+        master announces a new epoch (or a peer waits to join), not on a
+        timer. Raises :class:`~pyccl.Timeout` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.world_size < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(f"the group did not reach {n} members within {timeout:.0f} s "
+                              f"({self.world_size} joined)", seconds=timeout)
+            epoch = self.epoch
+            if not self.update_topology():
+                with self._cv:
+                    # A new epoch (a joiner elsewhere admitted) or a short
+                    # pause before the next vote, whichever comes first.
+                    self._cv.wait_for(lambda: self.epoch != epoch or self._state.stopped(), min(left, 0.05))
+        return self.world_size
+
+    # ------------------------------------------------------------ collectives
+
+    def all_reduce(self, x: Any, out: Any = None, op: ReduceOp | str = ReduceOp.SUM, tag: int = 0,
+                   quantize: str | None = None) -> ReduceInfo:
+        """Reduce ``x`` across the group, in place, or into ``out``.
+
+        On ``PeerFailure`` the input holds exactly what it held before.
+
+        ``quantize="uint8"`` (float32 only) sends uint8 codes with a min/max
+        per chunk, about 4x fewer bytes; the result is still bit-identical on
+        every peer (each segment's owner quantizes its final value once and
+        keeps the decoded copy itself). NaN or Inf in the values raise
+        ``MismatchError`` on every peer.
+        """
+        return self._execute(self._begin(all_reduce_call(x, out, op, tag, quantize), tag))
+
+    def all_reduce_async(self, x: Any, out: Any = None, op: ReduceOp | str = ReduceOp.SUM, tag: int = 0,
+                         quantize: str | None = None) -> AsyncHandle:
+        """Start an all-reduce and return at once; ops with distinct tags run concurrently.
+
+        The op's place in the sequence is fixed now, in program order; its
+        errors surface from ``handle.wait()``.
+        """
+        return self._submit(lambda: self._begin(all_reduce_call(x, out, op, tag, quantize), tag))
+
+    def reduce_scatter(self, x: Any, out: Any, op: ReduceOp | str = ReduceOp.SUM, tag: int = 0) -> ReduceInfo:
+        """Reduce ``x`` (world_size * m elements) across the group; rank r gets
+        elements [r*m, (r+1)*m) of the result in ``out`` (m elements).
+
+        A ring reduce-scatter (the first half of the ring all-reduce), not an
+        all-reduce in disguise. ``x`` is never written.
+        """
+        return self._execute(self._begin(pair_call(_core.Collective.REDUCE_SCATTER, x, out, op, tag, 0), tag))
+
+    def reduce_scatter_async(self, x: Any, out: Any, op: ReduceOp | str = ReduceOp.SUM, tag: int = 0) -> AsyncHandle:
+        return self._submit(lambda: self._begin(pair_call(_core.Collective.REDUCE_SCATTER, x, out, op, tag, 0), tag))
+
+    def all_gather(self, x: Any, out: Any, tag: int = 0) -> ReduceInfo:
+        """Concatenate every rank's ``x`` (m elements) in rank order into ``out``
+        (world_size * m elements) on every rank. A ring all-gather."""
+        return self._execute(self._begin(pair_call(_core.Collective.ALL_GATHER, x, out, "sum", tag, 0), tag))
+
+    def all_gather_async(self, x: Any, out: Any, tag: int = 0) -> AsyncHandle:
+        return self._submit(lambda: self._begin(pair_call(_core.Collective.ALL_GATHER, x, out, "sum", tag, 0), tag))
+
+    def broadcast(self, x: Any, root: int = 0, tag: int = 0) -> ReduceInfo:
+        """Overwrite ``x`` on every rank with the bytes of rank ``root``'s ``x``
+        (a pipelined ring from the root). Only the root's buffer is an input."""
+        return self._execute(self._begin(pair_call(_core.Collective.BROADCAST, x, None, "sum", tag, root), tag))
+
+    def broadcast_async(self, x: Any, root: int = 0, tag: int = 0) -> AsyncHandle:
+        return self._submit(lambda: self._begin(pair_call(_core.Collective.BROADCAST, x, None, "sum", tag, root),
+                                                tag))
+
+    def _begin(self, call: Call, tag: int) -> Ticket:
+        """Give a validated call its place in the sequence (program order)."""
+        self._check_connected()
+        with self._cv:
+            self._cv.wait_for(self._state.can_begin)
+            return Ticket(call, self._state.begin_op(tag, call.name))
+
+    def _submit(self, begin: Callable[[], Ticket]) -> AsyncHandle:
+        try:
+            ticket = begin()
+        except CCLError as exc:
+            fut: concurrent.futures.Future[ReduceInfo] = concurrent.futures.Future()
+            fut.set_exception(exc)
+            return AsyncHandle(fut)
+        with self._cv:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="pyccl-op")
+            pool = self._pool
+        try:
+            return AsyncHandle(pool.submit(self._execute, ticket))
+        except RuntimeError as exc:  # pool shut down by close()
+            self._finish_op()
+            raise CCLError("this Communicator is closed") from exc
+
+    def _finish_op(self) -> None:
+        with self._cv:
+            self._state.finish_op()
+            self._cv.notify_all()
+
+    def _execute(self, t: Ticket) -> ReduceInfo:
+        t0 = time.perf_counter()
+        call, op = t.call, t.op
+        n = op.epoch.world_size
+        bufs: WorkBuffers | None = None
+        try:
+            check_for_epoch(call, n)
+            bufs = WorkBuffers(call, self._scratch)
+            kind, message, tx, rx = self._dp.collective(
+                call.kind, call.root, op.epoch.number, op.tag, op.seq, call.src.ptr, bufs.ptr, bufs.count,
+                call.src.dtype_code, int(call.rop))
+            result = LOCAL_RESULTS[kind]
+            if n > 1:
+                self._report(op, result, message)
+                with self._cv:
+                    self._cv.wait_for(lambda: self._state.verdict_known(op))
+                    self._state.verdict(op, result, message, call.name)
+            elif result is not S.LocalResult.OK:
+                with self._cv:
+                    raise self._state.failure_for(op.epoch.number, local=(result, message), what=call.name)
+            bufs.commit(op.epoch.rank)
+            return ReduceInfo(n, tx, rx, time.perf_counter() - t0, op.epoch.number, op.epoch.peer_ids)
+        finally:
+            if bufs is not None:
+                bufs.release()
+            self._finish_op()
+
+    def _report(self, op: S.OpTicket, result: S.LocalResult, message: str) -> None:
+        frame = self._state.report(op, result, message)
+        if frame is None:
+            return
+        try:
+            self._control.send(frame)
+        except CCLError:
+            pass  # the lost-connection path wakes the waiter
+
+    # ----------------------------------------------------------- shared state
+
+    def sync_shared_state(self, state: SharedState, strategy: str = "enforce_popular") -> SyncInfo:
+        """Make this peer's copy of ``state`` identical to the group's popular copy.
+
+        A collective: every member calls it at the same point. Each member
+        reports its revision and per-key hashes; the master picks the content
+        held by the most peers at the highest revision; members that are
+        behind or differ fetch exactly the keys that differ, from every
+        holder at once, and verify each by hash before this returns. On
+        success ``state.revision`` is the group's revision. If the transfer
+        cannot complete (every holder failed) this raises ``CCLError`` and
+        the revision is left unchanged.
+
+        Strategies: ``enforce_popular`` (default: send and receive),
+        ``receive_only`` (never counted as a holder), ``send_only`` (never
+        overwritten).
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if not isinstance(state, SharedState):
+            raise ValueError("sync_shared_state takes a pyccl.SharedState")
+        self._check_connected()
+        t0 = time.perf_counter()
+        keys = state.describe()
+        hashes = [content_hash(k.buffer) for k in keys]
+        with self._cv:
+            err = self._state.usable_error()
+            if err is not None:
+                raise err
+            if self._in_sync:
+                raise CCLError("sync_shared_state is already running on this Communicator")
+            self._cv.wait_for(self._state.quiet)
+            err = self._state.usable_error()
+            if err is not None:
+                raise err
+            self._in_sync = True
+            self._sync_frames.clear()
+        try:
+            # Publish before asking: a fetcher may call the moment the plan is out.
+            self._dp.state_publish([(k.buffer.ptr, k.nbytes, h) for k, h in zip(keys, hashes)])
+            self._control.send(P.Sync(state.revision, strategy, tuple(
+                P.StateKey(k.name, k.dtype, k.shape, k.nbytes, h) for k, h in zip(keys, hashes))))
+            first = self._await_sync_frame((P.SyncPlan, P.SyncResult))
+            if isinstance(first, P.SyncResult):
+                raise CCLError(f"shared-state sync refused: {first.reason or '?'}")
+            assert isinstance(first, P.SyncPlan)
+            # A holder silent for a heartbeat timeout is given up (the timeout
+            # restarts with every byte, so a slow but live holder is kept).
+            ok, reason, rx = fetch_planned(first, keys, self.peer_id, timeout=self._control.heartbeat_timeout)
+            self._control.send(P.SyncDone(first.sync, ok, P.clip_reason(reason)))
+            result = self._await_sync_frame((P.SyncResult,))
+        finally:
+            tx = self._dp.state_unpublish()
+            with self._cv:
+                self._in_sync = False
+        assert isinstance(result, P.SyncResult)
+        if not result.ok:
+            raise CCLError(f"shared-state sync failed: {result.reason or reason}")
+        state.revision = result.revision
+        return SyncInfo(state.revision, int(tx), int(rx), time.perf_counter() - t0)
+
+    def _await_sync_frame(self, types: tuple[type, ...]) -> P.MasterFrame:
+        with self._cv:
+            self._cv.wait_for(lambda: any(t in self._sync_frames for t in types) or self._state.stopped())
+            for t in types:
+                if t in self._sync_frames:
+                    return self._sync_frames.pop(t)
+            err = self._state.usable_error()
+            raise err if err is not None else CCLError("the shared-state sync was interrupted")
+
+    # ------------------------------------------------- control-thread events
+
+    def _on_frame(self, frame: P.MasterFrame) -> None:
+        if isinstance(frame, P.OpOk):  # the hot path first
+            with self._cv:
+                self._state.on_op_ok(frame)
+                self._cv.notify_all()
+        elif isinstance(frame, P.Epoch):
+            self._on_epoch(frame)
+        elif isinstance(frame, P.Drain):
+            with self._cv:
+                actions = self._state.on_drain(frame)
+                self._cv.notify_all()
+            self._carry_out(actions)
+        elif isinstance(frame, P.RoundDone):
+            with self._cv:
+                self._state.on_round_done(frame)
+                self._cv.notify_all()
+        elif isinstance(frame, (P.SyncPlan, P.SyncResult)):
+            with self._cv:
+                self._sync_frames[type(frame)] = frame
+                self._cv.notify_all()
+        else:  # Welcome (a second one), Heartbeat, Error are handled by the control client
+            log.warning("ignoring an unexpected %r frame from the master", frame.TYPE)
+
+    def _on_epoch(self, frame: P.Epoch) -> None:
+        with self._cv:
+            plan = self._state.prepare_epoch(frame)
+        # Data plane first: an op that sees the new epoch must find its links.
+        self._carry_out([plan])
+        with self._cv:
+            self._state.on_epoch(frame, plan)
+            self._cv.notify_all()
+        log.info("epoch %d: rank %d of %d (%s)", frame.epoch, plan.rank, plan.world_size, frame.reason)
+
+    def _on_lost(self, cause: LostCause, reason: str) -> None:
+        with self._cv:
+            actions = self._state.on_lost(cause, reason)
+            closed = self._state.closed
+            self._cv.notify_all()
+        if not closed:
+            log.warning("%s", reason)
+        self._carry_out(actions)
+
+    def _carry_out(self, actions: list[S.Action]) -> None:
+        for a in actions:
+            if isinstance(a, S.SetDataPlaneEpoch):
+                nxt = a.next_member
+                self._dp.set_epoch(a.epoch, a.peer_id, a.rank, a.world_size, nxt.peer_id, nxt.host, nxt.port,
+                                   a.prev_peer_id)
+            elif isinstance(a, S.AbortDataPlane):
+                if self._dp is not None:
+                    self._dp.abort_through(a.through, a.reason)
+            else:
+                self._control.send(a.frame)
