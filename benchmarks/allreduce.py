@@ -60,10 +60,10 @@ def reps_for(nbytes: int, base: int) -> int:
 
 
 def worker(rank: int, n: int, gloo_port: int, master_addr: str, sizes: list[int], conns: list[int], base_reps: int, q) -> None:
-    import torch
+    import pyccl
     import torch.distributed as dist
 
-    import pyccl
+    import torch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=rank, world_size=n)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from allreduce import fmt_size, parse_size  # noqa: E402
+from allreduce import fmt_size, parse_size
 
 
 def _state(nbytes: int, fill: bool):

@@ -26,7 +26,6 @@ import multiprocessing as mp
 import os
 import platform
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ def samples_for(nbytes: int, quick: bool) -> int:
     return max(2, n // 4) if quick else n
 
 
-def build_model():  # noqa: ANN201
+def build_model():
     import torch.nn as nn
 
     class Block(nn.Module):
@@ -66,7 +65,7 @@ def build_model():  # noqa: ANN201
             self.ln2 = nn.LayerNorm(d)
             self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-        def forward(self, x):  # noqa: ANN001, ANN201
+        def forward(self, x):
             h = self.ln1(x)
             x = x + self.attn(h, h, h, need_weights=False)[0]
             return x + self.mlp(self.ln2(x))
@@ -78,7 +77,7 @@ def build_model():  # noqa: ANN201
             self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
             self.head = nn.Linear(d, vocab)
 
-        def forward(self, t):  # noqa: ANN001, ANN201
+        def forward(self, t):
             x = self.emb(t)
             for b in self.blocks:
                 x = b(x)
@@ -87,14 +86,14 @@ def build_model():  # noqa: ANN201
     return LM()
 
 
-def worker(rank: int, world: int, port: int, quick: bool, q) -> None:  # noqa: ANN001
+def worker(rank: int, world: int, port: int, quick: bool, q) -> None:
     sys.path.insert(0, str(ROOT))
-    import torch
+    import pyccl.torch  # noqa: F401
     import torch.distributed as dist
     import torch.nn as nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import pyccl.torch  # noqa: F401
+    import torch
 
     torch.set_num_threads(1)
     dist.init_process_group("pyccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -142,7 +141,7 @@ def worker(rank: int, world: int, port: int, quick: bool, q) -> None:  # noqa: A
         for _ in range(2):
             step(name)
     results["ddp"] = timed({name: (lambda name=name: step(name)) for name in groups}, 6 if quick else 24)
-    del models
+    models.clear()
 
     # --------------------------------------------------------- collectives
     n = world
@@ -154,7 +153,7 @@ def worker(rank: int, world: int, port: int, quick: bool, q) -> None:  # noqa: A
             out_ag = torch.empty(numel)
             out_rs = torch.empty(numel // n)
 
-            def run(g, opname=opname, out_ag=out_ag, out_rs=out_rs) -> None:  # noqa: ANN001
+            def run(g, opname=opname, out_ag=out_ag, out_rs=out_rs, full=full, part=part) -> None:
                 if opname == "all_reduce":
                     dist.all_reduce(full, group=g)
                 elif opname == "all_gather_into_tensor":

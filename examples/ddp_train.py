@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
+import pyccl.torch  # noqa: F401  (registers backend "pyccl")
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import pyccl.torch  # noqa: F401  (registers backend "pyccl")
+import torch
 
 
 def main() -> None:

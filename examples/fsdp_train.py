@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
+import pyccl.torch  # noqa: F401  (registers backend "pyccl")
 import torch.distributed as dist
 import torch.nn as nn
 
-import pyccl.torch  # noqa: F401  (registers backend "pyccl")
+import torch
 
 
 class Block(nn.Module):

@@ -16,7 +16,6 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,7 @@ _STATE_ELEMS = 1 << 20  # 4 MiB of shared state
 
 def _combined_hash(state: Any) -> int:
     h = 0
-    for name, v in sorted(state.hashes().items()):
+    for _name, v in sorted(state.hashes().items()):
         h = (h * 1_000_003) ^ v
     return h & 0xFFFFFFFF
 
@@ -121,10 +120,10 @@ def run(args: argparse.Namespace) -> int:
     nbytes = count * 4
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    procs: dict[int, mp.Process] = {}
+    procs: dict[int, Any] = {}  # pid -> spawned process
     # One pipe per peer, never a shared Queue: a SIGKILL that lands while a
     # peer writes to a shared queue would wedge that queue for everyone.
-    readers: list[Any] = []
+    readers: list[mp_connection.Connection] = []
     pids: dict[int, int] = {}  # peer id -> pid
     steps: dict[tuple[int, int], _Step] = {}
     stats = {"steps": 0, "checked": 0, "wrong": 0, "failures": 0, "dirty_inputs": 0, "errors": 0}
@@ -138,11 +137,13 @@ def run(args: argparse.Namespace) -> int:
         p.start()
         writer.close()
         readers.append(reader)
+        assert p.pid is not None
         procs[p.pid] = p
 
     def next_events(timeout: float) -> list[tuple[Any, ...]]:
-        out = []
+        out: list[tuple[Any, ...]] = []
         for r in mp_connection.wait(readers, timeout):
+            assert isinstance(r, mp_connection.Connection)
             try:
                 out.append(r.recv())
             except (EOFError, OSError):
@@ -231,9 +232,3 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=25.0, help="seconds to run")
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--pace", type=float, default=0.05, help="seconds each peer sleeps between steps")
-
-
-if __name__ == "__main__":
-    from pyccl.cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

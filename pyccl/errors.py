@@ -20,7 +20,7 @@ class DrainKind(enum.Enum):
     PROTOCOL = "protocol"  # a member's data plane saw a malformed frame
 
     @classmethod
-    def parse(cls, value: str) -> "DrainKind":
+    def parse(cls, value: str) -> DrainKind:
         """The kind named ``value``; unknown names (a newer master) count as PEER."""
         try:
             return cls(value)

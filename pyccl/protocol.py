@@ -19,8 +19,9 @@ checks that they match).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Mapping, NamedTuple, Union
+from typing import Any, ClassVar, NamedTuple
 
 from pyccl.wire import (
     MAX_INT,
@@ -117,7 +118,7 @@ class Hello(_Frame):
     version: int = PROTOCOL_VERSION
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Hello":
+    def parse(cls, m: Mapping[str, Any]) -> Hello:
         version = m.get("version")
         if type(version) is not int or version != PROTOCOL_VERSION:
             raise FrameError(f"'hello' protocol version {clip(version, 20)} unsupported "
@@ -142,7 +143,7 @@ class Heartbeat(_Frame):
     TYPE: ClassVar[str] = "heartbeat"
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Heartbeat":
+    def parse(cls, m: Mapping[str, Any]) -> Heartbeat:
         return HEARTBEAT
 
 
@@ -156,7 +157,7 @@ class Bye(_Frame):
     TYPE: ClassVar[str] = "bye"
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Bye":
+    def parse(cls, m: Mapping[str, Any]) -> Bye:
         return cls()
 
 
@@ -168,7 +169,7 @@ class Vote(_Frame):
     round: int
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Vote":
+    def parse(cls, m: Mapping[str, Any]) -> Vote:
         return cls(get_int(m, "round"))
 
 
@@ -182,7 +183,7 @@ class Done(_Frame):
     seq: int
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Done":
+    def parse(cls, m: Mapping[str, Any]) -> Done:
         return cls(get_int(m, "epoch"), get_int(m, "tag", 0, MAX_TAG), get_int(m, "seq"))
 
 
@@ -198,7 +199,7 @@ class Failed(_Frame):
     reason: str
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Failed":
+    def parse(cls, m: Mapping[str, Any]) -> Failed:
         return cls(get_int(m, "epoch"), get_int(m, "tag", 0, MAX_TAG), get_int(m, "seq"),
                    get_choice(m, "kind", FAILURE_KINDS), get_str(m, "reason", MAX_REASON_LEN))
 
@@ -212,7 +213,7 @@ class Drained(_Frame):
     next_seq: tuple[tuple[int, int], ...]
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Drained":
+    def parse(cls, m: Mapping[str, Any]) -> Drained:
         return cls(get_int(m, "epoch"), tuple(get_pairs(m, "next_seq", MAX_NEXT_SEQ_ENTRIES)))
 
 
@@ -226,7 +227,7 @@ class Sync(_Frame):
     keys: tuple[StateKey, ...]
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Sync":
+    def parse(cls, m: Mapping[str, Any]) -> Sync:
         return cls(get_int(m, "revision"), get_choice(m, "strategy", STRATEGIES), parse_keys(m))
 
 
@@ -240,7 +241,7 @@ class SyncDone(_Frame):
     reason: str = ""
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "SyncDone":
+    def parse(cls, m: Mapping[str, Any]) -> SyncDone:
         return cls(get_int(m, "sync"), get_bool(m, "ok"), get_str(m, "reason", MAX_REASON_LEN))
 
 
@@ -257,7 +258,7 @@ class Welcome(_Frame):
     heartbeat_timeout: float
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Welcome":
+    def parse(cls, m: Mapping[str, Any]) -> Welcome:
         return cls(get_int(m, "peer_id", 1), get_float(m, "heartbeat_interval", 0.001, 3600.0),
                    get_float(m, "heartbeat_timeout", 0.001, 36000.0))
 
@@ -275,7 +276,7 @@ class Epoch(_Frame):
     reason: str
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Epoch":
+    def parse(cls, m: Mapping[str, Any]) -> Epoch:
         raw = get_list(m, "members", MAX_MEMBERS)
         if not raw:
             raise FrameError("'epoch' field 'members' must be a non-empty list")
@@ -300,7 +301,7 @@ class Drain(_Frame):
     reason: str
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Drain":
+    def parse(cls, m: Mapping[str, Any]) -> Drain:
         return cls(get_int(m, "epoch"), get_str(m, "kind", MAX_KIND_LEN),
                    get_str(m, "reason", MAX_REASON_LEN, optional=True))
 
@@ -315,7 +316,7 @@ class OpOk(_Frame):
     seq: int
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "OpOk":
+    def parse(cls, m: Mapping[str, Any]) -> OpOk:
         return cls(get_int(m, "epoch"), get_int(m, "tag", 0, MAX_TAG), get_int(m, "seq"))
 
 
@@ -328,7 +329,7 @@ class RoundDone(_Frame):
     changed: bool
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "RoundDone":
+    def parse(cls, m: Mapping[str, Any]) -> RoundDone:
         return cls(get_int(m, "round"), get_bool(m, "changed"))
 
 
@@ -340,7 +341,7 @@ class Error(_Frame):
     reason: str
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "Error":
+    def parse(cls, m: Mapping[str, Any]) -> Error:
         return cls(get_str(m, "reason", MAX_REASON_LEN, optional=True) or "no reason given")
 
 
@@ -355,7 +356,7 @@ class SyncPlan(_Frame):
     holders: tuple[Member, ...]
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "SyncPlan":
+    def parse(cls, m: Mapping[str, Any]) -> SyncPlan:
         holders = []
         for e in get_list(m, "holders", MAX_MEMBERS):
             if not (isinstance(e, (list, tuple)) and len(e) == 3 and is_int(e[0], 1) and isinstance(e[1], str)
@@ -378,13 +379,13 @@ class SyncResult(_Frame):
     reason: str = ""
 
     @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> "SyncResult":
+    def parse(cls, m: Mapping[str, Any]) -> SyncResult:
         return cls(get_int(m, "sync"), get_bool(m, "ok"), get_int(m, "revision"),
                    get_str(m, "reason", MAX_REASON_LEN, optional=True))
 
 
-PeerFrame = Union[Hello, Heartbeat, Bye, Vote, Done, Failed, Drained, Sync, SyncDone]
-MasterFrame = Union[Welcome, Heartbeat, Epoch, Drain, OpOk, RoundDone, Error, SyncPlan, SyncResult]
+PeerFrame = Hello | Heartbeat | Bye | Vote | Done | Failed | Drained | Sync | SyncDone
+MasterFrame = Welcome | Heartbeat | Epoch | Drain | OpOk | RoundDone | Error | SyncPlan | SyncResult
 
 PEER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Hello, Heartbeat, Bye, Vote, Done, Failed, Drained, Sync,
                                                      SyncDone)}

@@ -20,7 +20,7 @@ class ReduceOp(enum.IntEnum):
     PROD = 5
 
     @classmethod
-    def parse(cls, op: "ReduceOp | str") -> "ReduceOp":
+    def parse(cls, op: ReduceOp | str) -> ReduceOp:
         if isinstance(op, ReduceOp):
             return op
         if isinstance(op, str):
@@ -74,7 +74,7 @@ class Buffer:
     def nbytes(self) -> int:
         return self.count * self.itemsize
 
-    def overlaps(self, other: "Buffer") -> bool:
+    def overlaps(self, other: Buffer) -> bool:
         return self.nbytes > 0 and other.nbytes > 0 and self.ptr < other.ptr + other.nbytes and other.ptr < self.ptr + self.nbytes
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any, Collection, Mapping
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import msgpack
 
@@ -29,7 +30,7 @@ class FrameError(ValueError):
 
 def encode(frame: Mapping[str, Any]) -> bytes:
     """Serialise one frame (length prefix included)."""
-    body = msgpack.packb(frame, use_bin_type=True)
+    body: bytes = msgpack.packb(frame, use_bin_type=True)
     if len(body) > MAX_FRAME_BYTES:
         raise FrameError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     return _LEN.pack(len(body)) + body
@@ -52,7 +53,7 @@ def decode_body(body: bytes) -> dict[str, Any]:
         # and unpackb caps every container/string at the input's length.
         # (max_buffer_size exists only on msgpack.Unpacker, not unpackb.)
         obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises many types for garbage
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many types for garbage
         raise FrameError(f"undecodable msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise FrameError(f"frame is a {type(obj).__name__}, expected a map")

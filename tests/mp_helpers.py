@@ -27,7 +27,8 @@ import signal
 import socket
 import time
 import traceback
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -137,7 +138,7 @@ class PeerProcs:
                         with contextlib.suppress(queue_mod.Empty):
                             kind, idx, payload = self.q.get(timeout=1.0)
                             break
-                        raise ChildError(f"peer {i} exited with code {p.exitcode}; {self.describe()}")
+                        raise ChildError(f"peer {i} exited with code {p.exitcode}; {self.describe()}") from None
                 else:
                     continue
             if kind == "error":
@@ -194,7 +195,7 @@ class PeerProcs:
         self.q.close()
         self.q.join_thread()
 
-    def __enter__(self) -> "PeerProcs":
+    def __enter__(self) -> PeerProcs:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-import mp_helpers
 from mp_helpers import PeerProcs, digest, join_group, running_master
 
 try:
@@ -249,7 +248,7 @@ def test_all_reduce_every_dtype_and_op(n: int) -> None:
             procs.start(i, matrix_peer, master.address, n)
         # Compute the expected digests while the peers work.
         expected = {}
-        for key, dtype, op, count, mode in cases:
+        for key, dtype, op, count, _mode in cases:
             inputs = [source_values(key, dtype, op, count, i, n) for i in range(n)]
             expected[key] = digest(reference(dtype, op, inputs, n))
         res = procs.gather("result", range(n), timeout=60)
@@ -267,7 +266,7 @@ def test_all_reduce_every_dtype_and_op(n: int) -> None:
     assert not wrong, f"{len(wrong)} results differ from the reference, e.g. {wrong[:10]}"
 
     # 2. random floats: bit-identical across peers, and close to the float64 answer
-    for key, dtype, op, count, mode in rand_cases:
+    for key, dtype, op, count, _mode in rand_cases:
         got = {res[i]["digests"][key] for i in range(n)}
         assert len(got) == 1, f"{key}: peers disagree on the result bits"
         if key in res[0]["raw"]:
@@ -282,7 +281,7 @@ def test_all_reduce_every_dtype_and_op(n: int) -> None:
             np.testing.assert_allclose(got_v.astype(np.float64), want, rtol=tol, atol=tol * 40 * n)
 
     # 3. ReduceInfo
-    for key, dtype, op, count, mode in cases + rand_cases:
+    for key, _dtype, _op, count, _mode in cases + rand_cases:
         rows = [res[i]["infos"][key] for i in range(n)]
         for ws, tx, rx, secs, epoch, peers, comm_epoch, comm_peers in rows:
             assert ws == n, (key, rows)
@@ -419,12 +418,12 @@ def all_empty_peer(idx: int, q: Any, address: str, n: int) -> None:
     for x in kinds:
         out = x[:0].copy() if isinstance(x, np.ndarray) else x.clone()
         calls = {
-            "all_reduce": lambda: comm.all_reduce_async(x),
-            "all_reduce out=": lambda: comm.all_reduce_async(x, out=out),
-            "all_reduce avg": lambda: comm.all_reduce_async(x, op="avg"),
-            "all_gather": lambda: comm.all_gather_async(x, out),
-            "reduce_scatter": lambda: comm.reduce_scatter_async(x, out),
-            "broadcast": lambda: comm.broadcast_async(x, root=n - 1),
+            "all_reduce": lambda x=x: comm.all_reduce_async(x),
+            "all_reduce out=": lambda x=x, out=out: comm.all_reduce_async(x, out=out),
+            "all_reduce avg": lambda x=x: comm.all_reduce_async(x, op="avg"),
+            "all_gather": lambda x=x, out=out: comm.all_gather_async(x, out),
+            "reduce_scatter": lambda x=x, out=out: comm.reduce_scatter_async(x, out),
+            "broadcast": lambda x=x: comm.broadcast_async(x, root=n - 1),
         }
         for name, call in calls.items():
             try:

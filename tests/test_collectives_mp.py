@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyccl
 import pytest
 
-import pyccl
 from pipe_peers import check_no_crash, run_pipe_peers
 
 DTYPES = [np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.int32, np.int64]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import socket
 import struct
@@ -31,6 +30,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from pyccl import wire
 
 from mp_helpers import (
     CTX,
@@ -44,7 +44,6 @@ from mp_helpers import (
     reduce_or_hang,
     running_master,
 )
-from pyccl import wire
 
 LINK_HELLO = struct.Struct("<IB3xQQQII")  # magic, version, epoch, from, to, conn_index, conn_count
 DATA_HEADER = struct.Struct("<IBBBBQIIQQQII")  # magic, version, phase, dtype, redop, epoch, tag, chunk,
@@ -186,7 +185,7 @@ def sigstop_peer(idx: int, q: Any, address: str, n: int, victim: int, resumed: A
         # After the stopped peer has been resumed, the group still runs without it.
         assert resumed.wait(60), "the test never resumed the stopped peer"
         later = []
-        for k in range(3):
+        for _k in range(3):
             comm.update_topology()
             y = np.full(1001, float(idx + 1))
             info = reduce_or_hang(comm, y, timeout=30)
@@ -283,7 +282,7 @@ def joiner_peer(idx: int, q: Any, address: str, ops: int) -> None:
     t_admitted = time.time()
     x = np.empty(1000, np.int64)
     rows = []
-    for k in range(ops):
+    for _k in range(ops):
         changed = comm.update_topology()
         x.fill(1 << idx)
         info = reduce_or_hang(comm, x, timeout=30)
@@ -317,7 +316,7 @@ def test_peer_joining_a_running_group(caplog: pytest.LogCaptureFixture) -> None:
         rows = res[i]
         k = next(j for j, row in enumerate(rows) if row[2] == 4)
         admit_iters.add(k)
-        for j, (t_vote, changed, ws, peers, epoch, val, uniform) in enumerate(rows):
+        for j, (_t_vote, changed, ws, peers, _epoch, val, uniform) in enumerate(rows):
             assert uniform, (i, j)
             if j < k:
                 # (a member that was itself admitted last may see its own admission round first)
@@ -332,7 +331,7 @@ def test_peer_joining_a_running_group(caplog: pytest.LogCaptureFixture) -> None:
     assert k <= min(first_after) + 1, (k, first_after)
     member_epoch = res[0][k][4]
     assert [r[3] for r in joiner["rows"]][0] == member_epoch
-    for j, (changed, ws, peers, epoch, val, uniform) in enumerate(joiner["rows"]):
+    for j, (changed, ws, peers, _epoch, val, uniform) in enumerate(joiner["rows"]):
         assert ws == 4 and val == 15 and uniform and jid in peers, (j, joiner["rows"][j])
         # its first update_topology() is the round that admitted it (docs/architecture.md)
         assert changed == (j == 0), (j, changed)
@@ -448,7 +447,7 @@ def send_expect_close(port: int, data: bytes, shut_wr: bool = False, timeout: fl
                 got += chunk
         except ConnectionResetError:
             return got
-        except socket.timeout:
+        except TimeoutError:
             raise AssertionError(f"connection still open {timeout} s after sending {data[:40]!r}") from None
 
 
@@ -571,7 +570,7 @@ def test_bad_input_to_master_and_data_ports(tmp_path: Any, caplog: pytest.LogCap
             ("hello with another pool size", hello_bytes(epoch, prev, me, 0, k + 1), "invalid or taken"),
             ("a data header instead of a hello", stray_header, f"malformed hello (magic 0x{DATA_MAGIC:x}"),
         ]
-        for name, data, why in data_cases:
+        for name, data, _why in data_cases:
             send_expect_close(port, data, shut_wr=(name == "a few bytes, then EOF"))
         # A hello for a future epoch is held (the peer may be behind); it must
         # not disturb anything either. Closed by us, later.
@@ -598,12 +597,12 @@ def test_bad_input_to_master_and_data_ports(tmp_path: Any, caplog: pytest.LogCap
 
     # The master named every rejection ...
     rejected = [r.getMessage() for r in caplog.records if r.name == "pyccl.master" and "rejected frame from" in r.getMessage()]
-    for name, data, shut, why in master_cases:
+    for name, _data, _shut, why in master_cases:
         assert any(why in m for m in rejected), f"master log has no rejection for {name!r} ({why!r}): {rejected}"
     # ... and so did the attacked peer's C++ core (its stderr).
     log_text = (tmp_path / "peer1.err").read_text()
     lines = [ln for ln in log_text.splitlines() if "rejected" in ln or "ignored" in ln]
-    for name, data, why in data_cases:
+    for name, _data, why in data_cases:
         assert any(why in ln for ln in lines), f"peer log has no rejection for {name!r} ({why!r}):\n" + "\n".join(lines)
     print(f"{len(master_cases)} bad frames to the master, {len(data_cases) + 1} bad connections to a data port; "
           f"{len(during)} all-reduces completed meanwhile")
@@ -705,7 +704,7 @@ def test_member_sending_bad_data_frames(tmp_path: Any, caplog: pytest.LogCapture
             fake_id = fake.peer_id
             ep = fake.first_epoch()  # admitted at the real peers' next update_topology
             fake_epochs = []
-            count, total = 4099, 4099 * 8  # the real peers' op: int64 sum of 4099 elements
+            _count, total = 4099, 4099 * 8  # the real peers' op: int64 sum of 4099 elements
             variants = [
                 # (name, header fields to override, expected text, where it shows)
                 ("bad magic", {"magic": 0xDEADBEEF}, "bad magic/version", "log"),
@@ -718,7 +717,7 @@ def test_member_sending_bad_data_frames(tmp_path: Any, caplog: pytest.LogCapture
                 ("another tensor size", {"total_bytes": total + 8}, "disagree", "drain"),
             ]
             drains = []
-            for name, fields, why, where in variants:
+            for name, fields, _why, _where in variants:
                 e = ep["epoch"]
                 fake_epochs.append(e)
                 members = [m[0] for m in ep["members"]]
@@ -747,7 +746,7 @@ def test_member_sending_bad_data_frames(tmp_path: Any, caplog: pytest.LogCapture
 
     successor_idx = idx_of[ep["members"][0][0]]
     log_lines = [ln for ln in (tmp_path / f"peer{successor_idx}.err").read_text().splitlines() if "rejected" in ln]
-    for (name, fields, why, where), (_, drain) in zip(variants, drains):
+    for (name, _fields, why, where), (_, drain) in zip(variants, drains):
         if where == "log":
             assert any(why in ln and f"from peer {fake_id} " in ln for ln in log_lines), (name, log_lines)
         else:

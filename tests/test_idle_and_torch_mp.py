@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyccl
 import pytest
 
-import pyccl
 from pipe_peers import check_no_crash, run_pipe_peers
 
 

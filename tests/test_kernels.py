@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from pyccl import _core
 from pyccl.types import ReduceOp, as_buffer
 

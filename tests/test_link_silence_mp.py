@@ -15,9 +15,8 @@ import time
 from typing import Any
 
 import numpy as np
-import pytest
-
 import pyccl
+import pytest
 
 CTX = mp.get_context("spawn")
 

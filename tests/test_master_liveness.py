@@ -11,9 +11,9 @@ import tempfile
 import time
 
 import numpy as np
+import pyccl
 import pytest
 
-import pyccl
 from conftest import pyccl_pythonpath
 
 

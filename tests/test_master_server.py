@@ -11,12 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import msgpack
 import pytest
-
 from pyccl import wire
 from pyccl.master import Master
 
@@ -67,7 +67,7 @@ class RawPeer:
                 frames.append(self.recv(max(0.01, deadline - time.monotonic())))
             except (ConnectionError, wire.FrameError):
                 return frames
-            except socket.timeout:
+            except TimeoutError:
                 raise AssertionError(f"connection still open after {timeout} s; got {frames}") from None
 
     def close(self) -> None:
@@ -309,7 +309,7 @@ def test_context_manager_and_never_started_stop():
     assert p.until_closed(timeout=2.0) == []
     Master().stop()  # never started: nothing to do
     with pytest.raises(RuntimeError):
-        Master().address
+        _ = Master().address
 
 
 @pytest.mark.timeout(30)

@@ -7,7 +7,6 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-
 from pyccl.master.state import (
     Close,
     GroupPhase,

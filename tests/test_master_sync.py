@@ -7,11 +7,11 @@ import random
 from typing import Any
 
 import pytest
-from test_master_state import Harness, last_epoch, ring
-
 from pyccl.master.state import GroupPhase, PeerPhase
 from pyccl.master.sync import StateKey, SyncRequest, parse_keys, plan_sync
 from pyccl.wire import MAX_UINT64, FrameError, decode_body, encode, get_pairs
+
+from test_master_state import Harness, last_epoch, ring
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -779,9 +779,9 @@ def test_full_64_bit_hashes_survive_the_wire_and_the_plan():
 
 
 def test_sync_round_through_the_real_server():
-    from test_master_server import make_group
-
     from pyccl.master import Master
+
+    from test_master_server import make_group
 
     m = Master(host="127.0.0.1", port=0, heartbeat_timeout=5.0)
     m.start()

@@ -4,7 +4,6 @@ sockets, no threads, no clocks; frames in, actions and answers out."""
 from __future__ import annotations
 
 import pytest
-
 from pyccl import protocol as P
 from pyccl.errors import CCLError, DrainKind, GroupLost, LostCause, MismatchError, PeerFailure
 from pyccl.peer.state import (

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from pyccl import protocol as P
 from pyccl import wire
 

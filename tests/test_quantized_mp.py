@@ -6,12 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
-
 import pyccl
-from pipe_peers import check_no_crash, run_pipe_peers
+import pytest
 from pyccl import _core
 
+from pipe_peers import check_no_crash, run_pipe_peers
 
 
 def _peer(master: str, n: int, pipe: Any) -> None:

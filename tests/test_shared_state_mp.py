@@ -7,16 +7,15 @@ SIGKILL during a write would wedge a shared queue for everyone).
 from __future__ import annotations
 
 import multiprocessing as mp
-import multiprocessing.connection as mpc
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import pytest
-
 import pyccl
+import pytest
 
 CTX = mp.get_context("spawn")
 
@@ -46,7 +45,7 @@ class Peers:
     def kill(self, name: str) -> None:
         os.kill(self.procs[name].pid, signal.SIGKILL)
 
-    def __enter__(self) -> "Peers":
+    def __enter__(self) -> Peers:
         return self
 
     def __exit__(self, *exc: Any) -> None:

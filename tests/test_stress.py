@@ -20,23 +20,23 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
-from conftest import pyccl_pythonpath  # noqa: E402
 from pyccl.stress import config as cfgmod
 from pyccl.stress.faults import FaultKind, FaultScheduler
 from pyccl.stress.protocol import OpOutcome, StepReport, SyncReport, parse_peer_frame
 from pyccl.stress.proxy import FaultProxy, LinkShape
 from pyccl.stress.verify import Verifier
 from pyccl.stress.watchdog import StuckWatchdog
-from pyccl.stress.workload import Workload, update_state, state_arrays
+from pyccl.stress.workload import Workload, state_arrays, update_state
+
+from conftest import pyccl_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -511,7 +511,7 @@ def _stress(args: list[str], timeout: float, tmp: Path, env: dict[str, str] | No
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"pyccl stress did not finish in {timeout} s:\n{out[-5000:]}")
+        raise AssertionError(f"pyccl stress did not finish in {timeout} s:\n{out[-5000:]}") from None
     finally:
         # Children die with the orchestrator (PR_SET_PDEATHSIG) and helpers such
         # as multiprocessing's resource tracker exit on its EOF: allow a moment.

@@ -9,13 +9,11 @@ row (PCCL deadlocks on the first shape).
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
 import time
 
 import numpy as np
-import pytest
-
 import pyccl
+import pytest
 
 SHAPES = ["topology_first", "collective_first", "topology_twice"]
 

@@ -19,10 +19,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from mp_helpers import PeerProcs, port_is_free  # noqa: E402
-from torch_mp import free_port, launch  # noqa: E402
-
-import torch_workers  # noqa: E402
+import torch_workers
+from mp_helpers import PeerProcs, port_is_free
+from torch_mp import free_port, launch
 
 
 @pytest.mark.timeout(120)

@@ -14,10 +14,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from mp_helpers import PeerProcs  # noqa: E402
-from torch_mp import free_port, launch  # noqa: E402
-
-import torch_conformance_bodies as bodies  # noqa: E402
+import torch_conformance_bodies as bodies
+from mp_helpers import PeerProcs
+from torch_mp import free_port, launch
 
 
 def _run(world: int, body: object, *args: object, timeout: float = 100) -> dict[int, dict]:

@@ -20,10 +20,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from mp_helpers import PeerProcs  # noqa: E402
-from torch_mp import free_port, launch  # noqa: E402
-
-import torch_workers  # noqa: E402
+import torch_workers
+from mp_helpers import PeerProcs
+from torch_mp import free_port, launch
 
 WORLD = 3
 

@@ -12,9 +12,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from mp_helpers import running_master  # noqa: E402
-from torch_mp import free_port  # noqa: E402
-from conftest import pyccl_pythonpath  # noqa: E402
+from conftest import pyccl_pythonpath
+from mp_helpers import running_master
+from torch_mp import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

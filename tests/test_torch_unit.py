@@ -9,9 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-
+from pyccl.errors import DrainKind, PeerFailure  # noqa: E402
 from pyccl.torch import _ops, _p2p  # noqa: E402
-from pyccl.torch.process_group import _core_reason, _rows  # noqa: E402
+from pyccl.torch._health import GroupHealth  # noqa: E402
+from pyccl.torch._lowering import rows as _rows  # noqa: E402
+from pyccl.torch._work import BackendError, Completer, PendingOp, PycclWork  # noqa: E402
 
 R = dist.ReduceOp
 
@@ -63,9 +65,30 @@ def test_byte_view_and_rows() -> None:
         _rows(torch.empty(5), None, 2, "input")
 
 
-def test_core_reason_drops_the_retry_advice() -> None:
-    msg = "all_reduce aborted because the group changed (peer 3 is gone: connection closed); world size is now 2: retry the call"
-    assert _core_reason(msg) == "peer 3 is gone: connection closed"
+class _FakeComm:
+    """What GroupHealth reads of a Communicator: its members and whether it lost the master."""
+
+    def __init__(self, peers: tuple[int, ...]) -> None:
+        self.peers, self.epoch, self.lost = peers, 1, None
+
+
+def test_health_names_the_lost_rank_and_keeps_the_core_reason_not_its_retry_advice() -> None:
+    comm = _FakeComm((11, 12, 13))
+    health = GroupHealth("g", 0, 3, [0, 1, 2], 0, "127.0.0.1:1")
+    health.formed(comm)  # type: ignore[arg-type]
+    assert health.check() is None
+    comm.peers, comm.epoch = (11, 12), 2
+    completer = Completer("t", health.translate)
+    try:
+        op = PendingOp("allreduce", PycclWork("allreduce", 5.0), completer)
+        exc = PeerFailure("all_reduce aborted because ...; world size is now 2: retry the call", epoch=1,
+                          lost_peers=(13,), kind=DrainKind.PEER, op="all_reduce", reason="peer 13 is gone")
+        err = health.translate(op, exc)
+    finally:
+        completer.stop()
+    assert isinstance(err, BackendError) and err.__cause__ is exc
+    assert "lost peer rank 2" in str(err) and "[core: peer 13 is gone]" in str(err) and "retry" not in str(err)
+    assert health.check() is not None and "rank 2" in str(health.broken)
 
 
 class _Box:
@@ -114,10 +137,13 @@ def test_side_channel_order_anysource_mismatch_and_failure() -> None:
         out, b = torch.empty(2), _Box()
         eps[0].post_recv(_ops.byte_view(out), 1, 1, _p2p.KIND_P2P, b.recv_done)
         assert b.ev.wait(5) and "bytes" in str(b.err)
-        # A broken group fails pending receives (the monitor polls health).
+        # A broken group fails pending receives (the group checks on every membership event).
         out, b = torch.empty(2), _Box()
         eps[0].post_recv(_ops.byte_view(out), 1, 99, _p2p.KIND_P2P, b.recv_done)
+        eps[0].check()
+        assert not b.ev.is_set()  # whole: nothing to fail
         health["why"] = "pyccl: group broken"
+        eps[0].check()
         assert b.ev.wait(5) and "broken" in str(b.err)
     finally:
         for h, ep in zip(hubs, eps):

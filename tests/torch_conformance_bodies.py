@@ -11,13 +11,14 @@ failure instead.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import torch
 from torch_workers import digest, init
 
 WAIT = timedelta(seconds=15)
@@ -36,7 +37,7 @@ def _both(failures: list[str], name: str, run: Callable[[Any], Any], gloo: Any) 
     """``run(group)`` on pyccl (default group) and gloo; their outputs must be equal."""
     try:
         ours = run(None)
-    except Exception as exc:  # noqa: BLE001 - what we are checking
+    except Exception as exc:
         failures.append(f"{name}: pyccl raised {type(exc).__name__}: {exc}"[:500])
         return
     theirs = run(gloo)
@@ -134,7 +135,7 @@ def empty_body(rank: int, q: Any, world: int, port: int) -> None:
         net = _WithEmptyParameter()
         try:
             model = DDP(net, process_group=g)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             failures.append(f"DDP with a zero-element parameter: {label} raised {exc}"[:500])
             continue
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -252,7 +253,7 @@ def state_dict_body(rank: int, q: Any, world: int, port: int, ckpt_dir: str) -> 
         group = None if label == "pyccl" else dist.new_group(backend="gloo")
         mesh = DeviceMesh.from_group(group or pg, "cpu", mesh_dim_names=("dp",))
 
-        def sharded_model() -> nn.Module:
+        def sharded_model(mesh: Any = mesh) -> nn.Module:
             torch.manual_seed(0)
             m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
             for layer in m:
@@ -271,7 +272,7 @@ def state_dict_body(rank: int, q: Any, world: int, port: int, ckpt_dir: str) -> 
             set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                        broadcast_from_rank0=True))
             got = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             failures.append(f"{label}: state dict round trip raised {type(exc).__name__}: {exc}"[:800])
             continue
         res = {f"full/{k}": digest(v) for k, v in got.items()}

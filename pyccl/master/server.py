@@ -20,7 +20,8 @@ import logging
 import signal
 import socket
 import threading
-from typing import Any, Callable, Iterable, cast
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 from pyccl.master.state import Action, MasterState, Send
 from pyccl.protocol import HEARTBEAT
@@ -357,7 +358,7 @@ class Master:
     def heartbeat_timeout(self) -> float:
         return self._state.heartbeat_timeout
 
-    def start(self) -> "Master":
+    def start(self) -> Master:
         """Listen and serve on a daemon thread; return once listening."""
         self._claim()
         ready = threading.Event()
@@ -409,7 +410,7 @@ class Master:
         if thread is not None:
             thread.join()
 
-    def __enter__(self) -> "Master":
+    def __enter__(self) -> Master:
         if self._bound is None:
             self.start()
         return self
@@ -434,7 +435,7 @@ class Master:
             raise RuntimeError("the master is not listening; call start() first")
         return self._bound
 
-    async def _beat(self, core: "_Core") -> None:
+    async def _beat(self, core: _Core) -> None:
         """Send every connection a heartbeat each interval, so that peers can
         tell a frozen or unreachable master from a quiet one (they give up
         after two heartbeat timeouts of silence). A timer, not a poll."""

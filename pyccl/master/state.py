@@ -39,8 +39,9 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Union
+from typing import Any
 
 from pyccl import protocol as P
 from pyccl.master.sync import SyncPlan, SyncRequest, plan_sync
@@ -105,7 +106,7 @@ class Close:
     reason: str
 
 
-Action = Union[Send, Close]
+Action = Send | Close
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,7 @@ class GroupInfo:
 # ------------------------------------------------------------------ internals
 
 
-def _order_ring(members: list["_Peer"]) -> None:
+def _order_ring(members: list[_Peer]) -> None:
     """Peers that gave an ``order`` key in their hello stand in the ring by that
     key (a torch backend uses its ranks, so ring position == torch rank); the
     others keep their admission order, after them. The sort is stable."""
@@ -537,7 +538,7 @@ class MasterState:
         if peer.peer_id not in drain.expected:
             raise FrameError(f"duplicate 'drained' for epoch {epoch}")
         drain.expected.discard(peer.peer_id)
-        drain.reports[peer.peer_id] = pairs
+        drain.reports[peer.peer_id] = list(pairs)
         if not drain.expected:
             self._commit(group, now, out)
 

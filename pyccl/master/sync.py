@@ -32,8 +32,8 @@ same plan.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from pyccl.protocol import MAX_DIMS, MAX_DTYPE_LEN, MAX_KEY_NAME_LEN, MAX_STATE_KEYS, STRATEGIES, StateKey, parse_keys
 from pyccl.wire import clip

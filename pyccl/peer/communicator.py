@@ -23,7 +23,9 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 from pyccl import _core
 from pyccl import protocol as P
@@ -103,6 +105,7 @@ class Communicator:
         self._in_sync = False
         self._scratch = ScratchPool()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._listeners: list[Callable[[], None]] = []
 
     # ---------------------------------------------------------------- state
 
@@ -146,7 +149,7 @@ class Communicator:
 
     # ------------------------------------------------------------ lifecycle
 
-    def connect(self, timeout: float = 30.0) -> "Communicator":
+    def connect(self, timeout: float = 30.0) -> Communicator:
         """Join the group; returns once the master has admitted this peer.
 
         The first peer of a group is admitted at once; later ones at the
@@ -202,7 +205,21 @@ class Communicator:
         with self._cv:
             self._cv.notify_all()
 
-    def __enter__(self) -> "Communicator":
+    def on_membership_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every membership event: an epoch is
+        drained, a new epoch starts, or this peer loses its group. It runs on
+        the control thread: it must be quick and must not wait for the
+        master (read ``epoch``, ``peers``, ``lost``; fail pending work)."""
+        self._listeners.append(listener)
+
+    def _notify_listeners(self) -> None:
+        for fn in self._listeners:
+            try:
+                fn()
+            except Exception:  # a listener's bug must not take the control thread down
+                log.exception("a membership listener failed")
+
+    def __enter__(self) -> Communicator:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -251,8 +268,11 @@ class Communicator:
                 with self._cv:
                     # A new epoch (a joiner elsewhere admitted) or a short
                     # pause before the next vote, whichever comes first.
-                    self._cv.wait_for(lambda: self.epoch != epoch or self._state.stopped(), min(left, 0.05))
+                    self._cv.wait_for(partial(self._epoch_moved, epoch), min(left, 0.05))
         return self.world_size
+
+    def _epoch_moved(self, epoch: int) -> bool:
+        return self.epoch != epoch or self._state.stopped()
 
     # ------------------------------------------------------------ collectives
 
@@ -458,6 +478,7 @@ class Communicator:
                 actions = self._state.on_drain(frame)
                 self._cv.notify_all()
             self._carry_out(actions)
+            self._notify_listeners()
         elif isinstance(frame, P.RoundDone):
             with self._cv:
                 self._state.on_round_done(frame)
@@ -477,6 +498,7 @@ class Communicator:
         with self._cv:
             self._state.on_epoch(frame, plan)
             self._cv.notify_all()
+        self._notify_listeners()
         log.info("epoch %d: rank %d of %d (%s)", frame.epoch, plan.rank, plan.world_size, frame.reason)
 
     def _on_lost(self, cause: LostCause, reason: str) -> None:
@@ -487,6 +509,7 @@ class Communicator:
         if not closed:
             log.warning("%s", reason)
         self._carry_out(actions)
+        self._notify_listeners()
 
     def _carry_out(self, actions: list[S.Action]) -> None:
         for a in actions:

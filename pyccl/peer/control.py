@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from pyccl import protocol as P
 from pyccl import wire
@@ -57,7 +57,7 @@ class ControlClient:
             ) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
-        return sock.getsockname()[0]
+        return str(sock.getsockname()[0])
 
     def handshake(self, hello: P.Hello, timeout: float) -> P.Welcome:
         """Send ``hello`` and wait for ``welcome``; returns the welcome frame."""
@@ -66,7 +66,7 @@ class ControlClient:
         self._sock.settimeout(timeout)
         try:
             frame = P.parse_master_frame(wire.recv_frame(self._sock))
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise Timeout(f"the master at {self.address} did not answer the hello within {timeout:.1f} s",
                           seconds=timeout) from exc
         except (ConnectionError, OSError) as exc:
@@ -148,7 +148,7 @@ class ControlClient:
             while not self._stop.is_set():
                 try:
                     frame = P.parse_master_frame(wire.recv_frame(self._sock))
-                except socket.timeout:
+                except TimeoutError:
                     reason = f"the master at {self.address} sent nothing for {silence:.1f} s"
                     log.error("%s; leaving the group", reason)
                     break

@@ -86,7 +86,7 @@ class Ticket:
 class AsyncHandle:
     """Handle of an ``*_async`` collective; ``wait()`` returns its ReduceInfo or raises its error."""
 
-    def __init__(self, future: "concurrent.futures.Future[ReduceInfo]") -> None:
+    def __init__(self, future: concurrent.futures.Future[ReduceInfo]) -> None:
         self._future = future
 
     def wait(self, timeout: float | None = None) -> ReduceInfo:

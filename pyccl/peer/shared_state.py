@@ -9,8 +9,9 @@ them in place, so keep using the same objects across steps.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from pyccl import _core
 from pyccl import protocol as P

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
 
 from pyccl import protocol as P
 from pyccl.errors import CCLError, DrainKind, GroupLost, LostCause, MismatchError, PeerFailure
@@ -104,7 +103,7 @@ class AbortDataPlane:
     reason: str
 
 
-Action = Union[SendFrame, SetDataPlaneEpoch, AbortDataPlane]
+Action = SendFrame | SetDataPlaneEpoch | AbortDataPlane
 
 ALL_EPOCHS = 2**63 - 1
 

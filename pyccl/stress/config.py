@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -104,7 +105,7 @@ def parse_bandwidth(text: str) -> float:
     power = " kmgt".index(prefix or " ")
     scale = (1024 if binary else 1000) ** power
     bits = unit in ("bit", "bps", "b")
-    value = number * scale / (8 if bits else 1)
+    value = float(number * scale / (8 if bits else 1))
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"bandwidth {text!r} must be a positive number")
     return value
@@ -274,7 +275,7 @@ class StressConfig:
             return self.cooldown
         return min(self.heartbeat_timeout + self.stuck_slack, self.duration / 3)
 
-    def validate(self) -> "StressConfig":
+    def validate(self) -> StressConfig:
         """Raise ValueError naming the first bad setting; return self."""
         if self.peers < 2:
             raise ValueError(f"--peers must be at least 2, got {self.peers}")

@@ -33,7 +33,8 @@ import os
 import random
 import signal
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pyccl import wire
 from pyccl.stress.protocol import FrameReader

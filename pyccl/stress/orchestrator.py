@@ -80,7 +80,7 @@ class PeerProc:
     peer_id: int = 0
     admissions: int = 0
     hung_since_admission: bool = False
-    conn: "_TelemetryConn | None" = None
+    conn: _TelemetryConn | None = None
     said_bye: bool = False
     hang: FaultRecord | None = None
     hang_timer: asyncio.TimerHandle | None = None
@@ -98,7 +98,7 @@ class PeerProc:
 class _TelemetryConn(asyncio.Protocol):
     """One peer's telemetry connection (asyncio protocol)."""
 
-    def __init__(self, orch: "Orchestrator") -> None:
+    def __init__(self, orch: Orchestrator) -> None:
         self.orch = orch
         self.transport: asyncio.Transport | None = None
         self.peer: PeerProc | None = None
@@ -122,7 +122,7 @@ class _TelemetryConn(asyncio.Protocol):
     def _on_frame(self, frame: dict[str, Any]) -> None:
         try:
             self.orch.on_frame(self, frame)
-        except Exception:  # a bug in the checks must fail the run loudly, not drop a peer's telemetry
+        except Exception:  # noqa: BLE001 - a bug in the checks must fail the run loudly, not drop a peer's telemetry
             import traceback
 
             log.error("internal error on a telemetry frame:\n%s", traceback.format_exc())

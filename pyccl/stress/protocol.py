@@ -39,8 +39,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from pyccl import wire
 from pyccl.wire import FrameError
@@ -98,7 +99,7 @@ class OpOutcome:
                 self.reason[:512]]
 
     @classmethod
-    def from_row(cls, row: Any) -> "OpOutcome":
+    def from_row(cls, row: Any) -> OpOutcome:
         if not isinstance(row, list) or len(row) != 9:
             raise FrameError("'step' op row must be a list of 9 fields")
         tag, status, epoch, peers, h, secs, e0, e1, reason = row

@@ -122,7 +122,7 @@ class ProxyStats:
 class _Direction:
     """One way of one connection: a bounded delay line from ``src`` to ``dst``."""
 
-    def __init__(self, conn: "_Connection", src: socket.socket, dst: socket.socket, pacer: Pacer | None,
+    def __init__(self, conn: _Connection, src: socket.socket, dst: socket.socket, pacer: Pacer | None,
                  down: bool) -> None:
         self.conn = conn
         self.src = src
@@ -204,7 +204,7 @@ class _Direction:
 class _Connection:
     """A proxied connection: client <-> upstream, two directions, four tasks."""
 
-    def __init__(self, proxy: "FaultProxy", client: socket.socket, upstream: socket.socket) -> None:
+    def __init__(self, proxy: FaultProxy, client: socket.socket, upstream: socket.socket) -> None:
         self.proxy = proxy
         self.client = client
         self.upstream = upstream

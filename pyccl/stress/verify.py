@@ -30,8 +30,9 @@ same epoch after some of its ops failed.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from pyccl.stress.protocol import StepReport, SyncReport
 

@@ -84,7 +84,7 @@ def main(spec: WorkerSpec) -> None:
     code = 0
     try:
         _Peer(spec, tel).run()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - reported to the orchestrator, then the process exits
         text = traceback.format_exc()
         print(text, file=sys.stderr, flush=True)
         tel.send({"type": "error", "text": text[-60000:]})

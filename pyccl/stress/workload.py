@@ -24,8 +24,8 @@ every member that completed the same step holds the same bytes afterwards.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -111,7 +111,8 @@ class Workload:
             v *= np.uint32(0x85EBCA77)
             v ^= v >> np.uint32(13)
         v &= np.uint32((1 << self.bits) - 1)
-        return v.astype(self.dtype)
+        out: np.ndarray = v.astype(self.dtype)
+        return out
 
     def shift(self, revision: int, tag: int, peer_id: int) -> int:
         """How far peer ``peer_id`` rotates the pattern of (revision, tag)."""

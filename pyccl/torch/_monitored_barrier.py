@@ -21,7 +21,6 @@ import threading
 import time
 
 import torch
-
 from pyccl.torch._p2p import KIND_MONITOR, Endpoint
 from pyccl.torch._work import BackendError
 

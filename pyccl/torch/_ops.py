@@ -20,13 +20,16 @@ the values: tensors of any dtype travel as their bytes (uint8 views).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import torch
 import torch.distributed as dist
 
+import torch
+
 RedOpType = dist.ReduceOp.RedOpType
+_R = dist.ReduceOp  # its members are RedOpType values
 
 # dtypes the core reduces natively.
 CORE_DTYPES = frozenset(
@@ -44,21 +47,21 @@ CORE_DTYPES = frozenset(
 )
 
 _CORE_OPS = {
-    RedOpType.SUM: "sum",
-    RedOpType.AVG: "avg",
-    RedOpType.MIN: "min",
-    RedOpType.MAX: "max",
-    RedOpType.PRODUCT: "prod",
+    _R.SUM: "sum",
+    _R.AVG: "avg",
+    _R.MIN: "min",
+    _R.MAX: "max",
+    _R.PRODUCT: "prod",
 }
 
 _LOCAL_REDUCERS: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {
-    RedOpType.SUM: lambda g: _fold(g, torch.add),
-    RedOpType.PRODUCT: lambda g: _fold(g, torch.mul),
-    RedOpType.MIN: lambda g: _fold(g, torch.minimum),
-    RedOpType.MAX: lambda g: _fold(g, torch.maximum),
-    RedOpType.BAND: lambda g: _fold(g, torch.bitwise_and),
-    RedOpType.BOR: lambda g: _fold(g, torch.bitwise_or),
-    RedOpType.BXOR: lambda g: _fold(g, torch.bitwise_xor),
+    _R.SUM: lambda g: _fold(g, torch.add),
+    _R.PRODUCT: lambda g: _fold(g, torch.mul),
+    _R.MIN: lambda g: _fold(g, torch.minimum),
+    _R.MAX: lambda g: _fold(g, torch.maximum),
+    _R.BAND: lambda g: _fold(g, torch.bitwise_and),
+    _R.BOR: lambda g: _fold(g, torch.bitwise_or),
+    _R.BXOR: lambda g: _fold(g, torch.bitwise_xor),
 }
 
 
@@ -84,7 +87,8 @@ def premul_factor(op: Any) -> float | torch.Tensor:
     f = getattr(op, "factor", None)
     if f is None:
         raise ValueError("pyccl: PREMUL_SUM without a factor")
-    return f
+    factor: float | torch.Tensor = f
+    return factor
 
 
 def op_name(op: Any) -> str:
@@ -123,7 +127,7 @@ def _as_real(t: torch.Tensor) -> torch.Tensor:
 def reduction_plan(op: Any, dtype: torch.dtype) -> Plan:
     """Decide how to reduce ``dtype`` with ``op``; raise ValueError if nobody can."""
     kind = op_type(op)
-    if kind == RedOpType.PREMUL_SUM:
+    if kind == _R.PREMUL_SUM:
         factor = premul_factor(op)
         if dtype in CORE_DTYPES and dtype.is_floating_point:
             return Plan("sum", _ident, premul=factor)
@@ -133,23 +137,23 @@ def reduction_plan(op: Any, dtype: torch.dtype) -> Plan:
     if dtype in CORE_DTYPES and kind in _CORE_OPS:
         return Plan(_CORE_OPS[kind], _ident)
     if dtype == torch.bool:
-        mapping = {RedOpType.SUM: "max", RedOpType.MAX: "max", RedOpType.BOR: "max",
-                   RedOpType.PRODUCT: "min", RedOpType.MIN: "min", RedOpType.BAND: "min"}
+        mapping = {_R.SUM: "max", _R.MAX: "max", _R.BOR: "max",
+                   _R.PRODUCT: "min", _R.MIN: "min", _R.BAND: "min"}
         if kind in mapping:
             return Plan(mapping[kind], _as_u8)
-        if kind == RedOpType.BXOR:
-            return Plan(None, _ident, gather_reduce=_LOCAL_REDUCERS[RedOpType.BXOR])
+        if kind == _R.BXOR:
+            return Plan(None, _ident, gather_reduce=_LOCAL_REDUCERS[_R.BXOR])
         raise ValueError(f"pyccl: {op_name(op)} is not defined for bool tensors")
-    if dtype.is_complex and kind in (RedOpType.SUM, RedOpType.AVG) and torch.view_as_real(
+    if dtype.is_complex and kind in (_R.SUM, _R.AVG) and torch.view_as_real(
         torch.empty(0, dtype=dtype)
     ).dtype in CORE_DTYPES:
         return Plan(_CORE_OPS[kind], _as_real)
-    if kind == RedOpType.AVG and (dtype.is_floating_point or dtype.is_complex):
-        return Plan(None, _ident, gather_reduce=_LOCAL_REDUCERS[RedOpType.SUM], avg_divisor=1)
+    if kind == _R.AVG and (dtype.is_floating_point or dtype.is_complex):
+        return Plan(None, _ident, gather_reduce=_LOCAL_REDUCERS[_R.SUM], avg_divisor=1)
     if kind in _LOCAL_REDUCERS:
-        if dtype.is_complex and kind in (RedOpType.MIN, RedOpType.MAX):
+        if dtype.is_complex and kind in (_R.MIN, _R.MAX):
             raise ValueError(f"pyccl: {op_name(op)} is not defined for complex tensors")
-        if kind in (RedOpType.BAND, RedOpType.BOR, RedOpType.BXOR) and (dtype.is_floating_point or dtype.is_complex):
+        if kind in (_R.BAND, _R.BOR, _R.BXOR) and (dtype.is_floating_point or dtype.is_complex):
             raise ValueError(f"pyccl: {op_name(op)} needs an integer or bool tensor, got {dtype}")
         return Plan(None, _ident, gather_reduce=_LOCAL_REDUCERS[kind])
     raise ValueError(f"pyccl: cannot reduce {dtype} with {op_name(op)}")

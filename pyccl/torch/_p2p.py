@@ -15,11 +15,12 @@ serves every group) and the payload: the tensor's bytes, sent straight from
 and received straight into tensor memory when the receive is already posted
 (otherwise it waits in an "unexpected" queue until it is).
 
-Failures: a connection that breaks fails what was in flight on it; and a
-monitor thread asks each endpoint's process group whether it is still whole
-(the core's membership, which the master updates within milliseconds of a
-SIGKILL and within the heartbeat timeout of a hang) and fails every pending
-transfer of a broken group, so a receive from a dead rank never hangs.
+Failures: a connection that breaks fails what was in flight on it; and on
+every membership event of a group's Communicator (a drain, a new epoch, the
+master lost: the master decides them within milliseconds of a SIGKILL and
+within the heartbeat timeout of a hang) the group asks whether it is still
+whole and, if not, fails every pending transfer of its endpoint, so a
+receive from a dead rank never hangs.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ import queue
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
+from pyccl.torch._work import BackendError
 
 log = logging.getLogger("pyccl.torch")
 
@@ -52,7 +54,7 @@ def _mv(t: torch.Tensor) -> memoryview:
     """Writable byte memoryview of a contiguous uint8 tensor."""
     if t.numel() == 0:
         return memoryview(bytearray(0))
-    return memoryview(t.numpy()).cast("B")
+    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
 
 
 class _Recv:
@@ -106,7 +108,7 @@ class Endpoint:
 
     def __init__(
         self,
-        hub: "Hub",
+        hub: Hub,
         key: str,
         rank: int,
         address_of: Callable[[int], str],
@@ -123,7 +125,7 @@ class Endpoint:
         self._posted: list[_Recv] = []
         self._filling: list[_Recv] = []  # matched, payload being received
         self._unexpected: dict[tuple[int, int], collections.deque[_Unexpected]] = {}  # (kind, tag)
-        self._send_objs: dict[int, tuple[_Send, "_Conn"]] = {}
+        self._send_objs: dict[int, tuple[_Send, _Conn]] = {}
         self._closed: str | None = None
 
     # ------------------------------------------------------------- posting
@@ -131,7 +133,7 @@ class Endpoint:
     def post_recv(self, buf: torch.Tensor, src: int, tag: int, kind: int, done: Done) -> None:
         with self._lock:
             if self._closed is not None:
-                err: BaseException | None = RuntimeError(self._closed)
+                err: BaseException | None = BackendError(self._closed)
             else:
                 err = None
                 q = self._unexpected.get((kind, tag))
@@ -156,7 +158,7 @@ class Endpoint:
     @staticmethod
     def _deliver(buf: torch.Tensor, data: bytearray | memoryview, src: int, tag: int) -> BaseException | None:
         if len(data) != buf.numel():
-            return RuntimeError(
+            return BackendError(
                 f"pyccl: message from rank {src} (tag {tag}) has {len(data)} bytes, the receive expects {buf.numel()}"
             )
         if len(data):
@@ -166,7 +168,7 @@ class Endpoint:
     def send(self, buf: torch.Tensor, dst: int, tag: int, kind: int, done: Callable[[BaseException | None], None]) -> None:
         with self._lock:
             if self._closed is not None:
-                err = RuntimeError(self._closed)
+                err = BackendError(self._closed)
             else:
                 err = None
         if err is not None:
@@ -185,7 +187,7 @@ class Endpoint:
                 self._addresses[dst] = address
             conn = self.hub.connection(address)
         except BaseException as exc:  # noqa: BLE001 - reported through the work
-            item.settle(RuntimeError(f"pyccl: cannot reach rank {dst} for a point-to-point send: {exc}"))
+            item.settle(BackendError(f"pyccl: cannot reach rank {dst} for a point-to-point send: {exc}"))
             return
         with self._lock:
             self._send_objs[id(item)] = (item, conn)
@@ -238,7 +240,8 @@ class Endpoint:
             return bool(self._posted or self._filling or self._send_objs)
 
     def check(self) -> None:
-        """Monitor thread: fail everything pending if the group broke."""
+        """Fail everything pending if the group broke (called on every
+        membership event of the group's Communicator)."""
         if not self.has_pending():
             return
         try:
@@ -256,9 +259,9 @@ class Endpoint:
             sends = list(self._send_objs.values())
             self._send_objs.clear()
         for r in posted:
-            r.settle(r.src, RuntimeError(why))
+            r.settle(r.src, BackendError(why))
         for item, conn in sends:
-            item.settle(RuntimeError(why))
+            item.settle(BackendError(why))
             conn.abort_if_busy(item)
 
     def cancel_recvs(self, kind: int, tag: int, why: str) -> None:
@@ -267,14 +270,14 @@ class Endpoint:
             victims = [r for r in self._posted if r.kind == kind and r.tag == tag]
             self._posted = [r for r in self._posted if not (r.kind == kind and r.tag == tag)]
         for r in victims:
-            r.settle(r.src, RuntimeError(why))
+            r.settle(r.src, BackendError(why))
 
     def fail_source(self, src: int, why: str) -> None:
         with self._lock:
             victims = [r for r in self._posted if r.src == src]
             self._posted = [r for r in self._posted if r.src != src]
         for r in victims:
-            r.settle(src, RuntimeError(why))
+            r.settle(src, BackendError(why))
 
 
 def _recv_exact(sock: socket.socket, mv: memoryview, n: int) -> None:
@@ -289,10 +292,10 @@ def _recv_exact(sock: socket.socket, mv: memoryview, n: int) -> None:
 class _Conn:
     """Outgoing connection to one remote hub, with its sender thread."""
 
-    def __init__(self, hub: "Hub", address: str) -> None:
+    def __init__(self, hub: Hub, address: str) -> None:
         self.hub = hub
         self.address = address
-        self._q: "queue.SimpleQueue[_Send | None]" = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
         self._busy: _Send | None = None
         self._dead: str | None = None
@@ -322,7 +325,7 @@ class _Conn:
             if item.settled:
                 continue
             if self._dead is not None:
-                item.settle(RuntimeError(self._dead))
+                item.settle(BackendError(self._dead))
                 continue
             try:
                 if self._sock is None:
@@ -340,7 +343,7 @@ class _Conn:
                 with self._lock:
                     self._busy = None
                 self._dead = f"pyccl: point-to-point connection to {self.address} failed: {exc}"
-                item.settle(RuntimeError(self._dead))
+                item.settle(BackendError(self._dead))
                 self._shutdown_sock()
 
     def abort_if_busy(self, item: _Send) -> None:
@@ -371,7 +374,7 @@ class _Conn:
 
 
 class Hub:
-    """The process's point-to-point listener, connections and monitor."""
+    """The process's point-to-point listener and connections."""
 
     def __init__(self, host: str) -> None:
         self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -388,15 +391,13 @@ class Hub:
         self._stop = threading.Event()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="pyccl-p2p-accept", daemon=True)
         self._accept_thread.start()
-        self._monitor = threading.Thread(target=self._monitor_loop, name="pyccl-p2p-monitor", daemon=True)
-        self._monitor.start()
 
     # ------------------------------------------------------------ endpoints
 
     def register(self, ep: Endpoint) -> None:
         with self._lock:
             if ep.key in self._endpoints:
-                raise RuntimeError(f"pyccl: process group {ep.key!r} is already registered")
+                raise BackendError(f"pyccl: process group {ep.key!r} is already registered")
             self._endpoints[ep.key] = ep
             orphans = self._orphans.pop(ep.key, [])
         for kind, src, tag, data in orphans:
@@ -416,7 +417,7 @@ class Hub:
     def connection(self, address: str) -> _Conn:
         with self._lock:
             if self._stop.is_set():
-                raise RuntimeError("the point-to-point channel is closed")
+                raise BackendError("the point-to-point channel is closed")
             c = self._conns.get(address)
             if c is None or c.dead:
                 if c is not None:
@@ -488,13 +489,6 @@ class Hub:
                     if ep is not None:
                         ep.fail_source(src, f"pyccl: lost the point-to-point connection from rank {src}: {why}")
 
-    def _monitor_loop(self) -> None:
-        while not self._stop.wait(0.2):
-            with self._lock:
-                eps = list(self._endpoints.values())
-            for ep in eps:
-                ep.check()
-
     # ------------------------------------------------------------- shutdown
 
     def close(self) -> None:
@@ -523,5 +517,4 @@ class Hub:
             s.close()
         self._accept_thread.join(5.0)
         self._listener.close()  # only now: see _Conn._shutdown_sock
-        self._monitor.join(5.0)
 

@@ -1,242 +1,159 @@
-"""Registration and rendezvous of the ``pyccl`` torch.distributed backend.
+"""Rendezvous of a pyccl torch process group, and its closing handshake.
 
-``import pyccl.torch`` calls :func:`register`, which registers the creator
-:func:`create_process_group` under the name ``pyccl`` (extended API, so the
-creator learns the group's name and global ranks).
-
-Rendezvous of a process group (every member runs it from its creator):
+Every member runs :func:`rendezvous` from the group's constructor:
 
 1. **Master.** ``PYCCL_MASTER=host:port`` (or ``Options.master``) names an
    external ``pyccl master``. Otherwise the default group's rank 0 starts a
    :class:`pyccl.Master` in its own process and publishes its address in the
-   torch store (``pyccl/master``); the other ranks read it from there.
-   Subgroups (``new_group``, DeviceMesh dimensions) reuse the default group's
-   master. A pyccl subgroup of a non-pyccl default group starts its own.
+   torch store; the other ranks read it from there. Subgroups (``new_group``,
+   DeviceMesh dimensions) reuse the default group's master. A pyccl subgroup
+   of a non-pyccl default group starts its own.
 2. **Peer group.** Every torch process group is its own pyccl peer group, so
    groups never see each other's ops. The number comes from a counter in the
-   default group's store (``pyccl/peer_groups``), drawn by the group's rank 0
-   and published in the group's store: every member agrees on it and no two
+   default group's store (``peer_groups``), drawn by the group's rank 0 and
+   published in the group's store: every member agrees on it and no two
    groups of a run share one.
-3. **Communicator.** Each member connects with ``order=group rank`` (so its
-   ring position is its torch rank) and calls ``update_topology()`` until the
-   group has all its members.
-4. **Point-to-point.** The process's side-channel hub (see ``_p2p``) publishes
-   its address under ``pyccl/p2p/<rank>`` in the group's store.
+3. **Point-to-point.** The process's side-channel hub (see ``_p2p``)
+   publishes its address under ``p2p/<rank>``; the endpoint is registered
+   before the ring forms, since a peer in the ring may send at once.
+4. **Communicator.** Each member connects with ``order=group rank`` (so its
+   ring position is its torch rank) and waits until the group has all its
+   members (:meth:`~pyccl.peer.Communicator.wait_for_world`).
 
-Shutdown: members close their Communicator and count themselves in the
-store (``pyccl/closed``); the rank that started the master waits (bounded)
-for the live members before it stops the master, so nobody loses the master
-while still closing.
+Keys live under ``pyccl/<incarnation>/``: every rank counts its own
+incarnations on the store, so a destroy + re-init on the same store never
+reads stale keys.
+
+Shutdown: each member closes its Communicator and sets ``closed/<rank>``;
+the rank that started the master waits (bounded, in one ``store.wait``) for
+the keys of the live members before it stops the master, so nobody loses
+the master while still closing.
 """
 
 from __future__ import annotations
 
-import atexit
-import ipaddress
 import logging
-import os
-import secrets
-import socket
-import threading
 import time
-import weakref
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import torch.distributed as dist
+import pyccl
+from pyccl.errors import Timeout
+from pyccl.peer import Communicator
+from pyccl.torch import _p2p
+from pyccl.torch._runtime import (
+    RUNTIME,
+    Options,
+    local_ip_towards,
+    master_bind,
+    random_base,
+    store_get_str,
+)
+from pyccl.torch._work import BackendError
 
 log = logging.getLogger("pyccl.torch")
 
-BACKEND_NAME = "pyccl"
+CLOSE_WAIT_S = 10.0
 
 
 @dataclass
-class Options:
-    """Options of the pyccl backend: pass as ``init_process_group(..., pg_options=...)``.
+class Formed:
+    """What a member holds after the rendezvous."""
 
-    Every field can also be set through an environment variable, which the
-    explicit value overrides.
-
-    Attributes:
-        master: ``host:port`` of an external ``pyccl master`` (``PYCCL_MASTER``).
-            Default: the default group's rank 0 starts one in-process.
-        heartbeat_timeout: seconds without a frame before the master declares a
-            peer dead, i.e. how long a hung (SIGSTOPped) rank takes to fail the
-            others' collectives (``PYCCL_HEARTBEAT_TIMEOUT``, default 5). Only
-            used where this process starts the master.
-        connections: TCP connections per ring neighbour (``PYCCL_CONNECTIONS``,
-            default 4).
-        host: address this machine is reached at by the others; the in-process
-            master binds to it (``PYCCL_HOST``; default: the torch store's host,
-            127.0.0.1 when that is a loopback address).
-        connect_timeout: seconds to form a group (default: the process group
-            timeout).
-    """
-
-    master: str | None = None
-    heartbeat_timeout: float | None = None
-    connections: int | None = None
-    host: str | None = None
-    connect_timeout: float | None = None
-
-    def resolved(self) -> "Options":
-        env = os.environ
-        master = self.master or env.get("PYCCL_MASTER") or None
-        hb = self.heartbeat_timeout if self.heartbeat_timeout is not None else float(env.get("PYCCL_HEARTBEAT_TIMEOUT", "5"))
-        conns = self.connections if self.connections is not None else int(env.get("PYCCL_CONNECTIONS", "4"))
-        host = self.host or env.get("PYCCL_HOST") or None
-        return Options(master, hb, conns, host, self.connect_timeout)
+    comm: Communicator
+    endpoint: _p2p.Endpoint
+    master: Any  # the pyccl.Master this rank started, or None
+    master_address: str
+    master_host: int | None  # global rank whose process runs the master (None: external)
+    owns_master_group: bool  # this group's rank 0 started its master
+    peer_group: int
+    prefix: str  # store key prefix of this incarnation
 
 
-class _Runtime:
-    """Process-wide state shared by the pyccl process groups of this process."""
+def rendezvous(store: Any, rank: int, size: int, timeout: float, group_name: str, global_ranks: list[int],
+               options: Options, is_default: bool, health: Callable[[], str | None],
+               on_started: Callable[[Any, _p2p.Endpoint | None, Communicator | None], None]) -> Formed:
+    """Form the group (see the module docstring). ``on_started`` hears of every
+    resource as soon as it exists (master, endpoint, communicator), so a
+    failure half-way can release what was already started."""
+    incarnation = int(store.add(f"pyccl/incarnation/{rank}", 1))
+    prefix = f"pyccl/{incarnation}/"
+    limit = options.connect_timeout or min(timeout, 600.0)
+    deadline = time.monotonic() + limit
 
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self.default_master: str | None = None  # address used by the default pyccl group
-        self.default_store: Any = None  # that group's store: counters live there
-        self.default_prefix = "pyccl"  # key prefix of that group's incarnation
-        self.default_pg_base = 0  # peer-group numbers of the run start here
-        self.hub: Any = None
-        self.groups: "weakref.WeakSet[Any]" = weakref.WeakSet()
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
 
-    def ensure_hub(self, host: str) -> Any:
-        from pyccl.torch._p2p import Hub
+    with RUNTIME.lock:
+        shared_master = RUNTIME.default_master if not is_default else None
+        shared_store = RUNTIME.default_store if not is_default else None
+        shared_prefix = RUNTIME.default_prefix
+        base = RUNTIME.default_pg_base
+    owns_master_group = not options.master and not shared_master
+    master_host = None if options.master else (0 if shared_master else global_ranks[0])
+    master = None
+    if rank == 0:
+        if options.master:
+            address = options.master
+        elif shared_master:
+            address = shared_master
+        else:
+            bind, advertise = master_bind(options, store)
+            master = pyccl.Master(host=bind, port=0, heartbeat_timeout=options.heartbeat_timeout or 5.0).start()
+            on_started(master, None, None)
+            address = f"{advertise}:{master.port}"
+        if is_default or not shared_master:
+            base = random_base() if options.master else 0
+            pgid = base
+        else:
+            assert shared_store is not None  # a shared master comes with the default group's store
+            pgid = base + int(shared_store.add(f"{shared_prefix}/peer_groups", 1))
+        store.set(prefix + "master", address)
+        store.set(prefix + "peer_group", str(pgid))
+        store.set(prefix + "base", str(base))
+    address = store_get_str(store, prefix + "master", left())
+    pgid = int(store_get_str(store, prefix + "peer_group", left()))
+    if is_default:
+        base = int(store_get_str(store, prefix + "base", left()))
+        with RUNTIME.lock:
+            RUNTIME.default_master = address
+            RUNTIME.default_store = store
+            RUNTIME.default_prefix = prefix[:-1]
+            RUNTIME.default_pg_base = base
 
-        with self.lock:
-            if self.hub is None:
-                self.hub = Hub(host)
-            return self.hub
+    hub = RUNTIME.ensure_hub(local_ip_towards(address))
+    store.set(prefix + f"p2p/{rank}", hub.address)
+    endpoint = _p2p.Endpoint(hub, group_name, rank, lambda r: store_get_str(store, prefix + f"p2p/{r}", 60.0), health)
+    hub.register(endpoint)
+    on_started(None, endpoint, None)
 
-    def release_hub(self) -> None:
-        with self.lock:
-            hub = self.hub
-            if hub is not None and hub.endpoint_count() == 0:
-                self.hub = None
-            else:
-                hub = None
-        if hub is not None:
-            hub.close()
-
-
-RUNTIME = _Runtime()
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _underlying_store(store: Any) -> Any:
-    seen = 0
-    while isinstance(store, dist.PrefixStore) and seen < 16:
-        store = store.underlying_store
-        seen += 1
-    return store
-
-
-def store_host(store: Any) -> str | None:
-    base = _underlying_store(store)
-    host = getattr(base, "host", None)
-    return host if isinstance(host, str) and host else None
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain", ""):
-        return True
+    comm = Communicator(address, peer_group=pgid, connections=options.connections or 4,
+                        name=f"torch:{group_name}:{rank}", order=rank)
+    on_started(None, None, comm)
+    comm.connect(timeout=left())
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except OSError:
-            return False
+        comm.wait_for_world(size, left())
+    except Timeout as exc:
+        raise BackendError(f"pyccl: process group '{group_name}' did not form within {limit:.0f} s: "
+                           f"{comm.world_size} of {size} ranks joined") from exc
+    if comm.world_size != size or comm.rank != rank:
+        raise BackendError(f"pyccl: process group '{group_name}' formed wrongly: world size {comm.world_size} "
+                           f"(expected {size}), ring rank {comm.rank} (expected {rank})")
+    log.info("pyccl: process group '%s' rank %d of %d ready (peer group %d, master %s)",
+             group_name, rank, size, pgid, address)
+    return Formed(comm, endpoint, master, address, master_host, owns_master_group, pgid, prefix)
 
 
-def master_bind(options: Options, store: Any) -> tuple[str, str]:
-    """(bind host, advertised host) of an in-process master."""
-    if options.host:
-        return options.host, options.host
-    host = store_host(store) or "127.0.0.1"
-    if _is_loopback(host):
-        return "127.0.0.1", "127.0.0.1"
-    return "0.0.0.0", host
-
-
-def local_ip_towards(address: str) -> str:
-    """The local address this machine uses to reach ``address`` (host:port)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, int(port)))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
-
-
-def store_get_str(store: Any, key: str, timeout: float) -> str:
-    """``store.get`` bounded by ``timeout`` (the store's own timeout may be long)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            store.wait([key], timedelta(seconds=max(0.05, min(5.0, deadline - time.monotonic()))))
-            return store.get(key).decode()
-        except (RuntimeError, dist.DistStoreError) as exc:  # timeout of one slice
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"pyccl: key {key!r} did not appear in the torch store within {timeout:.0f} s") from exc
-
-
-# ---------------------------------------------------------------- creation
-
-
-def create_process_group(dist_opts: Any, backend_options: Any = None) -> Any:
-    """The creator registered with torch (extended API)."""
-    from pyccl.torch.process_group import ProcessGroupPyccl
-
-    if backend_options is not None and not isinstance(backend_options, Options):
-        raise TypeError(f"pyccl: pg_options must be a pyccl.torch.Options, got {type(backend_options).__name__}")
-    options = (backend_options or Options()).resolved()
-    global_ranks = list(getattr(dist_opts, "global_ranks_in_group", []) or [])
-    return ProcessGroupPyccl(
-        store=dist_opts.store,
-        rank=dist_opts.group_rank,
-        size=dist_opts.group_size,
-        timeout=dist_opts.timeout,
-        group_name=str(dist_opts.group_id),
-        global_ranks=global_ranks,
-        options=options,
-    )
-
-
-_registered = False
-
-
-def register() -> None:
-    """Register the backend name ``pyccl`` with torch.distributed (idempotent)."""
-    global _registered
-    if _registered or BACKEND_NAME in dist.Backend.backend_list:
-        _registered = True
-        return
-    # "cuda" is claimed too so that a CUDA tensor reaches pyccl and gets a clear
-    # error (this core has no CUDA path) instead of torch's "no backend for
-    # device type cuda". It does not change the default backend of any device.
-    dist.Backend.register_backend(BACKEND_NAME, create_process_group, extended_api=True, devices=["cpu", "cuda"])
-    _registered = True
-    atexit.register(_close_all_at_exit)
-
-
-def _close_all_at_exit() -> None:
-    for pg in list(RUNTIME.groups):
-        try:
-            pg._close(handshake=False)
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
-
-
-def option_names() -> list[str]:
-    return [f.name for f in fields(Options)]
-
-
-def random_base() -> int:
-    return (secrets.randbits(20) + 1) << 10
+def closing_handshake(store: Any, prefix: str, rank: int, live_ranks: list[int], waits: bool, name: str) -> None:
+    """Count this rank as closed; if ``waits`` (it runs the master), wait up to
+    CLOSE_WAIT_S for every live rank to have done so."""
+    try:
+        store.set(prefix + f"closed/{rank}", "1")
+        if not waits:
+            return
+        store.wait([prefix + f"closed/{r}" for r in live_ranks], timedelta(seconds=CLOSE_WAIT_S))
+    except Exception:
+        log.warning("pyccl: not every rank of '%s' shut down within %g s; stopping the master anyway",
+                    name, CLOSE_WAIT_S, exc_info=log.isEnabledFor(logging.DEBUG))

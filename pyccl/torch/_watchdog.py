@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 log = logging.getLogger("pyccl.torch")
 
@@ -66,7 +67,7 @@ class Watchdog(Generic[T]):
                     self._cv.release()
                     try:
                         self._on_expiry(item, timeout)
-                    except Exception:  # noqa: BLE001 - never let the watchdog die silently
+                    except Exception:
                         log.exception("pyccl: handling a timed-out op failed")
                     finally:
                         self._cv.acquire()

@@ -35,17 +35,20 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
+
+import torch.distributed as dist
 
 import torch
-import torch.distributed as dist
 
 log = logging.getLogger("pyccl.torch")
 
 
 
-def _serve_queue_until(q: "queue.Queue[Any]", run: Callable[[Any], None], event: threading.Event,
+def _serve_queue_until(q: queue.SimpleQueue[PendingOp | None], run: Callable[[PendingOp], None],
+                       event: threading.Event,
                        timeout: float) -> bool:
     """Run items of ``q`` on the calling thread until ``event`` is set.
 
@@ -74,7 +77,7 @@ class BackendError(RuntimeError):
     """Every error of the pyccl torch backend (messages start with ``pyccl:``)."""
 
 
-def _forward_value(fut: torch.futures.Future) -> Any:
+def _forward_value(fut: torch.futures.Future[Any]) -> Any:
     return fut.value()
 
 
@@ -83,7 +86,7 @@ class PycclWork(dist.Work):
     from C++ (pitfall 5); the rest serves Python callers."""
 
     def __init__(self, name: str, timeout: float, result: list[torch.Tensor] | None = None,
-                 runner: "Runner | None" = None, completer: "Completer | None" = None) -> None:
+                 runner: Runner | None = None, completer: Completer | None = None) -> None:
         super().__init__()
         self._name = name
         self._runner = runner
@@ -93,8 +96,8 @@ class PycclWork(dist.Work):
         self._event = threading.Event()
         self._error: BaseException | None = None
         self._source_rank_value = -1
-        self._fut: torch.futures.Future = torch.futures.Future()
-        self._user_fut: torch.futures.Future = self._fut.then(_forward_value)
+        self._fut: torch.futures.Future[Any] = torch.futures.Future()
+        self._user_fut: torch.futures.Future[Any] = self._fut.then(_forward_value)
 
     # ------------------------------------------------------- completion side
 
@@ -138,7 +141,7 @@ class PycclWork(dist.Work):
             raise BackendError(str(self._error)) from self._error
         return True
 
-    def get_future(self) -> torch.futures.Future:
+    def get_future(self) -> torch.futures.Future[Any]:
         return self._user_fut
 
     def is_completed(self) -> bool:
@@ -190,7 +193,7 @@ class PendingOp:
         self,
         name: str,
         work: PycclWork,
-        completer: "Completer",
+        completer: Completer,
         check: Callable[[Any], BaseException | None] | None = None,
     ) -> None:
         self.name = name
@@ -252,7 +255,7 @@ class PendingOp:
                 return
         listener()
 
-    def _run_completion(self, translate: Callable[["PendingOp", BaseException], BaseException]) -> None:
+    def _run_completion(self, translate: Callable[[PendingOp, BaseException], BaseException]) -> None:
         error = self._error
         if error is None and self.finish is not None:
             try:
@@ -281,7 +284,7 @@ class Completer:
     """
 
     def __init__(self, name: str, translate: Callable[[PendingOp, BaseException], BaseException]) -> None:
-        self._q: "queue.SimpleQueue[PendingOp | None]" = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[PendingOp | None] = queue.SimpleQueue()
         self._translate = translate
         self._thread = threading.Thread(target=self._loop, name=f"pyccl-torch-complete-{name}", daemon=True)
         self._inline: set[threading.Thread] = {self._thread}
@@ -309,7 +312,7 @@ class Completer:
     def _run(self, op: PendingOp) -> None:
         try:
             op._run_completion(self._translate)
-        except BaseException:  # noqa: BLE001 - never let a dedicated thread die
+        except BaseException:
             log.exception("pyccl: completing %s failed", op.name)
 
     def _loop(self) -> None:
@@ -332,7 +335,7 @@ class Runner:
     """Runs a process group's core collectives, one op at a time, in issue order."""
 
     def __init__(self, name: str, completer: Completer) -> None:
-        self._q: "queue.SimpleQueue[PendingOp | None]" = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[PendingOp | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=f"pyccl-torch-run-{name}", daemon=True)
         self._queued = 0  # submitted and not yet run
         self._count_lock = threading.Lock()
@@ -363,7 +366,7 @@ class Runner:
     def _run(self, op: PendingOp) -> None:
         try:
             op.run_calls()
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             log.exception("pyccl: running %s failed", op.name)
         finally:
             with self._count_lock:
