@@ -113,116 +113,140 @@ class _Step:
     hashes: set[int] = field(default_factory=set)
 
 
-def run(args: argparse.Namespace) -> int:
-    import pyccl
+class _Demo:
+    """One demo run: the peer processes, their event pipes, and the tally."""
 
-    count = args.size // 4
-    nbytes = count * 4
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    procs: dict[int, Any] = {}  # pid -> spawned process
-    # One pipe per peer, never a shared Queue: a SIGKILL that lands while a
-    # peer writes to a shared queue would wedge that queue for everyone.
-    readers: list[mp_connection.Connection] = []
-    pids: dict[int, int] = {}  # peer id -> pid
-    steps: dict[tuple[int, int], _Step] = {}
-    stats = {"steps": 0, "checked": 0, "wrong": 0, "failures": 0, "dirty_inputs": 0, "errors": 0}
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.count = args.size // 4
+        self.nbytes = self.count * 4
+        self.ctx = mp.get_context("spawn")
+        self.stop = self.ctx.Event()
+        self.procs: dict[int, Any] = {}  # pid -> spawned process
+        # One pipe per peer, never a shared Queue: a SIGKILL that lands while a
+        # peer writes to a shared queue would wedge that queue for everyone.
+        self.readers: list[mp_connection.Connection] = []
+        self.pids: dict[int, int] = {}  # peer id -> pid
+        self.steps: dict[tuple[int, int], _Step] = {}
+        self.stats = {"steps": 0, "checked": 0, "wrong": 0, "failures": 0, "dirty_inputs": 0, "errors": 0}
 
+    @staticmethod
     def say(msg: str) -> None:
-        print(msg, flush=True)
+        print(msg, flush=True)  # the demo's report is its output
 
-    def spawn(master_address: str) -> None:
-        reader, writer = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_peer_main, args=(master_address, count, args.connections, args.pace, stop, writer))
+    def spawn(self, master_address: str) -> None:
+        reader, writer = self.ctx.Pipe(duplex=False)
+        p = self.ctx.Process(target=_peer_main, args=(master_address, self.count, self.args.connections,
+                                                      self.args.pace, self.stop, writer))
         p.start()
         writer.close()
-        readers.append(reader)
+        self.readers.append(reader)
         assert p.pid is not None
-        procs[p.pid] = p
+        self.procs[p.pid] = p
 
-    def next_events(timeout: float) -> list[tuple[Any, ...]]:
+    def next_events(self, timeout: float) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []
-        for r in mp_connection.wait(readers, timeout):
+        for r in mp_connection.wait(self.readers, timeout):
             assert isinstance(r, mp_connection.Connection)
             try:
                 out.append(r.recv())
             except (EOFError, OSError):
-                readers.remove(r)  # that peer exited or was killed
+                self.readers.remove(r)  # that peer exited or was killed
         return out
 
-    def handle(ev: tuple[Any, ...]) -> None:
+    def handle(self, ev: tuple[Any, ...]) -> None:
         kind, peer = ev[0], ev[1]
+        stats = self.stats
         if kind == "admitted":
-            pids[peer] = ev[2]
-            say(f"----- peer {peer} admitted (world size {ev[3]} when it got in)")
+            self.pids[peer] = ev[2]
+            self.say(f"----- peer {peer} admitted (world size {ev[3]} when it got in)")
         elif kind == "failure":
             stats["failures"] += 1
             stats["dirty_inputs"] += 0 if ev[3] else 1
-            say(f"      peer {peer}: PeerFailure, input {'intact' if ev[3] else 'CHANGED'}; "
-                f"retrying with world size {ev[2]}")
+            self.say(f"      peer {peer}: PeerFailure, input {'intact' if ev[3] else 'CHANGED'}; "
+                     f"retrying with world size {ev[2]}")
         elif kind == "error":
             stats["errors"] += 1
-            say(f"      peer {peer}: error: {ev[2]}")
+            self.say(f"      peer {peer}: error: {ev[2]}")
         elif kind == "synced":
             _, _, rx, secs, h, rev = ev
             if rx:
-                say(f"----- peer {peer} received {rx / 2**20:.1f} MiB of shared state in {secs * 1e3:.0f} ms "
-                    f"(revision {rev}, hash {h:08x}), verified by hash")
+                self.say(f"----- peer {peer} received {rx / 2**20:.1f} MiB of shared state in {secs * 1e3:.0f} ms "
+                         f"(revision {rev}, hash {h:08x}), verified by hash")
         elif kind == "step":
-            _, _, epoch, index, ws, secs, exact, h = ev
-            st = steps.setdefault((epoch, index), _Step(ws))
-            st.seconds.append(secs)
-            st.exact.append(exact)
-            st.hashes.add(h)
-            stats["checked"] += 1
-            stats["wrong"] += 0 if exact else 1
-            if len(st.exact) == ws:
-                stats["steps"] += 1
-                t = max(st.seconds)
-                busbw = nbytes / t * 2 * (ws - 1) / ws / 1e9 if ws > 1 else 0.0
-                verdict = f"{sum(st.exact)}/{ws} peers exact" if all(st.exact) else "MISMATCH"
-                if len(st.hashes) == 1:
-                    verdict += f", state hash {next(iter(st.hashes)):08x} on all"
-                else:
-                    verdict += ", STATE HASHES DIFFER"
-                    stats["wrong"] += 1
-                say(f"{stats['steps']:>5} {epoch:>5} {ws:>5} {t * 1e3:>7.1f}ms {busbw:>6.2f} GB/s  {verdict}")
-                del steps[(epoch, index)]
+            self.on_step(*ev[2:])
 
-    with pyccl.Master(host="127.0.0.1", port=0) as master:
-        say(f"pyccl demo: master at {master.address}; {args.peers} peers all-reduce {nbytes >> 20} MiB float32 "
-            f"per step over {args.connections} connections each")
-        say(f"{'step':>5} {'epoch':>5} {'world':>5} {'time':>9} {'busbw':>10}  check (all-reduce result; shared state)")
+    def on_step(self, epoch: int, index: int, ws: int, secs: float, exact: bool, h: int) -> None:
+        stats = self.stats
+        st = self.steps.setdefault((epoch, index), _Step(ws))
+        st.seconds.append(secs)
+        st.exact.append(exact)
+        st.hashes.add(h)
+        stats["checked"] += 1
+        stats["wrong"] += 0 if exact else 1
+        if len(st.exact) < ws:
+            return
+        stats["steps"] += 1
+        t = max(st.seconds)
+        busbw = self.nbytes / t * 2 * (ws - 1) / ws / 1e9 if ws > 1 else 0.0
+        verdict = f"{sum(st.exact)}/{ws} peers exact" if all(st.exact) else "MISMATCH"
+        if len(st.hashes) == 1:
+            verdict += f", state hash {next(iter(st.hashes)):08x} on all"
+        else:
+            verdict += ", STATE HASHES DIFFER"
+            stats["wrong"] += 1
+        self.say(f"{stats['steps']:>5} {epoch:>5} {ws:>5} {t * 1e3:>7.1f}ms {busbw:>6.2f} GB/s  {verdict}")
+        del self.steps[(epoch, index)]
+
+    def drive(self, master_address: str) -> None:
+        """Start the peers; kill one and start a joiner on schedule; report until the end."""
+        args = self.args
         t_start = time.monotonic()
         killed = joined = False
         for _ in range(args.peers):
-            spawn(master.address)
+            self.spawn(master_address)
+        while time.monotonic() - t_start < args.duration:
+            elapsed = time.monotonic() - t_start
+            if not killed and elapsed > args.duration * 0.35 and len(self.pids) >= 2:
+                victim = sorted(self.pids)[1]
+                os.kill(self.pids.pop(victim), signal.SIGKILL)
+                self.say(f"----- killed peer {victim} with SIGKILL")
+                killed = True
+            if killed and not joined and elapsed > args.duration * 0.55:
+                self.spawn(master_address)
+                self.say("----- started a new peer; it joins at the next update_topology()")
+                joined = True
+            for ev in self.next_events(0.2):
+                self.handle(ev)
+
+    def shut_down(self) -> None:
+        self.stop.set()
+        deadline = time.monotonic() + 15
+        for p in self.procs.values():
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def run(args: argparse.Namespace) -> int:
+    import pyccl
+
+    demo = _Demo(args)
+    with pyccl.Master(host="127.0.0.1", port=0) as master:
+        demo.say(f"pyccl demo: master at {master.address}; {args.peers} peers all-reduce {demo.nbytes >> 20} MiB "
+                 f"float32 per step over {args.connections} connections each")
+        demo.say(f"{'step':>5} {'epoch':>5} {'world':>5} {'time':>9} {'busbw':>10}  "
+                 "check (all-reduce result; shared state)")
         try:
-            while time.monotonic() - t_start < args.duration:
-                elapsed = time.monotonic() - t_start
-                if not killed and elapsed > args.duration * 0.35 and len(pids) >= 2:
-                    victim = sorted(pids)[1]
-                    os.kill(pids.pop(victim), signal.SIGKILL)
-                    say(f"----- killed peer {victim} with SIGKILL")
-                    killed = True
-                if killed and not joined and elapsed > args.duration * 0.55:
-                    spawn(master.address)
-                    say("----- started a new peer; it joins at the next update_topology()")
-                    joined = True
-                for ev in next_events(0.2):
-                    handle(ev)
+            demo.drive(master.address)
         finally:
-            stop.set()
-            deadline = time.monotonic() + 15
-            for p in procs.values():
-                p.join(timeout=max(0.1, deadline - time.monotonic()))
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+            demo.shut_down()
+    stats = demo.stats
     ok = stats["wrong"] == 0 and stats["dirty_inputs"] == 0 and stats["errors"] == 0 and stats["steps"] > 0
-    say(f"done: {stats['steps']} steps, {stats['checked']} results checked, {stats['wrong']} wrong, "
-        f"{stats['failures']} PeerFailures retried, {stats['dirty_inputs']} inputs changed by a failed op -> "
-        f"{'OK' if ok else 'FAILED'}")
+    demo.say(f"done: {stats['steps']} steps, {stats['checked']} results checked, {stats['wrong']} wrong, "
+             f"{stats['failures']} PeerFailures retried, {stats['dirty_inputs']} inputs changed by a failed op -> "
+             f"{'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 
 

@@ -36,16 +36,28 @@ for it was returned (events for unknown connections are ignored anyway).
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pyccl import protocol as P
-from pyccl.master.sync import SyncPlan, SyncRequest, plan_sync
-from pyccl.protocol import PROTOCOL_VERSION, MasterFrame, PeerFrame, clip_reason
+from pyccl.master import sync_rounds
+from pyccl.master.model import (
+    Action,
+    Close,
+    DrainRecord,
+    Group,
+    GroupInfo,
+    GroupPhase,
+    Peer,
+    PeerPhase,
+    Round,
+    RoundDecision,
+    Send,
+    order_ring,
+)
+from pyccl.protocol import PROTOCOL_VERSION, PeerFrame, clip_reason
 from pyccl.wire import FrameError, clip
 
 __all__ = [
@@ -67,183 +79,7 @@ log = logging.getLogger("pyccl.master")
 MAX_OPEN_OPS = 1 << 16
 
 
-class PeerPhase(enum.Enum):
-    """Where a connection is in its life (see module docstring)."""
-
-    CONNECTED = "connected"  # no hello yet
-    PENDING = "pending"  # welcomed, waiting for admission
-    MEMBER = "member"  # in the group's current epoch
-    GONE = "gone"  # closed, expelled or left; never comes back
-
-
-class GroupPhase(enum.Enum):
-    RUNNING = "running"
-    DRAINING = "draining"
-
-
-class RoundDecision(enum.Enum):
-    ADMIT = "admit"
-    NO_CHANGE = "no_change"
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Write ``frame`` to connection ``conn_id``.
-
-    The same frame object is reused for every receiver of a fan-out, so the
-    I/O layer may encode it once (compare by identity).
-    """
-
-    conn_id: int
-    frame: MasterFrame
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close connection ``conn_id`` after flushing what was sent to it."""
-
-    conn_id: int
-    reason: str
-
-
-Action = Send | Close
-
-
-@dataclass(frozen=True, slots=True)
-class GroupInfo:
-    """Read-only snapshot of one peer group (for tests, logs, introspection)."""
-
-    peer_group: int
-    phase: GroupPhase
-    epoch: int
-    members: tuple[int, ...]  # peer ids in ring order
-    pending: tuple[int, ...]  # peer ids in arrival order
-    next_unused_round: int
-    revision: int | None = None  # last synced shared-state revision (None: never synced)
-    open_sync: int | None = None  # number of the sync round in progress, if any
-
-
-# ------------------------------------------------------------------ internals
-
-
-def _order_ring(members: list[_Peer]) -> None:
-    """Peers that gave an ``order`` key in their hello stand in the ring by that
-    key (a torch backend uses its ranks, so ring position == torch rank); the
-    others keep their admission order, after them. The sort is stable."""
-    members.sort(key=lambda p: (p.order is None, p.order or 0))
-
-
-class _Peer:
-    __slots__ = (
-        "conn_id",
-        "addr",
-        "phase",
-        "peer_id",
-        "group",
-        "data_host",
-        "data_port",
-        "name",
-        "order",
-        "wants_beat",
-        "next_round",
-        "waiting_round",
-    )
-
-    def __init__(self, conn_id: int, addr: str) -> None:
-        self.conn_id = conn_id
-        self.addr = addr
-        self.phase = PeerPhase.CONNECTED
-        self.peer_id = 0  # assigned at hello
-        self.group: _Group | None = None
-        self.data_host = ""
-        self.data_port = 0
-        self.name = ""
-        self.order: int | None = None  # ring-order key from the hello, if any
-        self.wants_beat = False  # asked (hello "beat": true) for the master's heartbeats
-        self.next_round = 0  # the round number this member's next vote must carry
-        self.waiting_round: int | None = None  # voted this ADMIT round, not answered yet
-
-    def label(self) -> str:
-        if not self.peer_id:
-            return f"connection from {self.addr}"
-        name = f" {self.name!r}" if self.name else ""
-        return f"peer {self.peer_id}{name} ({self.addr})"
-
-    def ring_entry(self) -> P.Member:
-        return P.Member(self.peer_id, self.data_host, self.data_port)
-
-
-class _Round:
-    __slots__ = ("decision", "joiners", "result")
-
-    def __init__(self, decision: RoundDecision, joiners: list[_Peer]) -> None:
-        self.decision = decision
-        self.joiners = joiners  # ADMIT: snapshot of the pending peers, arrival order
-        # The ``changed`` answer once known. NO_CHANGE rounds know it at once;
-        # ADMIT rounds when their epoch commits (or when every joiner is gone).
-        self.result: bool | None = None if decision is RoundDecision.ADMIT else False
-
-
-class _Drain:
-    __slots__ = ("epoch", "kind", "reason", "expected", "reports", "deadline", "admit_round")
-
-    def __init__(self, epoch: int, kind: str, reason: str, expected: set[int], deadline: float,
-                 admit_round: int | None) -> None:
-        self.epoch = epoch
-        self.kind = kind
-        self.reason = reason
-        self.expected = expected  # peer ids whose `drained` is still missing
-        self.reports: dict[int, list[tuple[int, int]]] = {}  # peer id -> next_seq pairs
-        self.deadline = deadline
-        self.admit_round = admit_round  # set for the drain that commits an ADMIT round
-
-
-class _SyncRound:
-    """One shared-state sync round of a group (independent of epochs and drains).
-
-    Collecting: ``plan`` is None and ``reports`` fills up with the `sync`
-    frames of ``waiting``. Transfer: ``plan`` is set, ``waiting`` holds the
-    planned participants still alive (none has its result yet) and ``done``
-    their `sync_done` reports. A peer leaves ``waiting`` when it dies or gets
-    its ``sync_result``.
-    """
-
-    __slots__ = ("number", "waiting", "reports", "plan", "done")
-
-    def __init__(self, number: int, participants: list[_Peer]) -> None:
-        self.number = number
-        self.waiting: dict[int, _Peer] = {p.peer_id: p for p in participants}
-        self.reports: dict[int, SyncRequest] = {}
-        self.plan: SyncPlan | None = None
-        self.done: dict[int, tuple[bool, str]] = {}  # peer id -> (ok, reason) from sync_done
-
-
-class _Group:
-    __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain",
-                 "revision", "syncs", "sync", "sync_queue")
-
-    def __init__(self, gid: int) -> None:
-        self.gid = gid
-        self.epoch = 0  # 0: no epoch committed yet; the first admission commits epoch 1
-        self.members: list[_Peer] = []  # ring order
-        self.pending: dict[int, _Peer] = {}  # peer id -> peer, arrival order
-        self.rounds: dict[int, _Round] = {}
-        self.next_unused_round = 0
-        self.ops: dict[tuple[int, int], set[int]] = {}  # (tag, seq) -> ids that reported done
-        self.drain: _Drain | None = None
-        self.revision: int | None = None  # last synced shared-state revision
-        self.syncs = 0  # sync rounds opened so far (the open round's number)
-        self.sync: _SyncRound | None = None
-        # `sync` frames from members outside the open round (joiners admitted
-        # during it, or peers rejected early): they open the next round.
-        self.sync_queue: dict[int, tuple[_Peer, SyncRequest]] = {}
-
-    @property
-    def phase(self) -> GroupPhase:
-        return GroupPhase.RUNNING if self.drain is None else GroupPhase.DRAINING
-
-
-_Handler = Callable[["MasterState", _Peer, Any, float, "list[Action]"], None]
+_Handler = Callable[["MasterState", Peer, Any, float, "list[Action]"], None]
 _ANY_PEER = frozenset({PeerPhase.PENDING, PeerPhase.MEMBER})
 _MEMBER = frozenset({PeerPhase.MEMBER})
 _NEW = frozenset({PeerPhase.CONNECTED})
@@ -282,13 +118,13 @@ class MasterState:
             )
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.heartbeat_interval = float(heartbeat_interval)
-        self._conns: dict[int, _Peer] = {}
+        self._conns: dict[int, Peer] = {}
         # conn id -> time of its last frame, oldest first. Times only grow, so
         # refreshing = move to the end, and the next liveness deadline is
         # always the first entry: O(1) per frame and per next_deadline().
         self._live: OrderedDict[int, float] = OrderedDict()
-        self._groups: dict[int, _Group] = {}
-        self._draining: dict[int, _Group] = {}
+        self._groups: dict[int, Group] = {}
+        self._draining: dict[int, Group] = {}
         self._next_peer_id = 1
 
     # ------------------------------------------------------------ events
@@ -297,7 +133,7 @@ class MasterState:
         """A connection was accepted. It must send ``hello`` within the heartbeat timeout."""
         if conn_id in self._conns:
             raise ValueError(f"connection id {conn_id} is already in use")
-        self._conns[conn_id] = _Peer(conn_id, addr)
+        self._conns[conn_id] = Peer(conn_id, addr)
         self._live[conn_id] = now
         return []
 
@@ -439,7 +275,7 @@ class MasterState:
     # Each handler validates every field before it changes anything, raising
     # FrameError (-> the sender is expelled); see _DISPATCH for who may send what.
 
-    def _on_hello(self, peer: _Peer, frame: P.Hello, now: float, out: list[Action]) -> None:
+    def _on_hello(self, peer: Peer, frame: P.Hello, now: float, out: list[Action]) -> None:
         gid = frame.peer_group
         peer.order = frame.order
         peer.wants_beat = frame.beat
@@ -448,7 +284,7 @@ class MasterState:
         peer.data_host, peer.data_port, peer.name = frame.data_host, frame.data_port, frame.name
         group = self._groups.get(gid)
         if group is None:
-            group = self._groups[gid] = _Group(gid)
+            group = self._groups[gid] = Group(gid)
         peer.group = group
         peer.phase = PeerPhase.PENDING
         group.pending[peer.peer_id] = peer
@@ -459,13 +295,13 @@ class MasterState:
         else:
             log.info("%s is waiting for admission to group %d", peer.label(), gid)
 
-    def _on_heartbeat(self, peer: _Peer, frame: P.Heartbeat, now: float, out: list[Action]) -> None:
+    def _on_heartbeat(self, peer: Peer, frame: P.Heartbeat, now: float, out: list[Action]) -> None:
         pass  # liveness was refreshed by on_frame; that is all a heartbeat is for
 
-    def _on_bye(self, peer: _Peer, frame: P.Bye, now: float, out: list[Action]) -> None:
+    def _on_bye(self, peer: Peer, frame: P.Bye, now: float, out: list[Action]) -> None:
         self._kill(peer, "bye", now, out, error=None, drain_kind="leave")
 
-    def _on_vote(self, peer: _Peer, frame: P.Vote, now: float, out: list[Action]) -> None:
+    def _on_vote(self, peer: Peer, frame: P.Vote, now: float, out: list[Action]) -> None:
         k = frame.round
         if peer.waiting_round is not None:
             raise FrameError(f"'vote' for round {k} while round {peer.waiting_round} is undecided")
@@ -486,7 +322,7 @@ class MasterState:
         peer.waiting_round = k
         self._check_rounds(group, now, out)
 
-    def _on_done(self, peer: _Peer, frame: P.Done, now: float, out: list[Action]) -> None:
+    def _on_done(self, peer: Peer, frame: P.Done, now: float, out: list[Action]) -> None:
         # Hot path: every collective of every member passes here. Keep it flat.
         epoch, tag, seq = frame.epoch, frame.tag, frame.seq
         group = peer.group
@@ -512,7 +348,7 @@ class MasterState:
             ok = P.OpOk(epoch, tag, seq)
             out.extend([Send(m.conn_id, ok) for m in members])
 
-    def _on_failed(self, peer: _Peer, frame: P.Failed, now: float, out: list[Action]) -> None:
+    def _on_failed(self, peer: Peer, frame: P.Failed, now: float, out: list[Action]) -> None:
         epoch, tag, seq, kind, reason = frame.epoch, frame.tag, frame.seq, frame.kind, frame.reason
         group = peer.group
         assert group is not None
@@ -524,7 +360,7 @@ class MasterState:
                     peer.label(), tag, seq, epoch, kind, reason)
         self._start_drain(group, kind, f"peer {peer.peer_id} failed op (tag {tag}, seq {seq}): {reason}", now, out)
 
-    def _on_drained(self, peer: _Peer, frame: P.Drained, now: float, out: list[Action]) -> None:
+    def _on_drained(self, peer: Peer, frame: P.Drained, now: float, out: list[Action]) -> None:
         epoch, pairs = frame.epoch, frame.next_seq
         group = peer.group
         assert group is not None
@@ -542,54 +378,20 @@ class MasterState:
         if not drain.expected:
             self._commit(group, now, out)
 
-    def _on_sync(self, peer: _Peer, frame: P.Sync, now: float, out: list[Action]) -> None:
-        revision, strategy, keys = frame.revision, frame.strategy, frame.keys
-        group = peer.group
-        assert group is not None
-        pid = peer.peer_id
-        rnd = group.sync
-        request = SyncRequest(pid, strategy, revision, keys, peer.data_host, peer.data_port)
-        if rnd is not None and pid in rnd.waiting:
-            if rnd.plan is not None or pid in rnd.reports:
-                raise FrameError(f"'sync' while this peer's sync {rnd.number} has no result yet")
-            rnd.reports[pid] = request
-        elif pid in group.sync_queue:
-            raise FrameError("'sync' while this peer's previous 'sync' has no result yet")
-        elif rnd is not None:
-            # Not part of the open round (admitted after it opened, or already
-            # answered): this report opens or joins the next round.
-            group.sync_queue[pid] = (peer, request)
-            log.info("group %d: %s waits for the next sync round (sync %d in progress)",
-                     group.gid, peer.label(), rnd.number)
-            return
-        else:
-            rnd = self._open_sync(group)
-            rnd.reports[pid] = request
-        self._check_sync(group, out)
+    def _on_sync(self, peer: Peer, frame: P.Sync, now: float, out: list[Action]) -> None:
+        sync_rounds.on_sync(peer, frame, out)
 
-    def _on_sync_done(self, peer: _Peer, frame: P.SyncDone, now: float, out: list[Action]) -> None:
-        number, ok, reason = frame.sync, frame.ok, frame.reason
-        group = peer.group
-        assert group is not None
-        rnd = group.sync
-        if rnd is None or rnd.number != number or rnd.plan is None or peer.peer_id not in rnd.waiting:
-            raise FrameError(f"'sync_done' for sync {number}, which has no transfer planned for this peer")
-        if peer.peer_id in rnd.done:
-            raise FrameError(f"duplicate 'sync_done' for sync {number}")
-        rnd.done[peer.peer_id] = (ok, reason)
-        if not ok:
-            log.warning("group %d sync %d: %s failed its transfer: %s",
-                        group.gid, number, peer.label(), clip(reason, 300))
-        self._check_sync(group, out)
+    def _on_sync_done(self, peer: Peer, frame: P.SyncDone, now: float, out: list[Action]) -> None:
+        sync_rounds.on_sync_done(peer, frame, out)
 
     # ------------------------------------------------------------ transitions
 
-    def _reject(self, peer: _Peer, why: str, now: float, out: list[Action]) -> None:
+    def _reject(self, peer: Peer, why: str, now: float, out: list[Action]) -> None:
         who = f"{peer.addr} (peer {peer.peer_id})" if peer.peer_id else peer.addr
         log.warning("rejected frame from %s: %s", who, why)
         self._kill(peer, f"protocol error: {why}", now, out, error=why)
 
-    def _kill(self, peer: _Peer, cause: str, now: float, out: list[Action], *, error: str | None,
+    def _kill(self, peer: Peer, cause: str, now: float, out: list[Action], *, error: str | None,
               closed: bool = False, drain_kind: str = "peer") -> None:
         """Take ``peer`` out of everything; ``error`` is sent first if given."""
         if peer.phase is PeerPhase.GONE:
@@ -614,9 +416,9 @@ class MasterState:
             log.log(level, "%s of group %d died: %s", peer.label(), group.gid, cause)
             self._drop_member(group, peer, f"peer {peer.peer_id} is gone: {cause}", drain_kind, now, out)
             # After the drop: a sync round opened from here must not include the dead peer.
-            self._sync_drop(group, peer, out)
+            sync_rounds.sync_drop(group, peer, out)
 
-    def _drop_pending(self, group: _Group, peer: _Peer, out: list[Action]) -> None:
+    def _drop_pending(self, group: Group, peer: Peer, out: list[Action]) -> None:
         del group.pending[peer.peer_id]
         committing = group.drain.admit_round if group.drain is not None else None
         for k, rnd in group.rounds.items():
@@ -635,7 +437,7 @@ class MasterState:
                 log.info("group %d round %d: every joiner is gone, nothing to admit", group.gid, k)
         self._forget_if_empty(group)
 
-    def _drop_member(self, group: _Group, peer: _Peer, reason: str, kind: str, now: float,
+    def _drop_member(self, group: Group, peer: Peer, reason: str, kind: str, now: float,
                      out: list[Action]) -> None:
         group.members.remove(peer)
         drain = group.drain
@@ -652,86 +454,7 @@ class MasterState:
             if not drain.expected:
                 self._commit(group, now, out)
 
-    # ------------------------------------------------------------ shared-state sync
-
-    def _open_sync(self, group: _Group) -> _SyncRound:
-        group.syncs += 1
-        rnd = group.sync = _SyncRound(group.syncs, group.members)
-        log.info("group %d opened sync %d with members %s", group.gid, rnd.number, list(rnd.waiting))
-        return rnd
-
-    def _sync_drop(self, group: _Group, peer: _Peer, out: list[Action]) -> None:
-        """A member died: out of the open round (at any stage) and out of the queue."""
-        group.sync_queue.pop(peer.peer_id, None)
-        rnd = group.sync
-        if rnd is None or rnd.waiting.pop(peer.peer_id, None) is None:
-            return
-        rnd.reports.pop(peer.peer_id, None)
-        rnd.done.pop(peer.peer_id, None)
-        log.info("group %d sync %d goes on without peer %d", group.gid, rnd.number, peer.peer_id)
-        self._check_sync(group, out)
-
-    def _check_sync(self, group: _Group, out: list[Action]) -> None:
-        """Plan or finish the open round when its last awaited frame is in; then open the next one."""
-        while True:
-            rnd = group.sync
-            if rnd is None:
-                return
-            if rnd.plan is None:
-                if rnd.waiting and len(rnd.reports) < len(rnd.waiting):
-                    return
-                self._plan_sync(group, rnd, out)
-            if rnd.waiting and len(rnd.done) < len(rnd.waiting):
-                return
-            self._finish_sync(group, rnd, out)
-            group.sync = None
-            if not group.sync_queue:
-                return
-            # Reports that waited for this round to end open the next one,
-            # which includes every member of this moment.
-            queued, group.sync_queue = group.sync_queue, {}
-            nxt = self._open_sync(group)
-            for pid, (_, request) in queued.items():
-                nxt.reports[pid] = request
-
-    def _plan_sync(self, group: _Group, rnd: _SyncRound, out: list[Action]) -> None:
-        plan = rnd.plan = plan_sync(group.revision, [rnd.reports[pid] for pid in rnd.waiting])
-        for pid, reason in sorted(plan.rejected.items()):
-            peer = rnd.waiting.pop(pid)
-            log.warning("group %d sync %d: rejected %s: %s", group.gid, rnd.number, peer.label(), reason)
-            out.append(Send(peer.conn_id, P.SyncResult(rnd.number, False, rnd.reports[pid].revision,
-                                                       clip_reason(reason))))
-        if not rnd.waiting:
-            return  # everyone rejected or gone: _finish_sync logs the end
-        log.info("group %d sync %d plan: %s", group.gid, rnd.number, plan.describe())
-        for note in plan.notes:
-            log.warning("group %d sync %d: %s", group.gid, rnd.number, note)
-        holders = tuple(P.Member(*e) for e in plan.holder_entries)
-        assert plan.revision is not None
-        for pid, peer in rnd.waiting.items():
-            out.append(Send(peer.conn_id, P.SyncPlan(rnd.number, plan.revision, tuple(plan.fetch[pid]), holders)))
-
-    def _finish_sync(self, group: _Group, rnd: _SyncRound, out: list[Action]) -> None:
-        plan = rnd.plan
-        assert plan is not None
-        if not rnd.waiting:
-            log.info("group %d sync %d ended with no participant left (rejected or gone)", group.gid, rnd.number)
-            return
-        target = plan.revision
-        assert target is not None
-        good = [pid for pid in rnd.waiting if rnd.done[pid][0]]
-        for pid, peer in rnd.waiting.items():
-            ok, reason = rnd.done[pid]
-            out.append(Send(peer.conn_id, P.SyncResult(rnd.number, ok, target, reason)))
-        if good:
-            group.revision = target
-        failed = [pid for pid in rnd.waiting if pid not in good]
-        level = logging.WARNING if failed else logging.INFO
-        log.log(level, "group %d sync %d finished: revision %s, ok %s, failed %s",
-                group.gid, rnd.number, group.revision, good, failed)
-        rnd.waiting.clear()
-
-    def _group_emptied(self, group: _Group, reason: str, out: list[Action]) -> None:
+    def _group_emptied(self, group: Group, reason: str, out: list[Action]) -> None:
         """The last member is gone: the epoch ends with nobody to drain."""
         if group.drain is not None:
             self._draining.pop(group.gid, None)
@@ -744,14 +467,14 @@ class MasterState:
         else:
             self._forget_if_empty(group)
 
-    def _forget_if_empty(self, group: _Group) -> None:
+    def _forget_if_empty(self, group: Group) -> None:
         # Empty groups are dropped so that hellos with ever-new group numbers
         # cannot grow the table; a later hello starts the group afresh.
         if not group.members and not group.pending and self._groups.get(group.gid) is group:
             del self._groups[group.gid]
             self._draining.pop(group.gid, None)
 
-    def _admit_into_empty(self, group: _Group, reason: str, out: list[Action]) -> None:
+    def _admit_into_empty(self, group: Group, reason: str, out: list[Action]) -> None:
         joiners = list(group.pending.values())
         group.pending.clear()
         group.epoch += 1
@@ -759,18 +482,18 @@ class MasterState:
             j.phase = PeerPhase.MEMBER
             j.next_round = group.next_unused_round
             group.members.append(j)
-        _order_ring(group.members)
+        order_ring(group.members)
         self._send_epoch(group, "admit", reason, [], group.next_unused_round, out)
         for j in joiners:
             log.info("%s admitted to group %d in epoch %d", j.label(), group.gid, group.epoch)
 
-    def _decide_round(self, group: _Group, k: int) -> _Round:
+    def _decide_round(self, group: Group, k: int) -> Round:
         """First vote of round k: fix its decision from the pending peers now."""
         # A peer already promised to an undecided ADMIT round is not pending
         # "for" another one (cannot happen with correct peers, cheap to rule out).
         promised = {id(p) for r in group.rounds.values() if r.result is None for p in r.joiners}
         joiners = [p for p in group.pending.values() if id(p) not in promised]
-        rnd = _Round(RoundDecision.ADMIT if joiners else RoundDecision.NO_CHANGE, joiners)
+        rnd = Round(RoundDecision.ADMIT if joiners else RoundDecision.NO_CHANGE, joiners)
         # Forget answered rounds every member is past (once per round, O(members)).
         if group.members:
             oldest = min(m.next_round for m in group.members)
@@ -783,7 +506,7 @@ class MasterState:
             log.info("group %d round %d: ADMIT %s", group.gid, k, [p.peer_id for p in joiners])
         return rnd
 
-    def _check_rounds(self, group: _Group, now: float, out: list[Action]) -> None:
+    def _check_rounds(self, group: Group, now: float, out: list[Action]) -> None:
         """Start the admission drain of an ADMIT round every member has voted."""
         if group.drain is not None or not group.members:
             return  # re-checked after the running drain commits
@@ -793,11 +516,11 @@ class MasterState:
                 self._start_drain(group, "admit", f"admitting peers {ids} at round {k}", now, out, admit_round=k)
                 return
 
-    def _start_drain(self, group: _Group, kind: str, reason: str, now: float, out: list[Action],
+    def _start_drain(self, group: Group, kind: str, reason: str, now: float, out: list[Action],
                      admit_round: int | None = None) -> None:
         reason = clip_reason(reason)
         group.ops.clear()  # every undecided op of this epoch has failed
-        group.drain = _Drain(
+        group.drain = DrainRecord(
             group.epoch, kind, reason, {m.peer_id for m in group.members}, now + self.heartbeat_timeout, admit_round
         )
         self._draining[group.gid] = group
@@ -805,7 +528,7 @@ class MasterState:
         out.extend([Send(m.conn_id, frame) for m in group.members])
         log.info("group %d draining epoch %d (%s): %s", group.gid, group.epoch, kind, reason)
 
-    def _commit(self, group: _Group, now: float, out: list[Action]) -> None:
+    def _commit(self, group: Group, now: float, out: list[Action]) -> None:
         """Every survivor answered the drain: start the next epoch."""
         drain = group.drain
         assert drain is not None and not drain.expected
@@ -818,7 +541,7 @@ class MasterState:
                     fence[tag] = n
         voters = list(group.members)
         k = drain.admit_round
-        joiners: list[_Peer] = []
+        joiners: list[Peer] = []
         group.epoch += 1
         if k is not None:
             rnd = group.rounds[k]
@@ -831,7 +554,7 @@ class MasterState:
                 # round k itself, answered at once from the decided record.
                 j.next_round = k
                 group.members.append(j)
-        _order_ring(group.members)
+        order_ring(group.members)
         next_round = k if k is not None else group.next_unused_round
         self._send_epoch(group, drain.kind, drain.reason, sorted(fence.items()), next_round, out)
         for j in joiners:
@@ -846,7 +569,7 @@ class MasterState:
                 out.append(Send(m.conn_id, done))
         self._check_rounds(group, now, out)
 
-    def _send_epoch(self, group: _Group, kind: str, reason: str, fence: list[tuple[int, int]], next_round: int,
+    def _send_epoch(self, group: Group, kind: str, reason: str, fence: list[tuple[int, int]], next_round: int,
                     out: list[Action]) -> None:
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
                         kind, reason)

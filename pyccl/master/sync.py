@@ -157,6 +157,39 @@ def _schema_mismatch(mine: Sequence[StateKey], group: Sequence[tuple[str, str, t
     return prefix + "its keys are in another order"
 
 
+def _same_schema(reqs: list[SyncRequest], rejected: dict[int, str]) -> list[SyncRequest]:
+    """Rule 1: the most common layout wins; ties go to the lowest peer id
+    (``reqs`` is sorted, and Counter keeps first-insertion order on ties).
+    The others are rejected."""
+    schemas = {r.peer_id: _schema(r) for r in reqs}
+    counts = Counter(schemas[r.peer_id] for r in reqs)
+    if len(counts) <= 1:
+        return reqs
+    group_schema, n_same = max(counts.items(), key=lambda kv: kv[1])  # max keeps the first on ties
+    remaining = []
+    for r in reqs:
+        if schemas[r.peer_id] == group_schema:
+            remaining.append(r)
+        else:
+            rejected[r.peer_id] = _schema_mismatch(r.keys, group_schema, n_same, len(reqs))
+    return remaining
+
+
+def _acceptable_revision(reqs: list[SyncRequest], group_revision: int | None,
+                         rejected: dict[int, str]) -> list[SyncRequest]:
+    """Rule 2: at most one step ahead of the group's last synced revision."""
+    if group_revision is None:
+        return reqs
+    ok = []
+    for r in reqs:
+        if r.revision > group_revision + 1:
+            rejected[r.peer_id] = (f"revision {r.revision} skips ahead of the group's revision {group_revision}: "
+                                   "advance it by exactly 1 per sync")
+        else:
+            ok.append(r)
+    return ok
+
+
 def plan_sync(group_revision: int | None, requests: Iterable[SyncRequest]) -> SyncPlan:
     """Plan one sync round from the participants' reports (see the module docstring).
 
@@ -175,34 +208,9 @@ def plan_sync(group_revision: int | None, requests: Iterable[SyncRequest]) -> Sy
         raise ValueError("duplicate peer ids in sync requests")
     rejected: dict[int, str] = {}
     notes: list[str] = []
-    total = len(reqs)
 
-    # 1. Schema: the most common layout wins; ties go to the lowest peer id
-    #    (reqs is sorted, and Counter keeps first-insertion order on ties).
-    schemas = {r.peer_id: _schema(r) for r in reqs}
-    counts = Counter(schemas[r.peer_id] for r in reqs)
-    remaining: list[SyncRequest] = reqs
-    if len(counts) > 1:
-        group_schema, n_same = max(counts.items(), key=lambda kv: kv[1])  # max keeps the first on ties
-        remaining = []
-        for r in reqs:
-            if schemas[r.peer_id] == group_schema:
-                remaining.append(r)
-            else:
-                rejected[r.peer_id] = _schema_mismatch(r.keys, group_schema, n_same, total)
-
-    # 2. Revision: at most one step ahead of the group's last synced revision.
-    if group_revision is not None:
-        ok = []
-        for r in remaining:
-            if r.revision > group_revision + 1:
-                rejected[r.peer_id] = (
-                    f"revision {r.revision} skips ahead of the group's revision {group_revision}: "
-                    f"advance it by exactly 1 per sync"
-                )
-            else:
-                ok.append(r)
-        remaining = ok
+    remaining = _same_schema(reqs, rejected)
+    remaining = _acceptable_revision(remaining, group_revision, rejected)
 
     senders = [r for r in remaining if r.strategy != "receive_only"]
     if not senders:

@@ -25,27 +25,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from pyccl import wire
-from pyccl.stress import protocol, worker
+from pyccl.stress import worker
 from pyccl.stress.config import StressConfig
 from pyccl.stress.faults import FaultKind, FaultRecord, FaultScheduler
 from pyccl.stress.live import LiveView, Snapshot
 from pyccl.stress.netem import NetemClient
+from pyccl.stress.peer_procs import PeerProc, PeerState
 from pyccl.stress.processes import MasterProcess, PortPool
 from pyccl.stress.proxy import LinkShape
 from pyccl.stress.report import StressResult
 from pyccl.stress.stats import RunStats
+from pyccl.stress.telemetry import TelemetryConn, TelemetryRouter
 from pyccl.stress.verify import Verifier, Violation
 from pyccl.stress.watchdog import StuckWatchdog
 
@@ -59,85 +57,6 @@ _VIEW_EVERY = 0.5
 _PROXY_LINGER = 5.0
 
 
-class PeerState(str, enum.Enum):
-    STARTING = "starting"   # process started, no Communicator admitted yet
-    RUNNING = "running"
-    STOPPED = "stopped"     # SIGSTOP
-    KILLED = "killed"       # by the orchestrator
-    EXITED = "exited"       # by itself
-
-
-@dataclass
-class PeerProc:
-    """One peer process as the orchestrator sees it."""
-
-    index: int
-    process: Any
-    data_port: int
-    proxy_port: int | None
-    started: float
-    state: PeerState = PeerState.STARTING
-    peer_id: int = 0
-    admissions: int = 0
-    hung_since_admission: bool = False
-    conn: _TelemetryConn | None = None
-    said_bye: bool = False
-    hang: FaultRecord | None = None
-    hang_timer: asyncio.TimerHandle | None = None
-
-    @property
-    def pid(self) -> int:
-        return int(self.process.pid)
-
-    @property
-    def alive(self) -> bool:
-        """Running or starting: counts towards the minimum kept alive."""
-        return self.state in (PeerState.STARTING, PeerState.RUNNING)
-
-
-class _TelemetryConn(asyncio.Protocol):
-    """One peer's telemetry connection (asyncio protocol)."""
-
-    def __init__(self, orch: Orchestrator) -> None:
-        self.orch = orch
-        self.transport: asyncio.Transport | None = None
-        self.peer: PeerProc | None = None
-        self._reader = protocol.FrameReader(self._on_frame)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._reader.feed(data)
-        except wire.FrameError as exc:
-            self.orch.bad_frame(self, str(exc))
-            if self.transport is not None:
-                self.transport.close()
-
-    def _on_frame(self, frame: dict[str, Any]) -> None:
-        try:
-            self.orch.on_frame(self, frame)
-        except Exception:  # noqa: BLE001 - a bug in the checks must fail the run loudly, not drop a peer's telemetry
-            import traceback
-
-            log.error("internal error on a telemetry frame:\n%s", traceback.format_exc())
-            self.orch.violation(Violation("internal_error", self.orch.now(),
-                                          f"the orchestrator failed on a '{frame.get('type')}' frame: "
-                                          f"{traceback.format_exc().strip().splitlines()[-1]}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.orch.telemetry_closed(self)
-
-    def send(self, frame: dict[str, Any]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(wire.encode(frame))
-
-
 class Orchestrator:
     """Runs one stress experiment; :meth:`run` returns its :class:`StressResult`."""
 
@@ -148,6 +67,7 @@ class Orchestrator:
         self.ending = False
         self.workdir = cfg.workdir or tempfile.mkdtemp(prefix="pyccl-stress-")
         os.makedirs(self.workdir, exist_ok=True)
+        self.telemetry = TelemetryRouter(self)
         self.peers: dict[int, PeerProc] = {}
         self.by_pid: dict[int, PeerProc] = {}
         self.verifier = Verifier()
@@ -267,7 +187,7 @@ class Orchestrator:
             self.netem = NetemClient(shape, cfg.seed, os.path.join(self.workdir, "netem.log"))
             await self.netem.start()
         await loop.run_in_executor(None, self.master.wait_ready, 60.0)
-        self.server = await loop.create_server(lambda: _TelemetryConn(self), "127.0.0.1", 0)
+        self.server = await loop.create_server(lambda: TelemetryConn(self.telemetry), "127.0.0.1", 0)
         self.telemetry_port = self.server.sockets[0].getsockname()[1]
         log.info("master %s, telemetry port %d, workdir %s", self.master.address, self.telemetry_port, self.workdir)
         for _ in range(cfg.peers):
@@ -545,103 +465,6 @@ class Orchestrator:
             log.warning("network fault on peer #%d failed: %s", p.index, exc)
             return None
         return rec if n > 0 else None
-
-    # ------------------------------------------------------------------ telemetry
-
-    def bad_frame(self, conn: _TelemetryConn, why: str) -> None:
-        who = f"peer #{conn.peer.index}" if conn.peer else "an unidentified peer"
-        self.violation(Violation("bad_telemetry", self.now(), f"{who} sent an invalid telemetry frame: {why}"))
-
-    def telemetry_closed(self, conn: _TelemetryConn) -> None:
-        if conn.peer is not None and conn.peer.conn is conn:
-            conn.peer.conn = None
-
-    def on_frame(self, conn: _TelemetryConn, frame: dict[str, Any]) -> None:
-        try:
-            msg = protocol.parse_peer_frame(frame)
-        except wire.FrameError as exc:
-            self.bad_frame(conn, str(exc))
-            return
-        if isinstance(msg, protocol.Other) and msg.type == "hello":
-            p = self.peers.get(msg.fields["index"])
-            if p is None or p.pid != msg.fields["pid"]:
-                self.bad_frame(conn, f"hello from unknown peer {msg.fields}")
-                return
-            conn.peer = p
-            p.conn = conn
-            if self.ending:
-                conn.send({"type": "stop"})
-            return
-        p = conn.peer
-        if p is None:
-            self.bad_frame(conn, f"'{frame['type']}' before 'hello'")
-            return
-        if isinstance(msg, protocol.PhaseReport):
-            if not self.ending:
-                self.watchdog.on_phase(p.index, msg.phase, self.rel(msg.t), msg.rev, msg.epoch, msg.peer_id,
-                                       msg.members)
-            if msg.members:
-                self.stats.on_epoch(msg.epoch, len(msg.members))
-        elif isinstance(msg, protocol.StepReport):
-            self._on_step(p, msg)
-        elif isinstance(msg, protocol.SyncReport):
-            self.stats.syncs += 1
-            self.stats.state_rx_bytes += msg.rx
-            self.stats.on_epoch(msg.epoch, len(msg.members))
-            for v in self.verifier.on_sync(msg, self.now()):
-                self.violation(v)
-        else:
-            self._on_other(p, msg)
-
-    def _on_step(self, p: PeerProc, rep: protocol.StepReport) -> None:
-        violations, _new = self.verifier.on_step(rep, self.now())
-        self.stats.ops_completed = self.verifier.ops_completed
-        self.stats.op_failures += sum(1 for o in rep.ops if o.status == "peer_failure")
-        for o in rep.ops:
-            if o.status == "ok":
-                self.stats.on_epoch(o.epoch, len(o.peers))
-        if rep.complete and not self.ending:
-            self.stats.on_complete_step(p.index, self.rel(rep.t0), self.rel(rep.t1))
-        for v in violations:
-            self.violation(v)
-
-    def _on_other(self, p: PeerProc, msg: protocol.Other) -> None:
-        f = msg.fields
-        if msg.type == "admitted":
-            p.peer_id = f["peer_id"]
-            p.admissions += 1
-            if p.admissions > 1:
-                self.stats.rejoins += 1
-            p.hung_since_admission = False
-            if p.state == PeerState.STARTING:
-                p.state = PeerState.RUNNING
-            self.stats.on_epoch(f["epoch"], len(f["members"]))
-        elif msg.type == "lost":
-            self.verifier.exempt(f["peer_id"])
-            if p.hung_since_admission:
-                self.stats.expelled += 1
-            elif not self.ending:
-                self.violation(Violation(
-                    "expelled", self.now(),
-                    f"peer #{p.index} (id {f['peer_id']}) lost its Communicator without having been hung: "
-                    f"{f['reason']}", peers=(f["peer_id"],)))
-        elif msg.type == "sync_failed":
-            self.verifier.exempt(f["peer_id"])
-            self.stats.sync_failures += 1
-            since_fault = self.now() - self.watchdog.last_fault
-            if not self.ending and since_fault > self.cfg.stuck_threshold:
-                self.violation(Violation(
-                    "sync_failed", self.now(),
-                    f"peer #{p.index} (id {f['peer_id']}): sync_shared_state failed {since_fault:.1f} s after "
-                    f"the last fault: {f['reason']}", peers=(f["peer_id"],)))
-        elif msg.type == "error":
-            text = f["text"].strip().splitlines()
-            self.violation(Violation(
-                "peer_error", self.now(),
-                f"peer #{p.index} (id {p.peer_id}) raised: {text[-1] if text else '?'} (traceback in "
-                f"{os.path.join(self.workdir, f'peer-{p.index}.log')})", peers=(p.peer_id,)))
-        elif msg.type == "bye":
-            p.said_bye = True
 
     # ------------------------------------------------------------------ view
 
