@@ -26,11 +26,10 @@ import multiprocessing as mp
 import os
 import platform
 import socket
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
 SIZES = [("1 KiB", 1 << 10), ("1 MiB", 1 << 20), ("64 MiB", 64 << 20)]
 OPS = ["all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor"]
 
@@ -87,7 +86,6 @@ def build_model():
 
 
 def worker(rank: int, world: int, port: int, quick: bool, q) -> None:
-    sys.path.insert(0, str(ROOT))
     import pyccl.torch  # noqa: F401
     import torch.distributed as dist
     import torch.nn as nn
@@ -180,7 +178,7 @@ def fmt(seconds: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "torch_backend.md"))
+    ap.add_argument("--out", default=str(HERE / "results" / "torch_backend.md"))
     args = ap.parse_args()
     world = 2
     ctx = mp.get_context("spawn")

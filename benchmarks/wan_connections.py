@@ -40,12 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pyccl.stress.config import parse_duration, parse_size
+from pyccl.stress.processes import PortPool
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pyccl.stress.config import parse_duration, parse_size  # noqa: E402
-from pyccl.stress.processes import PortPool  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 CTX = mp.get_context("spawn")
 
@@ -138,7 +136,7 @@ def main() -> None:
     ap.add_argument("--window", type=parse_size, default=4 << 20)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-reference", action="store_true", help="skip the no-proxy and no-delay rows")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wan_connections"))
+    ap.add_argument("--out", default=str(HERE / "results" / "wan_connections"))
     args = ap.parse_args()
     import uvloop
 
