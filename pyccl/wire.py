@@ -54,7 +54,7 @@ def decode_body(body: bytes) -> dict[str, Any]:
         # (max_buffer_size exists only on msgpack.Unpacker, not unpackb.)
         obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as exc:  # noqa: BLE001 - msgpack raises many types for garbage
-        raise FrameError(f"undecodable msgpack ({type(exc).__name__}: {exc})") from None
+        raise FrameError(f"undecodable msgpack ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise FrameError(f"frame is a {type(obj).__name__}, expected a map")
     t = obj.get("type")

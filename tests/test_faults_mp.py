@@ -1,6 +1,6 @@
 """Fault injection across real peer processes on loopback (issue 2, item 5).
 
-Guarantees of DESIGN.md proven here, each with a master in this process and
+The guarantees (README, "Guarantees") proven here, each with a master in this process and
 peers in spawned children:
 
 * SIGKILL of one of 4 peers mid 64 MiB all-reduce: survivors raise

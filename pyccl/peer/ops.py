@@ -22,8 +22,7 @@ from pyccl import _core
 from pyccl.errors import Timeout
 from pyccl.peer.state import LocalResult, OpTicket
 from pyccl.types import Buffer, ReduceOp, as_buffer
-
-MAX_TAG = (1 << 31) - 1
+from pyccl.wire import MAX_TAG
 
 COLLECTIVE_NAMES = {
     _core.Collective.ALL_REDUCE: "all_reduce",

@@ -103,8 +103,8 @@ def config_from_args(args: argparse.Namespace) -> StressConfig:
     if corrupt is None and env not in (None, ""):
         try:
             corrupt = int(env)
-        except ValueError:
-            raise ValueError(f"{_CORRUPT_ENV}={env!r} must be a peer index") from None
+        except ValueError as exc:
+            raise ValueError(f"{_CORRUPT_ENV}={env!r} must be a peer index") from exc
     stall = args.net_stall_duration or parse_duration_range(f"1s..{3 * hb:g}s")
     net = NetConfig(
         delay=args.net_delay, window=args.net_window, bandwidth=args.net_bandwidth,

@@ -158,7 +158,7 @@ def argparse_type(parser: Callable[[str], T]) -> Callable[[str], T]:
         try:
             return parser(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(str(exc)) from exc
 
     parse.__name__ = parser.__name__.replace("parse_", "")
     return parse

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pyccl.stress.faults import FaultRecord
 
-if TYPE_CHECKING:
-    from pyccl.stress.telemetry import TelemetryConn
 
-__all__ = ["PeerState", "PeerProc"]
+class TelemetrySender(Protocol):
+    """A peer's telemetry connection, as far as the orchestrator writes to it."""
+
+    def send(self, frame: dict[str, Any]) -> None: ...
+
+__all__ = ["PeerState", "PeerProc", "TelemetrySender"]
 
 
 class PeerState(str, enum.Enum):
@@ -36,7 +39,7 @@ class PeerProc:
     peer_id: int = 0
     admissions: int = 0
     hung_since_admission: bool = False
-    conn: TelemetryConn | None = None
+    conn: TelemetrySender | None = None
     said_bye: bool = False
     hang: FaultRecord | None = None
     hang_timer: asyncio.TimerHandle | None = None

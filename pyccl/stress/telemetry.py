@@ -10,15 +10,31 @@ import contextlib
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pyccl import wire
 from pyccl.stress import protocol
+from pyccl.stress.config import StressConfig
 from pyccl.stress.peer_procs import PeerProc, PeerState
-from pyccl.stress.verify import Violation
+from pyccl.stress.stats import RunStats
+from pyccl.stress.verify import Verifier, Violation
+from pyccl.stress.watchdog import StuckWatchdog
 
-if TYPE_CHECKING:
-    from pyccl.stress.orchestrator import Orchestrator
+
+class Run(Protocol):
+    """What telemetry reads and feeds of the running experiment (the orchestrator)."""
+
+    cfg: StressConfig
+    ending: bool
+    workdir: str
+    peers: dict[int, PeerProc]
+    stats: RunStats
+    verifier: Verifier
+    watchdog: StuckWatchdog
+
+    def now(self) -> float: ...
+    def rel(self, t_mono: float) -> float: ...
+    def violation(self, v: Violation) -> None: ...
 
 __all__ = ["TelemetryConn", "TelemetryRouter"]
 
@@ -71,7 +87,7 @@ class TelemetryConn(asyncio.Protocol):
 class TelemetryRouter:
     """Routes every peer's telemetry into the orchestrator's checks."""
 
-    def __init__(self, orch: Orchestrator) -> None:
+    def __init__(self, orch: Run) -> None:
         self.orch = orch
 
     def bad_frame(self, conn: TelemetryConn, why: str) -> None:

@@ -179,13 +179,13 @@ class _Peer:
             try:
                 comm.update_topology()
             except pyccl.CCLError as exc:
-                raise _Lost(f"update_topology: {exc}") from None
+                raise _Lost(f"update_topology: {exc}") from exc
             self._phase("sync", self.state.revision, comm.epoch, comm.peers)
             try:
                 sync = comm.sync_shared_state(self.state)
             except pyccl.CCLError as exc:
                 if _is_lost(comm):
-                    raise _Lost(f"sync_shared_state: {exc}") from None
+                    raise _Lost(f"sync_shared_state: {exc}") from exc
                 # Our revision may now lag the group's: inputs would no longer
                 # line up, so leave and join again (the next sync catches up).
                 self.tel.send({"type": "sync_failed", "peer_id": comm.peer_id, "reason": str(exc)[:4000]})

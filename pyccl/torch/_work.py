@@ -3,8 +3,9 @@
 One torch-level call (``allreduce``, ``allgather``, ``send``, ...) becomes one
 :class:`PendingOp`: a count of outstanding parts (its core collectives, p2p
 transfers, earlier ops a barrier waits for), the tensors that must stay alive
-until the op is over (TORCH_NOTES pitfall 3), and a ``finish`` step (copies
-out of staging buffers).
+until the op is over (the core and the side channel hold raw pointers into
+them: a tensor freed early gives wrong results silently), and a ``finish``
+step (copies out of staging buffers).
 
 Each process group has two dedicated threads:
 
@@ -17,7 +18,7 @@ Each process group has two dedicated threads:
   for), so such completions never wait behind a collective that blocks.
 
 Futures are completed only on these two threads, never on a core or socket
-thread (pitfall 8). Future callbacks may run on the runner; a callback that
+thread: a future's callbacks run on the thread that completes it. Future callbacks may run on the runner; a callback that
 waits for a later collective of the same group makes the runner run the
 queued ops itself rather than deadlock.
 
@@ -26,7 +27,7 @@ Failures: ``Future.set_exception`` is visible to Python only; a C++ caller
 :meth:`PycclWork.get_future` hands out ``fut.then(lambda f: f.value())``:
 when the base future fails, the callback raises, which marks the child future
 failed in C++ too, and ``backward()`` raises a ``RuntimeError`` with the
-cause (pitfall 2).
+cause.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def _forward_value(fut: torch.futures.Future[Any]) -> Any:
 
 class PycclWork(dist.Work):
     """The Work handed to torch. Only ``wait`` and ``get_future`` are reachable
-    from C++ (pitfall 5); the rest serves Python callers."""
+    from C++ (torch calls no other method of a Python Work); the rest serves
+    Python callers."""
 
     def __init__(self, name: str, timeout: float, result: list[torch.Tensor] | None = None,
                  runner: Runner | None = None, completer: Completer | None = None) -> None:
