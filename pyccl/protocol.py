@@ -94,6 +94,17 @@ class _Frame:
         return out
 
 
+def _members(m: Mapping[str, Any], field: str, what: str) -> tuple[Member, ...]:
+    """A list of ``[peer_id, host, port]`` entries."""
+    out = []
+    for e in get_list(m, field, MAX_MEMBERS):
+        if not (isinstance(e, (list, tuple)) and len(e) == 3 and is_int(e[0], 1) and isinstance(e[1], str)
+                and len(e[1]) <= MAX_HOST_LEN and is_int(e[2], 1, 65535)):
+            raise FrameError(f"'{m.get('type')}' {what} entry {clip(e, 60)} is not [peer_id, host, port]")
+        out.append(Member(e[0], e[1], e[2]))
+    return tuple(out)
+
+
 def _plain(v: Any) -> Any:
     """Tuples (of NamedTuples) become lists, as msgpack sends them."""
     if isinstance(v, tuple):
@@ -277,16 +288,10 @@ class Epoch(_Frame):
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Epoch:
-        raw = get_list(m, "members", MAX_MEMBERS)
-        if not raw:
+        members = _members(m, "members", "member")
+        if not members:
             raise FrameError("'epoch' field 'members' must be a non-empty list")
-        members = []
-        for e in raw:
-            if not (isinstance(e, (list, tuple)) and len(e) == 3 and is_int(e[0], 1) and isinstance(e[1], str)
-                    and len(e[1]) <= MAX_HOST_LEN and is_int(e[2], 1, 65535)):
-                raise FrameError(f"'epoch' member entry {clip(e, 60)} is not [peer_id, host, port]")
-            members.append(Member(e[0], e[1], e[2]))
-        return cls(get_int(m, "epoch"), tuple(members), tuple(get_pairs(m, "fence", MAX_FENCE_ENTRIES)),
+        return cls(get_int(m, "epoch"), members, tuple(get_pairs(m, "fence", MAX_FENCE_ENTRIES)),
                    get_int(m, "next_round"), get_str(m, "kind", MAX_KIND_LEN),
                    get_str(m, "reason", MAX_REASON_LEN, optional=True))
 
@@ -357,15 +362,9 @@ class SyncPlan(_Frame):
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> SyncPlan:
-        holders = []
-        for e in get_list(m, "holders", MAX_MEMBERS):
-            if not (isinstance(e, (list, tuple)) and len(e) == 3 and is_int(e[0], 1) and isinstance(e[1], str)
-                    and len(e[1]) <= MAX_HOST_LEN and is_int(e[2], 1, 65535)):
-                raise FrameError(f"'sync_plan' holder entry {clip(e, 60)} is not [peer_id, host, port]")
-            holders.append(Member(e[0], e[1], e[2]))
         return cls(get_int(m, "sync"), get_int(m, "revision"),
                    tuple(get_pairs(m, "fetch", MAX_STATE_KEYS, hi_first=MAX_STATE_KEYS, hi_second=MAX_UINT64)),
-                   tuple(holders))
+                   _members(m, "holders", "holder"))
 
 
 @dataclass(frozen=True, slots=True)
