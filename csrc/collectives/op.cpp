@@ -75,7 +75,8 @@ std::string Op::mismatch_message(const net::DataHeader& h, const std::string& fr
   const CollectiveSpec* theirs = find_collective(h.redop >> 4);
   std::ostringstream os;
   os << spec_.name << " tag " << key_.tag << " #" << key_.seq << ": peers disagree: " << from << " called "
-     << (theirs ? theirs->name : "?") << " with " << (theirs ? call_bytes(*theirs, h.total_bytes, h.world_size) : h.total_bytes)
+     << (theirs ? theirs->name : "?") << " with "
+     << (theirs ? call_bytes(*theirs, h.total_bytes, h.world_size) : h.total_bytes)
      << " bytes of " << (valid_dtype(h.dtype) ? dtype_name(static_cast<DType>(h.dtype)) : "?") << " op "
      << (valid_redop(their_op) ? redop_name(static_cast<RedOp>(their_op)) : "?") << " in a world of " << h.world_size
      << ", this peer called " << spec_.name << " with "

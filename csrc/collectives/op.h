@@ -103,7 +103,9 @@ class Op final : public net::FrameSource, public std::enable_shared_from_this<Op
   uint64_t rx_bytes() const;
 
  private:
-  std::vector<uint8_t>& arrived(net::Phase phase) { return phase == net::Phase::ReduceScatter ? arrived_rs_ : arrived_ag_; }
+  std::vector<uint8_t>& arrived(net::Phase phase) {
+    return phase == net::Phase::ReduceScatter ? arrived_rs_ : arrived_ag_;
+  }
   uint8_t op_byte() const;
   // Why a data frame does not fit this op, or "" (checks that need no lock).
   std::string frame_problem(const net::DataHeader& h) const;

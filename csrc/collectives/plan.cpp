@@ -11,7 +11,8 @@ char* CollectivePlan::landing(net::Phase, uint32_t chunk) { return op_.work() + 
 
 void CollectivePlan::send_segment(net::Phase phase, int segment, const char* base) {
   const RingLayout& L = op_.layout();
-  for (uint32_t c = L.first_chunk(segment); c < L.first_chunk(segment + 1); ++c) op_.send(phase, c, base + L.chunk(c).offset);
+  for (uint32_t c = L.first_chunk(segment); c < L.first_chunk(segment + 1); ++c)
+    op_.send(phase, c, base + L.chunk(c).offset);
 }
 
 void CollectivePlan::open(bool sends_data) {

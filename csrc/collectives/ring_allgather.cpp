@@ -11,7 +11,8 @@ using net::Phase;
 
 // The second half of the all-reduce ring with owner offset 0: forward every
 // segment that arrives until it has been everywhere.
-AllGatherPlan::AllGatherPlan(Op& op) : RingPlan(op, /*owner_offset=*/0, false, true), buf_(op.work()) {}
+AllGatherPlan::AllGatherPlan(Op& op)
+    : RingPlan(op, /*owner_offset=*/0, /*reduce_scatter=*/false, /*all_gather=*/true), buf_(op.work()) {}
 
 size_t AllGatherPlan::expected_arrivals() const {
   return op_.layout().num_chunks() - chunks_in(ring_.owned()) +
@@ -39,7 +40,8 @@ void AllGatherPlan::start() {
 void AllGatherPlan::on_arrival(Phase phase, uint32_t c) {
   if (phase != Phase::AllGather) return;
   const Chunk& ch = op_.layout().chunk(c);
-  if (!ring_.last_step(ring_.step_of(phase, static_cast<int>(ch.segment)))) op_.send(Phase::AllGather, c, buf_ + ch.offset);
+  const int step = ring_.step_of(phase, static_cast<int>(ch.segment));
+  if (!ring_.last_step(step)) op_.send(Phase::AllGather, c, buf_ + ch.offset);
 }
 
 namespace {

@@ -18,7 +18,8 @@ namespace {
 
 class AllReducePlan final : public RingPlan {
  public:
-  explicit AllReducePlan(Op& op) : RingPlan(op, /*owner_offset=*/1, true, true) {}
+  explicit AllReducePlan(Op& op)
+      : RingPlan(op, /*owner_offset=*/1, /*reduce_scatter=*/true, /*all_gather=*/true) {}
 
   // Peer r first sends segment r and ends up owning segment r + 1: it
   // receives every chunk but those of r (reduce-scatter) and r + 1

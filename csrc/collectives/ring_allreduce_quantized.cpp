@@ -27,7 +27,8 @@ const char* const kNonFinite =
 
 class QuantizedAllReducePlan final : public RingPlan {
  public:
-  explicit QuantizedAllReducePlan(Op& op) : RingPlan(op, /*owner_offset=*/1, true, true) {
+  explicit QuantizedAllReducePlan(Op& op)
+      : RingPlan(op, /*owner_offset=*/1, /*reduce_scatter=*/true, /*all_gather=*/true) {
     const RingLayout& L = op.layout();
     const size_t bytes = L.total_bytes() / L.elem_size() + kQuantHeaderBytes * L.num_chunks();
     q_rs_.resize(bytes);

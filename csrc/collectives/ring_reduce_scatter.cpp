@@ -16,7 +16,8 @@ namespace {
 // each partial that arrives, and stop once our own segment is complete.
 class ReduceScatterPlan final : public RingPlan {
  public:
-  explicit ReduceScatterPlan(Op& op) : RingPlan(op, /*owner_offset=*/0, true, false) {}
+  explicit ReduceScatterPlan(Op& op)
+      : RingPlan(op, /*owner_offset=*/0, /*reduce_scatter=*/true, /*all_gather=*/false) {}
 
   size_t expected_arrivals() const override {
     return op_.layout().num_chunks() - chunks_in(ring_.first_sent()) +

@@ -130,8 +130,9 @@ void check_result(Collective c, size_t count, int n, int root, const std::vector
       if (c == Collective::AllGather) want = value(0, i);
       if (c == Collective::Broadcast) want = value(root, i);
       // Quantized: within a few codes of the sum, and the same bits everywhere.
-      const bool good = c == Collective::AllReduceQ8 ? std::fabs(out[i] - want) <= 0.06f * 11 * n && out[i] == bufs[0].out[i]
-                                                     : out[i] == want;
+      const bool good = c == Collective::AllReduceQ8
+                            ? std::fabs(out[i] - want) <= 0.06f * 11 * n && out[i] == bufs[0].out[i]
+                            : out[i] == want;
       if (!good) {
         ::pyccl_test::report(__FILE__, __LINE__, std::string(collective_name(c)) + ": wrong value at rank " +
                                                      std::to_string(r) + " element " + std::to_string(i));
