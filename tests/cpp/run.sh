@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs the C++ unit tests (tests/cpp/) with warnings as errors.
-# Usage: tests/cpp/run.sh [build dir, default build-tests]
+# Usage: tests/cpp/run.sh [build dir, relative to the repository root; default build-tests]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir="${1:-build-tests}"
