@@ -8,11 +8,7 @@
 #include <system_error>
 
 #include "collectives/gather_allreduce.h"
-#include "collectives/ring_allgather.h"
-#include "collectives/ring_allreduce.h"
-#include "collectives/ring_allreduce_quantized.h"
-#include "collectives/ring_broadcast.h"
-#include "collectives/ring_reduce_scatter.h"
+#include "collectives/ring_driver.h"
 #include "common/log.h"
 #include "state/state_wire.h"
 
@@ -123,40 +119,30 @@ OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32
   }
   if (kind == Collective::AllReduceQ8 && dtype != DType::Float32)
     return {Status::Fail(FailKind::Invalid, "quantized all-reduce takes float32 tensors")};
-  // A small all-reduce runs as an all-gather into a private buffer of n
-  // inputs, reduced locally afterwards (gather_allreduce.h).
-  std::vector<char> gathered;
-  void* result = work;
-  size_t layout_count = count;
-  if (kind == Collective::AllReduce && use_gather_all_reduce(count * elem, info.world_size)) {
+  // A small all-reduce runs as an all-gather of the n inputs, reduced
+  // locally afterwards (gather_allreduce.h).
+  if (kind == Collective::AllReduce && use_gather_all_reduce(count * elem, info.world_size))
     kind = Collective::AllReduceGather;
-    layout_count = count * static_cast<size_t>(info.world_size);
-    gathered.resize(layout_count * elem);
-    work = gathered.data();
-  }
-  RingShape shape;
-  shape.collective = kind;
-  shape.owner_offset = (kind == Collective::AllReduce || kind == Collective::AllReduceQ8) ? 1 : 0;
-  shape.root = root;
-  const int layout_world = kind == Collective::Broadcast ? 1 : info.world_size;
-  auto op = std::make_shared<Op>(OpKey{epoch, tag, seq}, shape, dtype, redop, input, work,
-                                 RingLayout(layout_count, elem, layout_world), info.rank, info.world_size);
+  OpParams params;
+  params.key = OpKey{epoch, tag, seq};
+  params.collective = kind;
+  params.root = root;
+  params.dtype = dtype;
+  params.redop = redop;
+  params.input = input;
+  params.work = work;
+  params.count = count;
+  params.rank = info.rank;
+  params.world_size = info.world_size;
+  auto op = std::make_shared<Op>(params);
   Status st = links->wait_ready();
   if (!st.ok()) return {st};
   bool published = false;
-  auto publish = [&] {
+  st = run_ring(op, *links, [&] {
     Status s = registry_.add(op);
     published = s.ok();
     return s;
-  };
-  switch (kind) {
-    case Collective::AllReduce: st = run_ring_all_reduce(op, *links, publish); break;
-    case Collective::ReduceScatter: st = run_ring_reduce_scatter(op, *links, publish); break;
-    case Collective::AllGather: st = run_ring_all_gather(op, *links, publish); break;
-    case Collective::Broadcast: st = run_ring_broadcast(op, *links, publish); break;
-    case Collective::AllReduceQ8: st = run_ring_all_reduce_quantized(op, *links, publish); break;
-    case Collective::AllReduceGather: st = run_gather_all_reduce(op, *links, publish, result); break;
-  }
+  });
   if (!st.ok()) op->fail(st.kind, st.message);
   // Never return while a sender still reads from, or a reader still writes
   // into, the caller's buffers.

@@ -52,7 +52,8 @@ class DataPlane {
 
   // Runs one ring collective over `count` elements (the full tensor: for
   // all-gather the output, for reduce-scatter the input). `input` is only
-  // read; results land in `work` (see the algorithm headers for layouts).
+  // read; results land in `work` (each collective's file in collectives/ says
+  // how it lays out its buffers).
   OpResult collective(Collective kind, int root, uint64_t epoch, uint32_t tag, uint64_t seq, const void* input,
                       void* work, size_t count, DType dtype, RedOp op);
 

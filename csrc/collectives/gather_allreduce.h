@@ -7,15 +7,13 @@
 // only pays while the tensor is small (see kGatherAllReduceMaxBytes).
 // Every peer reduces the same n buffers in the same order with the same
 // kernels, so the results are bit-identical, as the guarantee requires.
+//
+// The plan (Collective::AllReduceGather) gathers into a buffer of its own of
+// n inputs; op->input() holds this peer's, and the reduction lands in
+// op->work(), which holds one input's bytes.
 #pragma once
 
 #include <cstddef>
-#include <functional>
-#include <memory>
-
-#include "collectives/op.h"
-#include "common/status.h"
-#include "net/ring_links.h"
 
 namespace pyccl {
 
@@ -26,11 +24,5 @@ inline constexpr size_t kGatherAllReduceMaxBytes = 64u << 10;
 inline bool use_gather_all_reduce(size_t bytes, int world_size) {
   return world_size > 1 && bytes * static_cast<size_t>(world_size - 1) <= kGatherAllReduceMaxBytes;
 }
-
-// `op` is a Collective::AllReduceGather op over the gathered buffer
-// (op->work(), n inputs; op->input() holds this peer's). On success the
-// reduction of the n inputs is in `result`, which holds one input's bytes.
-Status run_gather_all_reduce(const std::shared_ptr<Op>& op, net::RingLinks& links,
-                             const std::function<Status()>& publish, void* result);
 
 }  // namespace pyccl

@@ -1,19 +1,26 @@
 // Ring all-gather: rank r contributes segment r; every rank ends with all
-// segments in op->work(). n-1 steps; chunks are forwarded verbatim.
+// segments. n-1 steps; chunks are forwarded verbatim. op->input() holds
+// this rank's segment alone (segment-sized); it is copied into its place
+// first. The small all-reduce (gather_allreduce.cpp) reuses this plan over
+// a buffer of its own.
 #pragma once
 
-#include <functional>
-#include <memory>
-
-#include "collectives/op.h"
-#include "common/status.h"
-#include "net/ring_links.h"
+#include "collectives/plan.h"
 
 namespace pyccl {
 
-// op->input() holds this rank's segment alone (segment-sized); it is copied
-// into its place in op->work() first.
-Status run_ring_all_gather(const std::shared_ptr<Op>& op, net::RingLinks& links,
-                           const std::function<Status()>& publish);
+class AllGatherPlan : public RingPlan {
+ public:
+  explicit AllGatherPlan(Op& op);
+
+  size_t expected_arrivals() const override;
+  char* landing(net::Phase phase, uint32_t chunk) override;
+  void prepare() override;
+  void start() override;
+  void on_arrival(net::Phase phase, uint32_t chunk) override;
+
+ protected:
+  char* buf_;  // where the segments gather: op->work() unless a subclass says otherwise
+};
 
 }  // namespace pyccl

@@ -77,7 +77,7 @@ Status RingLinks::wait_ready() {
   return Status::Fail(FailKind::Peer, broken_reason_.empty() ? "the ring links of this epoch are down" : broken_reason_);
 }
 
-void RingLinks::send(const std::shared_ptr<Op>& op, const DataHeader& header, const void* payload) {
+void RingLinks::send(const std::shared_ptr<FrameSource>& op, const DataHeader& header, const void* payload) {
   SendConn* conn = nullptr;
   std::string why;
   {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "net/frame_endpoint.h"
 #include "net/send_conn.h"
 #include "net/socket.h"
 #include "net/wire_format.h"
@@ -39,12 +40,12 @@ struct EpochInfo {
   double link_timeout_s = 5.0;
 };
 
-class RingLinks {
+class RingLinks final : public FrameSender {
  public:
   using BrokenFn = std::function<void(uint64_t epoch, const std::string& reason)>;
 
   RingLinks(EpochInfo info, int connections, BrokenFn on_broken);
-  ~RingLinks();
+  ~RingLinks() override;
 
   const EpochInfo& info() const { return info_; }
   uint64_t epoch() const { return info_.epoch; }
@@ -52,7 +53,7 @@ class RingLinks {
   // Blocks until every outgoing connection is up; fails if the link broke.
   Status wait_ready();
   // Stripe frames round-robin over the pool.
-  void send(const std::shared_ptr<Op>& op, const DataHeader& header, const void* payload);
+  void send(const std::shared_ptr<FrameSource>& op, const DataHeader& header, const void* payload) override;
 
   // Incoming side: claim the slot a hello names. Returns false with `why`
   // if the hello does not fit this epoch's ring. The socket stays owned by

@@ -28,7 +28,7 @@ SendConn::~SendConn() {
   join();
 }
 
-void SendConn::submit(const std::shared_ptr<Op>& op, const DataHeader& header, const void* payload) {
+void SendConn::submit(const std::shared_ptr<FrameSource>& op, const DataHeader& header, const void* payload) {
   op->add_pending_send();
   Job job{op, header, payload};
   {

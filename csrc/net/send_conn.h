@@ -16,7 +16,7 @@
 #include <string>
 #include <thread>
 
-#include "collectives/op.h"
+#include "net/frame_endpoint.h"
 #include "net/socket.h"
 #include "net/wire_format.h"
 
@@ -33,7 +33,7 @@ class SendConn {
 
   // Transmit one frame of `op`. The op counts it as pending until it is
   // written or dropped; a write error fails the op and breaks the link.
-  void submit(const std::shared_ptr<Op>& op, const DataHeader& header, const void* payload);
+  void submit(const std::shared_ptr<FrameSource>& op, const DataHeader& header, const void* payload);
 
   // Wake the sender thread, fail queued frames; safe from any thread.
   void shutdown();
@@ -41,7 +41,7 @@ class SendConn {
 
  private:
   struct Job {
-    std::shared_ptr<Op> op;
+    std::shared_ptr<FrameSource> op;
     DataHeader header;
     const void* payload;
   };
