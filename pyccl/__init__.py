@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyccl.errors import CCLError, GroupLost, MismatchError, PeerFailure, ProtocolError, Timeout
+from pyccl.errors import AuthenticationError, CCLError, GroupLost, MismatchError, PeerFailure, ProtocolError, Timeout
 
 __all__ = [
     "CCLError",
     "PeerFailure",
     "GroupLost",
+    "AuthenticationError",
     "Timeout",
     "ProtocolError",
     "MismatchError",

@@ -79,6 +79,19 @@ class GroupLost(CCLError):
         self.reason = reason or message
 
 
+class AuthenticationError(CCLError):
+    """The run secret check failed between this peer and the master: the
+    secret differs, one side has none, or the master could not prove it.
+
+    Attributes:
+        master: the master's ``host:port``.
+    """
+
+    def __init__(self, message: str, *, master: str = "") -> None:
+        super().__init__(message)
+        self.master = master
+
+
 class Timeout(CCLError):
     """An operation did not finish within its deadline.
 

@@ -49,6 +49,9 @@ MAX_NEXT_SEQ_ENTRIES = 4096
 MAX_FENCE_ENTRIES = 4096
 MAX_MEMBERS = 1 << 20
 FAILURE_KINDS = ("peer", "mismatch", "protocol")
+ERROR_KINDS = ("protocol", "expelled", "auth")  # why the master closes a session
+NONCE_BYTES = 32
+PROOF_BYTES = 32
 STRATEGIES = ("enforce_popular", "receive_only", "send_only")
 MAX_STATE_KEYS = 1 << 16
 MAX_KEY_NAME_LEN = 256
@@ -94,6 +97,14 @@ class _Frame:
         return out
 
 
+def _blob(m: Mapping[str, Any], field: str, size: int) -> bytes:
+    """A binary field of exactly ``size`` bytes."""
+    v = m.get(field)
+    if not isinstance(v, bytes) or len(v) != size:
+        raise FrameError(f"'{m.get('type')}' field '{field}' must be {size} bytes")
+    return v
+
+
 def _members(m: Mapping[str, Any], field: str, what: str) -> tuple[Member, ...]:
     """A list of ``[peer_id, host, port]`` entries."""
     out = []
@@ -126,6 +137,7 @@ class Hello(_Frame):
     name: str = ""
     beat: bool = False  # ask for the master's heartbeats (frozen-master detection)
     order: int | None = None  # ring-order key (torch: the rank)
+    nonce: bytes | None = None  # the peer's challenge to the master (see pyccl.auth)
     version: int = PROTOCOL_VERSION
 
     @classmethod
@@ -144,7 +156,20 @@ class Hello(_Frame):
             name=get_str(m, "name", MAX_NAME_LEN, optional=True),
             beat=m.get("beat") is True,
             order=get_int(m, "order", 0, MAX_PEER_GROUP) if m.get("order") is not None else None,
+            nonce=_blob(m, "nonce", NONCE_BYTES) if m.get("nonce") is not None else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Auth(_Frame):
+    """The peer's proof that it holds the run secret (answer to ``challenge``)."""
+
+    TYPE: ClassVar[str] = "auth"
+    proof: bytes
+
+    @classmethod
+    def parse(cls, m: Mapping[str, Any]) -> Auth:
+        return cls(_blob(m, "proof", PROOF_BYTES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +285,19 @@ class SyncDone(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class Challenge(_Frame):
+    """A master with a secret answers ``hello`` with its nonce and its proof."""
+
+    TYPE: ClassVar[str] = "challenge"
+    nonce: bytes
+    proof: bytes
+
+    @classmethod
+    def parse(cls, m: Mapping[str, Any]) -> Challenge:
+        return cls(_blob(m, "nonce", NONCE_BYTES), _blob(m, "proof", PROOF_BYTES))
+
+
+@dataclass(frozen=True, slots=True)
 class Welcome(_Frame):
     """Answer to ``hello``: the peer's id and the liveness settings."""
 
@@ -344,10 +382,12 @@ class Error(_Frame):
 
     TYPE: ClassVar[str] = "error"
     reason: str
+    kind: str = "protocol"  # one of ERROR_KINDS
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Error:
-        return cls(get_str(m, "reason", MAX_REASON_LEN, optional=True) or "no reason given")
+        kind = get_choice(m, "kind", ERROR_KINDS) if m.get("kind") is not None else "protocol"
+        return cls(get_str(m, "reason", MAX_REASON_LEN, optional=True) or "no reason given", kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,13 +423,13 @@ class SyncResult(_Frame):
                    get_str(m, "reason", MAX_REASON_LEN, optional=True))
 
 
-PeerFrame = Hello | Heartbeat | Bye | Vote | Done | Failed | Drained | Sync | SyncDone
-MasterFrame = Welcome | Heartbeat | Epoch | Drain | OpOk | RoundDone | Error | SyncPlan | SyncResult
+PeerFrame = Hello | Auth | Heartbeat | Bye | Vote | Done | Failed | Drained | Sync | SyncDone
+MasterFrame = Challenge | Welcome | Heartbeat | Epoch | Drain | OpOk | RoundDone | Error | SyncPlan | SyncResult
 
-PEER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Hello, Heartbeat, Bye, Vote, Done, Failed, Drained, Sync,
+PEER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Hello, Auth, Heartbeat, Bye, Vote, Done, Failed, Drained, Sync,
                                                      SyncDone)}
-MASTER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Welcome, Heartbeat, Epoch, Drain, OpOk, RoundDone, Error,
-                                                       SyncPlan, SyncResult)}
+MASTER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Challenge, Welcome, Heartbeat, Epoch, Drain, OpOk, RoundDone,
+                                                       Error, SyncPlan, SyncResult)}
 
 
 def parse_peer_frame(m: Mapping[str, Any]) -> PeerFrame:

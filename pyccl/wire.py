@@ -53,7 +53,7 @@ def decode_body(body: bytes) -> dict[str, Any]:
         # and unpackb caps every container/string at the input's length.
         # (max_buffer_size exists only on msgpack.Unpacker, not unpackb.)
         obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except Exception as exc:  # noqa: BLE001 - msgpack raises many types for garbage
+    except Exception as exc:
         raise FrameError(f"undecodable msgpack ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise FrameError(f"frame is a {type(obj).__name__}, expected a map")

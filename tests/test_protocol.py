@@ -18,6 +18,10 @@ pytestmark = pytest.mark.timeout(30)
 SAMPLES: list[Any] = [
     P.Hello(3, "10.0.0.1", 7000, "w0", True, 2),
     P.Hello(0, "h", 1),
+    P.Hello(0, "h", 1, nonce=bytes(range(32))),
+    P.Auth(b"p" * 32),
+    P.Challenge(b"n" * 32, b"q" * 32),
+    P.Error("refused", "auth"),
     P.HEARTBEAT,
     P.Bye(),
     P.Vote(1 << 20 | 3),

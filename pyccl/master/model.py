@@ -21,6 +21,7 @@ class PeerPhase(enum.Enum):
     """Where a connection is in its life (see module docstring)."""
 
     CONNECTED = "connected"  # no hello yet
+    CHALLENGED = "challenged"  # hello to a master with a secret; its proof (auth) is due
     PENDING = "pending"  # welcomed, waiting for admission
     MEMBER = "member"  # in the group's current epoch
     GONE = "gone"  # closed, expelled or left; never comes back
@@ -94,6 +95,8 @@ class Peer:
         "wants_beat",
         "next_round",
         "waiting_round",
+        "hello",
+        "challenge",
     )
 
     def __init__(self, conn_id: int, addr: str) -> None:
@@ -109,6 +112,8 @@ class Peer:
         self.wants_beat = False  # asked (hello "beat": true) for the master's heartbeats
         self.next_round = 0  # the round number this member's next vote must carry
         self.waiting_round: int | None = None  # voted this ADMIT round, not answered yet
+        self.hello: P.Hello | None = None  # CHALLENGED: the hello to act on once the proof is in
+        self.challenge: bytes = b""  # CHALLENGED: the master's nonce
 
     def label(self) -> str:
         if not self.peer_id:

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+from pyccl.auth import resolve_secret
 from pyccl.master.state import Action, MasterState, Send
 from pyccl.protocol import HEARTBEAT
 from pyccl.wire import FrameError, clip, decode_body, decode_length, encode
@@ -316,6 +317,9 @@ class Master:
           thread; it is idempotent and safe to call if never started.
         * A Master is single-use: it cannot be started again after stop().
         * Usable as a context manager (``with Master() as m:`` starts it).
+        * ``secret`` (default: ``PYCCL_SECRET`` from the environment): only
+          peers that prove they hold it are admitted; without one the run
+          is open to anyone who can reach the port (logged once at start).
     """
 
     def __init__(
@@ -324,13 +328,15 @@ class Master:
         port: int = 0,
         heartbeat_timeout: float = 5.0,
         heartbeat_interval: float | None = None,
+        secret: str | bytes | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
         self._host = host
         self._port = port
+        self._secret = resolve_secret(secret)
         # Built now so that bad timeouts fail in the caller's thread.
-        self._state = MasterState(heartbeat_timeout, heartbeat_interval)
+        self._state = MasterState(heartbeat_timeout, heartbeat_interval, secret=self._secret)
         self._lock = threading.Lock()
         self._used = False
         self._thread: threading.Thread | None = None
@@ -458,6 +464,10 @@ class Master:
             self._loop, self._stop_event = loop, stop_event
             self._bound = (str(sockname[0]), int(sockname[1]))
         log.info("pyccl master listening on %s (heartbeat timeout %g s)", self.address, self._state.heartbeat_timeout)
+        if self._secret is None:
+            log.warning("pyccl master on %s runs without a secret: anyone who can reach this port can join the "
+                        "run; set PYCCL_SECRET or pass --secret-file / secret= to admit only peers that hold it",
+                        self.address)
         signals = (signal.SIGINT, signal.SIGTERM) if install_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, stop_event.set)

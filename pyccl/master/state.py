@@ -41,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pyccl import auth
 from pyccl import protocol as P
 from pyccl.master import sync_rounds
 from pyccl.master.model import (
@@ -83,11 +84,19 @@ _Handler = Callable[["MasterState", Peer, Any, float, "list[Action]"], None]
 _ANY_PEER = frozenset({PeerPhase.PENDING, PeerPhase.MEMBER})
 _MEMBER = frozenset({PeerPhase.MEMBER})
 _NEW = frozenset({PeerPhase.CONNECTED})
+_CHALLENGED = frozenset({PeerPhase.CHALLENGED})
 _PHASE_WORDS = {
     PeerPhase.CONNECTED: "before 'hello'",
+    PeerPhase.CHALLENGED: "before 'auth' (the proof of the run secret)",
     PeerPhase.PENDING: "from a pending (not yet admitted) peer",
     PeerPhase.MEMBER: "from a member",
 }
+
+
+
+
+class AuthRefused(FrameError):
+    """A connection failed the run-secret check (closed with an ``error`` of kind ``auth``)."""
 
 
 # ---------------------------------------------------------------- the machine
@@ -101,13 +110,17 @@ class MasterState:
             declared dead; also the deadline for answering ``drain``.
         heartbeat_interval: how often peers are told to send a heartbeat
             (in ``welcome``); defaults to ``heartbeat_timeout / 5``.
+        secret: the run secret; a peer is welcomed only after proving it
+            holds it (see :mod:`pyccl.auth`). None: an open run.
+        nonce: source of the master's challenge nonces (tests pass their own).
 
     Every event method returns the actions to carry out, in order. Methods
     never raise on peer input: an invalid frame becomes ``Send(error)`` +
     ``Close`` for its connection only (and a death, if it was a member).
     """
 
-    def __init__(self, heartbeat_timeout: float = 5.0, heartbeat_interval: float | None = None) -> None:
+    def __init__(self, heartbeat_timeout: float = 5.0, heartbeat_interval: float | None = None,
+                 secret: bytes | None = None, nonce: Callable[[], bytes] = auth.new_nonce) -> None:
         if not heartbeat_timeout > 0:
             raise ValueError(f"heartbeat_timeout must be > 0, got {heartbeat_timeout}")
         if heartbeat_interval is None:
@@ -126,6 +139,9 @@ class MasterState:
         self._groups: dict[int, Group] = {}
         self._draining: dict[int, Group] = {}
         self._next_peer_id = 1
+        self._secret = secret  # None: an open run (no challenge)
+        self._nonce = nonce
+        self._refused_from: set[str] = set()  # sources whose failed proof was logged (once each)
 
     # ------------------------------------------------------------ events
 
@@ -159,6 +175,8 @@ class MasterState:
         try:
             msg: PeerFrame = cls.parse(frame)
             handler(self, peer, msg, now, out)
+        except AuthRefused as exc:
+            self._refuse(peer, str(exc), now, out)
         except FrameError as exc:
             self._reject(peer, str(exc), now, out)
         return out
@@ -193,10 +211,12 @@ class MasterState:
             peer = self._conns[conn_id]
             if peer.phase is PeerPhase.CONNECTED:
                 cause, error = "no 'hello' in time", f"no 'hello' within {self.heartbeat_timeout:g} s"
+            elif peer.phase is PeerPhase.CHALLENGED:
+                cause, error = "no 'auth' in time", f"no 'auth' within {self.heartbeat_timeout:g} s"
             else:
                 cause = f"heartbeat timeout (no frame for {self.heartbeat_timeout:g} s)"
                 error = f"expelled: no frame for {self.heartbeat_timeout:g} s"
-            self._kill(peer, cause, now, out, error=error)
+            self._kill(peer, cause, now, out, error=error, error_kind="expelled")
         for group in list(self._draining.values()):
             drain = group.drain
             if drain is None or drain.deadline > now:
@@ -213,6 +233,7 @@ class MasterState:
                         now,
                         out,
                         error=f"expelled: no 'drained' within {self.heartbeat_timeout:g} s",
+                        error_kind="expelled",
                     )
         return out
 
@@ -276,6 +297,25 @@ class MasterState:
     # FrameError (-> the sender is expelled); see _DISPATCH for who may send what.
 
     def _on_hello(self, peer: Peer, frame: P.Hello, now: float, out: list[Action]) -> None:
+        if self._secret is None:
+            self._welcome(peer, frame, out)
+            return
+        if frame.nonce is None:
+            raise AuthRefused("this master requires the run secret; the peer sent no challenge nonce")
+        peer.hello, peer.challenge = frame, self._nonce()
+        peer.phase = PeerPhase.CHALLENGED
+        out.append(Send(peer.conn_id, P.Challenge(peer.challenge,
+                                                  auth.master_proof(self._secret, frame.nonce, peer.challenge))))
+
+    def _on_auth(self, peer: Peer, frame: P.Auth, now: float, out: list[Action]) -> None:
+        hello = peer.hello
+        assert hello is not None and hello.nonce is not None and self._secret is not None
+        if not auth.same(frame.proof, auth.peer_proof(self._secret, hello.nonce, peer.challenge)):
+            raise AuthRefused("authentication failed: the peer does not hold this run's secret")
+        self._welcome(peer, hello, out)
+
+    def _welcome(self, peer: Peer, frame: P.Hello, out: list[Action]) -> None:
+        """Welcome a peer (authenticated, or the run is open) and queue it for admission."""
         gid = frame.peer_group
         peer.order = frame.order
         peer.wants_beat = frame.beat
@@ -386,13 +426,24 @@ class MasterState:
 
     # ------------------------------------------------------------ transitions
 
+    def _refuse(self, peer: Peer, why: str, now: float, out: list[Action]) -> None:
+        """A connection failed to prove it holds the run secret: close it. Logged
+        once per source address (a scanner must not flood the log)."""
+        source = peer.addr.rpartition(":")[0] or peer.addr
+        if source not in self._refused_from:
+            if len(self._refused_from) >= 4096:
+                self._refused_from.clear()
+            self._refused_from.add(source)
+            log.warning("refused connection from %s: %s (further refusals from it are not logged)", peer.addr, why)
+        self._kill(peer, f"authentication: {why}", now, out, error=why, error_kind="auth")
+
     def _reject(self, peer: Peer, why: str, now: float, out: list[Action]) -> None:
         who = f"{peer.addr} (peer {peer.peer_id})" if peer.peer_id else peer.addr
         log.warning("rejected frame from %s: %s", who, why)
         self._kill(peer, f"protocol error: {why}", now, out, error=why)
 
     def _kill(self, peer: Peer, cause: str, now: float, out: list[Action], *, error: str | None,
-              closed: bool = False, drain_kind: str = "peer") -> None:
+              closed: bool = False, drain_kind: str = "peer", error_kind: str = "protocol") -> None:
         """Take ``peer`` out of everything; ``error`` is sent first if given."""
         if peer.phase is PeerPhase.GONE:
             return
@@ -401,11 +452,11 @@ class MasterState:
         self._live.pop(conn_id, None)
         if not closed:
             if error is not None:
-                out.append(Send(conn_id, P.Error(clip_reason(error))))
+                out.append(Send(conn_id, P.Error(clip_reason(error), error_kind)))
             out.append(Close(conn_id, cause))
         previous, peer.phase = peer.phase, PeerPhase.GONE
         group = peer.group
-        if previous is PeerPhase.CONNECTED or group is None:
+        if previous in (PeerPhase.CONNECTED, PeerPhase.CHALLENGED) or group is None:
             log.info("%s closed before 'hello': %s", peer.label(), cause)
             return
         level = logging.INFO if cause == "bye" else logging.WARNING
@@ -582,6 +633,7 @@ class MasterState:
 # frame from another phase, is a protocol error that expels its sender.
 _DISPATCH: dict[type, tuple[_Handler, frozenset[PeerPhase]]] = {
     P.Hello: (MasterState._on_hello, _NEW),
+    P.Auth: (MasterState._on_auth, _CHALLENGED),
     P.Heartbeat: (MasterState._on_heartbeat, _ANY_PEER),
     P.Bye: (MasterState._on_bye, _ANY_PEER),
     P.Vote: (MasterState._on_vote, _MEMBER),

@@ -29,6 +29,7 @@ from typing import Any
 
 from pyccl import _core
 from pyccl import protocol as P
+from pyccl.auth import new_nonce, resolve_secret
 from pyccl.errors import CCLError, LostCause, Timeout
 from pyccl.peer import state as S
 from pyccl.peer.control import ControlClient
@@ -69,6 +70,10 @@ class Communicator:
         order: ring-order key: members that give one stand in the ring sorted
             by it (so a fixed group can make ring rank == its own rank);
             members without one follow in admission order.
+        secret: the run secret (default: ``PYCCL_SECRET`` from the
+            environment). With one, ``connect()`` proves to the master that
+            this peer holds it, and requires the master to prove the same;
+            a mismatch raises :class:`~pyccl.AuthenticationError` at once.
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -84,6 +89,7 @@ class Communicator:
         data_port: int = 0,
         advertise: tuple[str, int] | None = None,
         order: int | None = None,
+        secret: str | bytes | None = None,
     ) -> None:
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be between 1 and 64, got {connections}")
@@ -96,6 +102,7 @@ class Communicator:
         self.data_port = data_port
         self.advertise = advertise
         self.order = order
+        self._secret = resolve_secret(secret)
         self._control = ControlClient(master)
         self._dp: Any = None
         self._cv = threading.Condition()
@@ -165,8 +172,8 @@ class Communicator:
             self._dp = _core.DataPlane(local_ip, self.data_port, self.connections)
             adv_host, adv_port = self.advertise or (local_ip, self._dp.port)
             hello = P.Hello(self.peer_group, adv_host, adv_port, self.name[:P.MAX_NAME_LEN], beat=True,
-                            order=self.order)
-            welcome = self._control.handshake(hello, max(0.1, deadline - time.monotonic()))
+                            order=self.order, nonce=new_nonce())
+            welcome = self._control.handshake(hello, max(0.1, deadline - time.monotonic()), self._secret)
             with self._cv:
                 self._state.welcome(welcome)
             # Data links use the master's liveness settings: keepalives at the

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 
+from pyccl import auth, wire
 from pyccl import protocol as P
-from pyccl import wire
-from pyccl.errors import CCLError, GroupLost, LostCause, ProtocolError, Timeout
+from pyccl.errors import AuthenticationError, CCLError, GroupLost, LostCause, ProtocolError, Timeout
 
 log = logging.getLogger("pyccl.control")
 
@@ -59,13 +60,49 @@ class ControlClient:
         self._sock = sock
         return str(sock.getsockname()[0])
 
-    def handshake(self, hello: P.Hello, timeout: float) -> P.Welcome:
-        """Send ``hello`` and wait for ``welcome``; returns the welcome frame."""
-        assert self._sock is not None
+    def handshake(self, hello: P.Hello, timeout: float, secret: bytes | None) -> P.Welcome:
+        """Send ``hello``, answer a challenge with the proof of ``secret`` (see
+        :mod:`pyccl.auth`), and wait for ``welcome``; returns it."""
+        assert hello.nonce is not None
         self.send(hello)
-        self._sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        frame = self._receive(deadline, timeout)
+        if isinstance(frame, P.Challenge):
+            if secret is None:
+                raise AuthenticationError(
+                    f"the master at {self.address} requires the run secret: set PYCCL_SECRET (or pass secret= to "
+                    "the Communicator) to the master's secret", master=self.address)
+            if not auth.same(frame.proof, auth.master_proof(secret, hello.nonce, frame.nonce)):
+                raise AuthenticationError(
+                    f"the master at {self.address} could not prove it holds this peer's run secret: the secrets "
+                    "differ (check PYCCL_SECRET / secret= on both sides), or this is not the run's master",
+                    master=self.address)
+            self.send(P.Auth(auth.peer_proof(secret, hello.nonce, frame.nonce)))
+            frame = self._receive(deadline, timeout)
+        elif isinstance(frame, P.Welcome) and secret is not None:
+            raise AuthenticationError(
+                f"the master at {self.address} runs without a secret, but this peer was given one: start the "
+                "master with the secret (--secret-file, secret= or PYCCL_SECRET), or give this peer none",
+                master=self.address)
+        if isinstance(frame, P.Error):
+            if frame.kind == "auth":
+                raise AuthenticationError(f"the master at {self.address} refused this peer: {frame.reason}",
+                                          master=self.address)
+            raise GroupLost(f"the master at {self.address} refused this peer: {frame.reason}",
+                            cause=LostCause.EXPELLED, reason=frame.reason)
+        if not isinstance(frame, P.Welcome):
+            raise ProtocolError(f"expected 'welcome' from the master at {self.address}, got {frame.TYPE!r}")
+        self.peer_id = frame.peer_id
+        self.heartbeat_interval = frame.heartbeat_interval
+        self.heartbeat_timeout = frame.heartbeat_timeout
+        return frame
+
+    def _receive(self, deadline: float, timeout: float) -> P.MasterFrame:
+        """One frame of the handshake, by ``deadline``."""
+        assert self._sock is not None
+        self._sock.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            frame = P.parse_master_frame(wire.recv_frame(self._sock))
+            return P.parse_master_frame(wire.recv_frame(self._sock))
         except TimeoutError as exc:
             raise Timeout(f"the master at {self.address} did not answer the hello within {timeout:.1f} s",
                           seconds=timeout) from exc
@@ -75,15 +112,6 @@ class ControlClient:
             raise ProtocolError(f"the master at {self.address} sent an invalid frame: {exc}") from exc
         finally:
             self._sock.settimeout(None)
-        if isinstance(frame, P.Error):
-            raise GroupLost(f"the master at {self.address} refused this peer: {frame.reason}",
-                            cause=LostCause.EXPELLED, reason=frame.reason)
-        if not isinstance(frame, P.Welcome):
-            raise ProtocolError(f"expected 'welcome' from the master at {self.address}, got {frame.TYPE!r}")
-        self.peer_id = frame.peer_id
-        self.heartbeat_interval = frame.heartbeat_interval
-        self.heartbeat_timeout = frame.heartbeat_timeout
-        return frame
 
     def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         """Start the reader and heartbeat threads."""
