@@ -78,6 +78,8 @@ log = logging.getLogger("pyccl.master")
 # Undecided (tag, seq) entries per group. A correct group has a handful in
 # flight; the cap only stops a broken member from growing the table forever.
 MAX_OPEN_OPS = 1 << 16
+# Emptied groups whose last epoch is remembered (a returning group goes on from it).
+MAX_FORGOTTEN_GROUPS = 1 << 12
 
 
 _Handler = Callable[["MasterState", Peer, Any, float, "list[Action]"], None]
@@ -139,6 +141,8 @@ class MasterState:
         self._groups: dict[int, Group] = {}
         self._draining: dict[int, Group] = {}
         self._next_peer_id = 1
+        # Last epoch of groups forgotten when they emptied (bounded: oldest out).
+        self._forgotten_epochs: OrderedDict[int, int] = OrderedDict()
         self._secret = secret  # None: an open run (no challenge)
         self._nonce = nonce
         self._refused_from: set[str] = set()  # sources whose failed proof was logged (once each)
@@ -325,6 +329,10 @@ class MasterState:
         group = self._groups.get(gid)
         if group is None:
             group = self._groups[gid] = Group(gid)
+            # A group that emptied and was forgotten goes on from its last
+            # epoch: its epochs only grow, and a stale peer of the old
+            # incarnation can never match a new epoch.
+            group.epoch = self._forgotten_epochs.pop(gid, 0)
         peer.group = group
         peer.phase = PeerPhase.PENDING
         group.pending[peer.peer_id] = peer
@@ -523,6 +531,9 @@ class MasterState:
         # cannot grow the table; a later hello starts the group afresh.
         if not group.members and not group.pending and self._groups.get(group.gid) is group:
             del self._groups[group.gid]
+            self._forgotten_epochs[group.gid] = group.epoch
+            if len(self._forgotten_epochs) > MAX_FORGOTTEN_GROUPS:
+                self._forgotten_epochs.popitem(last=False)
             self._draining.pop(group.gid, None)
 
     def _admit_into_empty(self, group: Group, reason: str, out: list[Action]) -> None:
