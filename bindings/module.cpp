@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/hmac.h"
 #include "common/log.h"
 #include "common/status.h"
 #include "dataplane.h"
@@ -66,13 +67,24 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "set_epoch",
           [](DataPlane& d, uint64_t epoch, uint64_t my_id, int rank, int world_size, uint64_t next_id,
-             const std::string& next_host, uint16_t next_port, uint64_t prev_id) {
-            net::EpochInfo info{epoch, my_id, rank, world_size, next_id, next_host, next_port, prev_id};
+             const std::string& next_host, uint16_t next_port, uint64_t prev_id, const py::bytes& key) {
+            net::EpochInfo info;
+            info.epoch = epoch;
+            info.my_id = my_id;
+            info.rank = rank;
+            info.world_size = world_size;
+            info.next_id = next_id;
+            info.next_host = next_host;
+            info.next_port = next_port;
+            info.prev_id = prev_id;
+            info.key = key;
             py::gil_scoped_release release;
             d.set_epoch(info);
           },
           py::arg("epoch"), py::arg("my_id"), py::arg("rank"), py::arg("world_size"), py::arg("next_id"),
-          py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"))
+          py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"), py::arg("key") = py::bytes())
+      .def("set_authenticate", &DataPlane::set_authenticate, py::arg("on"),
+           "Require a proof of epoch membership on every incoming connection (a run with a secret).")
       .def("set_link_timeouts", &DataPlane::set_link_timeouts, py::arg("keepalive_s"), py::arg("link_timeout_s"),
            py::call_guard<py::gil_scoped_release>())
       .def("abort_through", &DataPlane::abort_through, py::arg("epoch"), py::arg("why"),
@@ -150,12 +162,12 @@ PYBIND11_MODULE(_core, m) {
       "fetch_state",
       [](const std::vector<std::tuple<uint64_t, std::string, uint16_t>>& holders,
          const std::vector<std::tuple<uint32_t, uint64_t, uintptr_t, uint64_t>>& targets, int connections_per_holder,
-         uint64_t piece_bytes, double io_timeout_s) {
+         uint64_t piece_bytes, double io_timeout_s, const py::bytes& key, uint64_t epoch) {
         std::vector<state::Holder> hs;
         for (auto& [id, host, port] : holders) hs.push_back({id, host, port});
         std::vector<state::FetchTarget> ts;
         for (auto& [key, hash, ptr, nbytes] : targets) ts.push_back({key, hash, reinterpret_cast<void*>(ptr), nbytes});
-        state::FetchOptions opt{connections_per_holder, piece_bytes, io_timeout_s};
+        state::FetchOptions opt{connections_per_holder, piece_bytes, io_timeout_s, key, epoch};
         uint64_t rx = 0;
         int64_t bad_key = -1;
         Status st;
@@ -166,8 +178,17 @@ PYBIND11_MODULE(_core, m) {
         return py::make_tuple(st.kind, st.message, rx, bad_key);
       },
       py::arg("holders"), py::arg("targets"), py::arg("connections_per_holder") = 2, py::arg("piece_bytes") = 4u << 20,
-      py::arg("io_timeout_s") = 10.0,
+      py::arg("io_timeout_s") = 10.0, py::arg("key") = py::bytes(), py::arg("epoch") = 0,
       "Pull (key index, hash, address, nbytes) targets from (peer_id, host, port) holders; returns (FailKind, message, rx_bytes, index of the key whose hash differed or -1).");
+
+  m.def(
+      "hmac_sha256",
+      [](const py::bytes& key, const py::bytes& data) {
+        const std::string k = key, v = data;
+        const Digest d = hmac_sha256(k, {{v.data(), v.size()}});
+        return py::bytes(reinterpret_cast<const char*>(d.data()), d.size());
+      },
+      py::arg("key"), py::arg("data"), "HMAC-SHA256 of the core (tests check it against Python's hmac).");
 
   m.def(
       "quantize_roundtrip",

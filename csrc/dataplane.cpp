@@ -8,6 +8,7 @@
 #include <system_error>
 
 #include "collectives/gather_allreduce.h"
+#include "net/membership_proof.h"
 #include "collectives/ring_driver.h"
 #include "common/log.h"
 #include "state/state_wire.h"
@@ -70,6 +71,10 @@ void DataPlane::set_epoch(const net::EpochInfo& given) {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return;
     old = links_;
+    if (old) {
+      prev_epoch_ = old->epoch();
+      prev_key_ = old->info().key;
+    }
     links_ = fresh;
     cv_.notify_all();  // incoming hellos for this epoch may be waiting
   }
@@ -193,6 +198,31 @@ void DataPlane::accept_loop() {
   }
 }
 
+void DataPlane::set_authenticate(bool on) {
+  std::lock_guard<std::mutex> lock(mu_);
+  authenticate_ = on;
+}
+
+std::string DataPlane::key_of(uint64_t epoch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (links_ && links_->epoch() == epoch) return links_->info().key;
+  if (epoch != 0 && epoch == prev_epoch_) return prev_key_;
+  return {};
+}
+
+void DataPlane::refuse(const std::string& addr, const std::string& why) {
+  // Once per source host: a scanner or an intruder must not flood the log.
+  const std::string host = addr.substr(0, addr.rfind(':'));
+  bool first;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (refused_from_.size() >= 4096) refused_from_.clear();
+    first = refused_from_.insert(host).second;
+  }
+  if (first) PYCCL_LOG(Warning, "refused data connection from " << addr << ": " << why
+                                                               << " (further refusals from it are not logged)");
+}
+
 uint64_t DataPlane::current_epoch() {
   std::lock_guard<std::mutex> lock(mu_);
   return links_ ? links_->epoch() : 0;
@@ -213,9 +243,18 @@ void DataPlane::serve_incoming(net::Socket& sock) {
   // Both kinds of opening frame are 40 bytes; the magic tells them apart.
   static_assert(sizeof(net::LinkHello) == sizeof(state::StateRequest), "opening frames differ in size");
   net::LinkHello hello;
+  uint8_t proof[net::kProofBytes] = {};
+  net::Nonce nonce{};
+  bool authenticate;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    authenticate = authenticate_;
+  }
   try {
     sock.set_recv_timeout(10.0);
+    if (authenticate) nonce = net::send_challenge(sock);
     sock.recv_exact(&hello, sizeof(hello));
+    if (authenticate) sock.recv_exact(proof, sizeof(proof));
   } catch (const net::SocketError& e) {
     PYCCL_LOG(Warning, "rejected data connection from " << addr << ": no valid hello (" << e.what() << ")");
     return;
@@ -223,6 +262,11 @@ void DataPlane::serve_incoming(net::Socket& sock) {
   if (hello.magic == state::kRequestMagic) {
     state::StateRequest req;
     std::memcpy(static_cast<void*>(&req), &hello, sizeof(req));
+    // A fetch names the epoch it was planned in (the current or the previous one).
+    if (authenticate && !net::proof_ok(key_of(req.reserved), nonce, &hello, sizeof(hello), proof)) {
+      refuse(addr, "a state request without a valid proof of membership of epoch " + std::to_string(req.reserved));
+      return;
+    }
     state_server_.serve(sock, req);
     return;
   }
@@ -242,6 +286,10 @@ void DataPlane::serve_incoming(net::Socket& sock) {
       PYCCL_LOG(Info, "ignored data connection from " << addr << " for superseded epoch " << hello.epoch);
     else
       PYCCL_LOG(Warning, "rejected data connection from " << addr << ": epoch " << hello.epoch << " is not current");
+    return;
+  }
+  if (authenticate && !net::proof_ok(links->info().key, nonce, &hello, sizeof(hello), proof)) {
+    refuse(addr, "a ring link without a valid proof of membership of epoch " + std::to_string(hello.epoch));
     return;
   }
   if (!links->attach_incoming(sock, hello, why)) {

@@ -12,6 +12,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -44,6 +45,9 @@ class DataPlane {
   // heartbeat interval and timeout); applies from the next epoch on.
   void set_link_timeouts(double keepalive_s, double link_timeout_s);
   void set_epoch(const net::EpochInfo& info);
+  // Require every incoming connection to prove membership of the current
+  // (or the previous) epoch (a run with a secret; see net/membership_proof.h).
+  void set_authenticate(bool on);
   void abort_through(uint64_t epoch, const std::string& why);
   void close();
 
@@ -60,6 +64,8 @@ class DataPlane {
  private:
   void accept_loop();
   void serve_incoming(net::Socket& sock);
+  std::string key_of(uint64_t epoch);
+  void refuse(const std::string& addr, const std::string& why);
   void read_frames(net::Socket& sock, net::RingLinks& links, const std::string& from);
   std::shared_ptr<net::RingLinks> links_for(uint64_t epoch, double timeout_s);
   uint64_t current_epoch();
@@ -78,6 +84,10 @@ class DataPlane {
   bool closed_ = false;
   double keepalive_s_ = 1.0;
   double link_timeout_s_ = 5.0;
+  bool authenticate_ = false;
+  uint64_t prev_epoch_ = 0;
+  std::string prev_key_;                 // the epoch before the current one: fetches planned in it
+  std::set<std::string> refused_from_;   // sources whose refusal was logged (once each)
 
   struct Worker {
     std::thread thread;

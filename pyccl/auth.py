@@ -29,6 +29,7 @@ PROOF_BYTES = 32
 ENV_VAR = "PYCCL_SECRET"
 _MASTER = b"pyccl-v1 master"
 _PEER = b"pyccl-v1 peer"
+_EPOCH = b"pyccl-v1 epoch"
 
 
 def resolve_secret(secret: str | bytes | None) -> bytes | None:
@@ -62,6 +63,15 @@ def master_proof(secret: bytes, peer_nonce: bytes, master_nonce: bytes) -> bytes
 
 def peer_proof(secret: bytes, peer_nonce: bytes, master_nonce: bytes) -> bytes:
     return hmac.new(secret, _PEER + peer_nonce + master_nonce, hashlib.sha256).digest()
+
+
+def epoch_key(secret: bytes, group: int, epoch: int, salt: bytes) -> bytes:
+    """The key members prove membership of an epoch with on data-plane
+    connections (ring links, state fetches, the torch side channel). Only
+    holders of the secret who received the epoch's salt from the master (its
+    members) can compute it; a peer expelled before the epoch cannot."""
+    msg = _EPOCH + group.to_bytes(4, "little") + epoch.to_bytes(8, "little") + salt
+    return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
 def same(a: bytes, b: bytes) -> bool:

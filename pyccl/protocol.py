@@ -323,6 +323,7 @@ class Epoch(_Frame):
     next_round: int
     kind: str
     reason: str
+    salt: bytes | None = None  # a run with a secret: the epoch key's salt (see pyccl.auth)
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Epoch:
@@ -331,7 +332,8 @@ class Epoch(_Frame):
             raise FrameError("'epoch' field 'members' must be a non-empty list")
         return cls(get_int(m, "epoch"), members, tuple(get_pairs(m, "fence", MAX_FENCE_ENTRIES)),
                    get_int(m, "next_round"), get_str(m, "kind", MAX_KIND_LEN),
-                   get_str(m, "reason", MAX_REASON_LEN, optional=True))
+                   get_str(m, "reason", MAX_REASON_LEN, optional=True),
+                   _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ SAMPLES: list[Any] = [
     P.SyncDone(1, False, "holder gone"),
     P.Welcome(5, 1.0, 5.0),
     P.Epoch(4, (P.Member(1, "h1", 7001), P.Member(2, "h2", 7002)), ((0, 3),), 12, "peer", "peer 3 is gone"),
+    P.Epoch(5, (P.Member(1, "h1", 7001),), (), 0, "admit", "", b"s" * 32),
     P.Drain(4, "admit", "admitting [5]"),
     P.OpOk(4, 2, 9),
     P.RoundDone(7, True),

@@ -1,5 +1,7 @@
 #include "net/ring_links.h"
 
+#include "net/membership_proof.h"
+
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -41,7 +43,12 @@ void RingLinks::connect_all() {
       hello.to_peer = info_.next_id;
       hello.conn_index = static_cast<uint32_t>(i);
       hello.conn_count = static_cast<uint32_t>(connections_);
-      s.send_all(&hello, sizeof(hello));
+      if (info_.key.empty()) {
+        s.send_all(&hello, sizeof(hello));
+      } else {
+        s.set_recv_timeout(info_.link_timeout_s);
+        send_opening(s, info_.key, &hello, sizeof(hello));
+      }
       auto conn = std::make_unique<SendConn>(std::move(s), desc, info_.epoch, info_.keepalive_s,
                                              [this](const std::string& why) { report_broken(why); });
       std::lock_guard<std::mutex> lock(mu_);

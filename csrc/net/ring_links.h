@@ -38,6 +38,8 @@ struct EpochInfo {
   // declares the link dead (a stalled path, or a hung neighbour).
   double keepalive_s = 1.0;
   double link_timeout_s = 5.0;
+  // The epoch's membership key (see membership_proof.h); empty in an open run.
+  std::string key;
 };
 
 class RingLinks final : public FrameSender {

@@ -10,6 +10,7 @@
 
 #include "common/log.h"
 #include "kernels/hash.h"
+#include "net/membership_proof.h"
 #include "net/socket.h"
 #include "state/state_wire.h"
 
@@ -89,9 +90,11 @@ class Work {
 void worker(const Holder& h, const std::vector<FetchTarget>& targets, const FetchOptions& opt, Work& work) {
   const std::string who = "holder peer " + std::to_string(h.peer_id) + " (" + h.host + ":" + std::to_string(h.port) + ")";
   net::Socket sock;
+  bool proven = false;
   Piece p;
   while (work.take(&p)) {
     if (!sock.valid()) {  // connect only once there is work for this worker
+      proven = false;
       try {
         sock = net::connect_tcp(h.host, h.port, opt.io_timeout_s);
         sock.set_recv_timeout(opt.io_timeout_s);
@@ -108,8 +111,14 @@ void worker(const Holder& h, const std::vector<FetchTarget>& targets, const Fetc
     req.expected_hash = t.hash;
     req.offset = p.offset;
     req.length = p.length;
+    req.reserved = opt.epoch;  // the epoch whose key proves this connection (first request only)
     try {
-      sock.send_all(&req, sizeof(req));
+      if (!opt.key.empty() && !proven) {
+        net::send_opening(sock, opt.key, &req, sizeof(req));
+        proven = true;
+      } else {
+        sock.send_all(&req, sizeof(req));
+      }
       StateReply reply;
       sock.recv_exact(&reply, sizeof(reply));
       if (reply.magic != kReplyMagic) throw net::SocketError("malformed reply");

@@ -28,6 +28,10 @@ struct FetchOptions {
   int connections_per_holder = 2;
   uint64_t piece_bytes = 4u << 20;
   double io_timeout_s = 10.0;  // a holder silent this long is given up
+  // A run with a secret: prove membership of `epoch` with its key on every
+  // connection (see net/membership_proof.h). Empty: an open run.
+  std::string key;
+  uint64_t epoch = 0;
 };
 
 // Blocks until every byte arrived and every key matched its hash (Ok), or

@@ -633,8 +633,9 @@ class MasterState:
 
     def _send_epoch(self, group: Group, kind: str, reason: str, fence: list[tuple[int, int]], next_round: int,
                     out: list[Action]) -> None:
+        salt = self._nonce() if self._secret is not None else None
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
-                        kind, reason)
+                        kind, reason, salt)
         out.extend([Send(m.conn_id, frame) for m in group.members])
         log.info("group %d committed epoch %d (%s): ring %s, fence %s",
                  group.gid, group.epoch, kind, [m.peer_id for m in group.members], fence)

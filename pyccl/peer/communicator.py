@@ -29,7 +29,7 @@ from typing import Any
 
 from pyccl import _core
 from pyccl import protocol as P
-from pyccl.auth import new_nonce, resolve_secret
+from pyccl.auth import epoch_key, new_nonce, resolve_secret
 from pyccl.errors import CCLError, LostCause, Timeout
 from pyccl.peer import state as S
 from pyccl.peer.control import ControlClient
@@ -113,6 +113,7 @@ class Communicator:
         self._scratch = ScratchPool()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._epoch_key: tuple[int, bytes] = (0, b"")  # the current epoch's membership key
 
     # ---------------------------------------------------------------- state
 
@@ -179,6 +180,8 @@ class Communicator:
             # Data links use the master's liveness settings: keepalives at the
             # heartbeat interval, silence for heartbeat_timeout kills a link.
             self._dp.set_link_timeouts(self._control.heartbeat_interval, self._control.heartbeat_timeout)
+            # A run with a secret: every data connection must prove membership of the epoch.
+            self._dp.set_authenticate(self._secret is not None)
             self._connected = True
             self._control.start(self._on_frame, self._on_lost)
             with self._cv:
@@ -449,7 +452,8 @@ class Communicator:
             assert isinstance(first, P.SyncPlan)
             # A holder silent for a heartbeat timeout is given up (the timeout
             # restarts with every byte, so a slow but live holder is kept).
-            ok, reason, rx = fetch_planned(first, keys, self.peer_id, timeout=self._control.heartbeat_timeout)
+            ok, reason, rx = fetch_planned(first, keys, self.peer_id, timeout=self._control.heartbeat_timeout,
+                                           credential=self._epoch_key)
             self._control.send(P.SyncDone(first.sync, ok, P.clip_reason(reason)))
             result = self._await_sync_frame((P.SyncResult,))
         finally:
@@ -522,8 +526,12 @@ class Communicator:
         for a in actions:
             if isinstance(a, S.SetDataPlaneEpoch):
                 nxt = a.next_member
+                key = b""
+                if self._secret is not None and a.salt is not None:
+                    key = epoch_key(self._secret, self.peer_group, a.epoch, a.salt)
+                self._epoch_key = (a.epoch, key)
                 self._dp.set_epoch(a.epoch, a.peer_id, a.rank, a.world_size, nxt.peer_id, nxt.host, nxt.port,
-                                   a.prev_peer_id)
+                                   a.prev_peer_id, key)
             elif isinstance(a, S.AbortDataPlane):
                 if self._dp is not None:
                     self._dp.abort_through(a.through, a.reason)

@@ -118,11 +118,14 @@ def content_hash(buf: Buffer) -> int:
     return int(_core.content_hash(buf.ptr, buf.nbytes))
 
 
-def fetch_planned(plan: P.SyncPlan, keys: list[KeyInfo], self_id: int, timeout: float) -> tuple[bool, str, int]:
+def fetch_planned(plan: P.SyncPlan, keys: list[KeyInfo], self_id: int, timeout: float,
+                  credential: tuple[int, bytes] = (0, b"")) -> tuple[bool, str, int]:
     """Carry out a ``sync_plan``'s fetches into ``keys``' buffers.
 
     Pulls every listed key from all holders at once; the core verifies each
-    key against the plan's hash as it arrives. Returns (ok, reason, rx_bytes).
+    key against the plan's hash as it arrives. ``credential``: (epoch, key)
+    proving membership to the holders in a run with a secret. Returns (ok,
+    reason, rx_bytes).
     """
     if not plan.fetch:
         return True, "", 0
@@ -131,7 +134,8 @@ def fetch_planned(plan: P.SyncPlan, keys: list[KeyInfo], self_id: int, timeout: 
         return False, f"the sync plan names key index {bad[0]}, but this peer has {len(keys)} keys", 0
     holders = [(h.peer_id, h.host, h.port) for h in plan.holders if h.peer_id != self_id]
     targets = [(i, h, keys[i].buffer.ptr, keys[i].nbytes) for i, h in plan.fetch]
-    kind, message, rx, key_index = _core.fetch_state(holders, targets, 2, 4 << 20, timeout)
+    epoch, key = credential
+    kind, message, rx, key_index = _core.fetch_state(holders, targets, 2, 4 << 20, timeout, key, epoch)
     if kind != _core.FailKind.NONE:
         if key_index >= 0:  # the key whose bytes did not match the popular hash
             message = f"key {keys[key_index].name!r} {message}"

@@ -93,6 +93,7 @@ class SetDataPlaneEpoch:
     world_size: int
     next_member: P.Member
     prev_peer_id: int
+    salt: bytes | None = None  # a run with a secret: derive the epoch's key from it
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +286,7 @@ class PeerState:
         rank = ids.index(self.peer_id)
         n = len(ids)
         return SetDataPlaneEpoch(frame.epoch, self.peer_id, rank, n, frame.members[(rank + 1) % n],
-                                 frame.members[(rank - 1) % n].peer_id)
+                                 frame.members[(rank - 1) % n].peer_id, frame.salt)
 
     def on_epoch(self, frame: P.Epoch, plan: SetDataPlaneEpoch) -> None:
         """Publish the epoch (after :meth:`prepare_epoch`'s action ran)."""

@@ -1,0 +1,152 @@
+"""Membership proofs on data ports (csrc/net/membership_proof.h) in a run
+with a secret: members' ring links and state fetches prove the epoch's key;
+a stranger, a forged proof, or the key of an earlier epoch is refused before
+any frame is read, and the group never notices."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pyccl
+import pytest
+from pyccl import _core
+
+pytestmark = pytest.mark.timeout(90)
+
+SECRET = b"a run secret for the data plane"
+LINK_MAGIC, REQ_MAGIC = 0x4B4E4C50, 0x51525350
+
+
+def test_core_hmac_matches_python() -> None:
+    for key, data in [(b"k", b""), (b"x" * 100, b"y" * 1000), (SECRET, bytes(range(256)) * 3)]:
+        assert _core.hmac_sha256(key, data) == hmac.new(key, data, hashlib.sha256).digest()
+
+
+def _group(address: str, n: int, secret: bytes | None) -> list[pyccl.Communicator]:
+    comms = [pyccl.Communicator(address, connections=2, secret=secret).connect(timeout=10)]
+    threads = []
+    for _ in range(n - 1):
+        c = pyccl.Communicator(address, connections=2, secret=secret)
+        t = threading.Thread(target=c.connect, kwargs={"timeout": 20})
+        t.start()
+        threads.append(t)
+        comms.append(c)
+    deadline = time.monotonic() + 20
+    while comms[0].world_size < n and time.monotonic() < deadline:
+        comms[0].update_topology()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(20)
+    return comms
+
+
+def _all_reduce(comms: list[pyccl.Communicator], n: int = 1 << 16) -> list[np.ndarray]:
+    xs = [np.full(n, float(i + 1), np.float32) for i in range(len(comms))]
+    ts = [threading.Thread(target=c.all_reduce, args=(x,)) for c, x in zip(comms, xs)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    return xs
+
+
+def _intrude(port: int, opening: bytes, proof: bytes | None) -> bytes:
+    """Connect to a data port, send an opening (and a proof after reading the
+    nonce, if the port challenges); return what the port sent back before closing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.settimeout(5)
+        nonce = s.recv(32) if proof is not None else b""
+        s.sendall(opening + (proof or b""))
+        got = b""
+        try:
+            while chunk := s.recv(4096):
+                got += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return nonce + got
+
+
+def test_a_run_with_a_secret_reduces_and_syncs_and_refuses_intruders(monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("PYCCL_SECRET", raising=False)
+    with pyccl.Master(host="127.0.0.1", port=0, secret=SECRET) as master:
+        comms = _group(master.address, 2, SECRET)
+        try:
+            xs = _all_reduce(comms)
+            assert all((x == 3).all() for x in xs)
+            epoch = comms[0].epoch
+            old_epoch, old_key = comms[0]._epoch_key
+            assert old_epoch == epoch and len(old_key) == 32
+            port = comms[1]._dp.port
+            hello = struct.pack("<IB3xQQQII", LINK_MAGIC, 1, epoch, comms[0].peer_id, comms[1].peer_id, 0, 1)
+            req = struct.pack("<IIQQQQ", REQ_MAGIC, 0, 0, 0, 16, epoch)
+            # A forged proof and no proof at all: refused (the port sends its nonce and closes).
+            assert len(_intrude(port, hello, b"\0" * 32)) == 32
+            assert len(_intrude(port, req, b"\1" * 32)) == 32
+            # A joiner makes a new epoch; the old epoch's key no longer opens anything.
+            j = pyccl.Communicator(master.address, connections=2, secret=SECRET)
+            t = threading.Thread(target=j.connect, kwargs={"timeout": 20})
+            t.start()
+            deadline = time.monotonic() + 20
+            while comms[0].world_size < 3 and time.monotonic() < deadline:
+                threads = [threading.Thread(target=c.update_topology) for c in comms]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join(20)
+            t.join(20)
+            comms.append(j)
+            new_epoch = comms[0].epoch
+            assert new_epoch > epoch
+            stale = struct.pack("<IB3xQQQII", LINK_MAGIC, 1, new_epoch, comms[0].peer_id, comms[1].peer_id, 0, 1)
+            nonce_and_rest = b""
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.settimeout(5)
+                nonce = s.recv(32)
+                proof = hmac.new(old_key, b"pyccl-v1 data" + nonce + stale, hashlib.sha256).digest()
+                s.sendall(stale + proof)
+                try:
+                    nonce_and_rest = s.recv(4096)
+                except (TimeoutError, ConnectionResetError):
+                    pass
+            assert nonce_and_rest == b""  # closed without a word
+            # The group never noticed: same epoch, exact results, and a joiner's state sync works.
+            assert comms[0].epoch == new_epoch
+            xs = _all_reduce(comms)
+            assert all((x == 6).all() for x in xs)
+            states = [pyccl.SharedState({"w": np.full(1 << 18, float(i == 2), np.float32)}) for i in range(3)]
+            infos: list[object] = [None] * 3
+
+            def sync(i: int) -> None:
+                infos[i] = comms[i].sync_shared_state(states[i])
+
+            threads = [threading.Thread(target=sync, args=(i,)) for i in range(3)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(30)
+            assert all(info is not None for info in infos), infos
+            assert len({s.hashes()["w"] for s in states}) == 1
+        finally:
+            for c in comms:
+                c.close()
+
+
+def test_an_open_run_does_not_challenge(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYCCL_SECRET", raising=False)
+    with pyccl.Master(host="127.0.0.1", port=0) as master:
+        comms = _group(master.address, 2, None)
+        try:
+            assert all((x == 3).all() for x in _all_reduce(comms))
+            assert comms[0]._epoch_key[1] == b""
+            # No nonce: the port waits for a hello at once (a garbage one is just closed).
+            assert _intrude(comms[1]._dp.port, b"\0" * 40, None) == b""
+        finally:
+            for c in comms:
+                c.close()
