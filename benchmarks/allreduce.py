@@ -59,7 +59,11 @@ def reps_for(nbytes: int, base: int) -> int:
     return base
 
 
-def worker(rank: int, n: int, gloo_port: int, master_addr: str, sizes: list[int], conns: list[int], base_reps: int, q) -> None:
+SECRET = b"benchmark run secret"
+
+
+def worker(rank: int, n: int, gloo_port: int, master_addr: str, secret_addr: str | None, sizes: list[int],
+           conns: list[int], base_reps: int, q) -> None:
     import pyccl
     import torch.distributed as dist
 
@@ -74,6 +78,12 @@ def worker(rank: int, n: int, gloo_port: int, master_addr: str, sizes: list[int]
         while c.world_size < n:
             c.update_topology()
         comms[k] = c
+    secured = None
+    if secret_addr is not None:  # the same group once more, through a master with a run secret
+        secured = pyccl.Communicator(secret_addr, connections=conns[-1], secret=SECRET)
+        secured.connect(timeout=60)
+        while secured.world_size < n:
+            secured.update_topology()
     dist.barrier()
 
     results: dict[tuple[str, int], list[float]] = {}
@@ -85,10 +95,14 @@ def worker(rank: int, n: int, gloo_port: int, master_addr: str, sizes: list[int]
         # in-place like gloo, per connection count, plus out-of-place at the
         # largest count (shows what the in-place commit copy costs)
         backends = ["gloo"] + [f"pyccl c={k}" for k in conns] + [f"pyccl out c={conns[-1]}"]
+        if secured is not None:
+            backends.append(f"pyccl secret c={conns[-1]}")
         # one warm-up each (allocations, connection slow start)
         dist.all_reduce(x)
         for k in conns:
             comms[k].all_reduce(xa)
+        if secured is not None:
+            secured.all_reduce(xa)
         for _ in range(reps_for(nbytes, base_reps)):
             for b in backends:
                 x.fill_(1.0)
@@ -98,6 +112,9 @@ def worker(rank: int, n: int, gloo_port: int, master_addr: str, sizes: list[int]
                     dist.all_reduce(x)
                 elif b.startswith("pyccl out"):
                     comms[int(b.split("=")[1])].all_reduce(xa, out=out)
+                elif b.startswith("pyccl secret"):
+                    assert secured is not None
+                    secured.all_reduce(xa)
                 else:
                     comms[int(b.split("=")[1])].all_reduce(xa)
                 dt = time.perf_counter() - t0
@@ -109,7 +126,7 @@ def worker(rank: int, n: int, gloo_port: int, master_addr: str, sizes: list[int]
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 results.setdefault((b, nbytes), []).append(float(t.item()))
         del x, xa, out
-    for c in comms.values():
+    for c in [*comms.values(), *([secured] if secured is not None else [])]:
         c.close()
     dist.destroy_process_group()
     if rank == 0:
@@ -126,9 +143,13 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["4", "1MiB", "16MiB", "64MiB", "256MiB"])
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--reps", type=int, default=5, help="repetitions for large sizes (small ones get more)")
+    ap.add_argument("--with-secret", action="store_true",
+                    help="add a column: the same group through a master with a run secret (every connection "
+                         "proves membership), to show what authentication costs")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "allreduce.md"))
     args = ap.parse_args()
     sizes = [parse_size(s) for s in args.sizes]
+    os.environ.pop("PYCCL_SECRET", None)  # the baseline columns are an open run; --with-secret adds one with a secret
 
     import pyccl
 
@@ -145,16 +166,20 @@ def main() -> None:
         "",
         "| n | size | gloo time | gloo busbw | "
         + " | ".join(f"pyccl c={k} time | pyccl c={k} busbw | ratio c={k}" for k in args.connections)
-        + " | out= time | out= busbw | ratio out= |",
-        "|---" * (4 + 3 * len(args.connections) + 3) + "|",
+        + " | out= time | out= busbw | ratio out= |"
+        + (" secret time | secret busbw | ratio secret |" if args.with_secret else ""),
+        "|---" * (4 + 3 * len(args.connections) + 3 + (3 if args.with_secret else 0)) + "|",
     ]
     ctx = mp.get_context("spawn")
     for n in args.world_sizes:
-        with pyccl.Master(host="127.0.0.1", port=0) as master:
+        with pyccl.Master(host="127.0.0.1", port=0) as master, \
+                pyccl.Master(host="127.0.0.1", port=0, secret=SECRET) as secured:
             q = ctx.Queue()
             gloo_port = free_port()
+            secret_addr = secured.address if args.with_secret else None
             procs = [
-                ctx.Process(target=worker, args=(r, n, gloo_port, master.address, sizes, args.connections, args.reps, q))
+                ctx.Process(target=worker, args=(r, n, gloo_port, master.address, secret_addr, sizes, args.connections,
+                                                 args.reps, q))
                 for r in range(n)
             ]
             for p in procs:
@@ -169,7 +194,10 @@ def main() -> None:
         for s in sizes:
             g = statistics.median(res[f"gloo|{s}"])
             row = [str(n), fmt_size(s), f"{g * 1e3:.3f} ms", f"{busbw(s, g, n):.2f} GB/s"]
-            for name in [f"pyccl c={k}" for k in args.connections] + [f"pyccl out c={args.connections[-1]}"]:
+            names = [f"pyccl c={k}" for k in args.connections] + [f"pyccl out c={args.connections[-1]}"]
+            if args.with_secret:
+                names.append(f"pyccl secret c={args.connections[-1]}")
+            for name in names:
                 t = statistics.median(res[f"{name}|{s}"])
                 # ratio > 1 means pyccl is faster (higher busbw / lower time)
                 row += [f"{t * 1e3:.3f} ms", f"{busbw(s, t, n):.2f} GB/s", f"{g / t:.2f}x"]
