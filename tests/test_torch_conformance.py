@@ -60,3 +60,10 @@ def test_fsdp2_state_dict_and_checkpoint_like_gloo(tmp_path: Path) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sparse_all_reduce_and_ddp_sparse_embedding_like_gloo(world: int) -> None:
     _run(world, bodies.sparse_body)
+
+
+@pytest.mark.timeout(150)
+def test_a_run_with_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PYCCL_SECRET: the backend's master, ring links and side channel all prove membership."""
+    monkeypatch.setenv("PYCCL_SECRET", "torch backend test secret")
+    _run(2, bodies.secret_body)

@@ -151,3 +151,28 @@ def test_side_channel_order_anysource_mismatch_and_failure() -> None:
             h.unregister(ep)
             h.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("pyccl-p2p")]
+
+
+@pytest.mark.parametrize("sender_key", [b"k" * 32, b"w" * 32])
+def test_side_channel_proves_membership_in_a_run_with_a_secret(sender_key: bytes) -> None:
+    hubs = [_p2p.Hub("127.0.0.1", authenticate=True), _p2p.Hub("127.0.0.1", authenticate=True)]
+    eps = [_p2p.Endpoint(h, "g", r, lambda peer: hubs[peer].address, lambda: None) for r, h in enumerate(hubs)]
+    eps[0].credential = lambda: sender_key
+    eps[1].credential = lambda: b"k" * 32
+    for h, ep in zip(hubs, eps):
+        h.register(ep)
+    try:
+        out, got = torch.empty(4), _Box()
+        eps[1].post_recv(_ops.byte_view(out), 0, 3, _p2p.KIND_P2P, got.recv_done)
+        sent = _Box()
+        eps[0].send(_ops.byte_view(torch.arange(4.0)), 1, 3, _p2p.KIND_P2P, sent.send_done)
+        if sender_key == b"k" * 32:
+            assert got.ev.wait(5) and got.err is None and out.tolist() == [0.0, 1.0, 2.0, 3.0]
+        else:
+            # The receiver refuses the connection: the message never lands.
+            assert not got.ev.wait(1.0)
+    finally:
+        for h, ep in zip(hubs, eps):
+            ep.fail_all("closing", close=True)
+            h.unregister(ep)
+            h.close()

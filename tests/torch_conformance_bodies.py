@@ -349,3 +349,47 @@ def sparse_body(rank: int, q: Any, world: int, port: int) -> None:
         failures.append(f"DDP with a sparse embedding differs from gloo: {losses}")
     dist.destroy_process_group()
     q.put(("result", rank, {"failures": failures, "losses": losses["pyccl"]}))
+
+
+# --------------------------------------------------------- a run with a secret
+
+
+def secret_body(rank: int, q: Any, world: int, port: int) -> None:
+    """PYCCL_SECRET set: the in-process master, the ring and the side channel
+    all prove membership; a stranger without the secret is refused."""
+    import os
+
+    import pyccl
+
+    gl = _setup(rank, world, port)
+    failures: list[str] = []
+    pg = dist.distributed_c10d._get_default_group()
+    comm = pg.communicator
+    if len(comm.membership_key) != 32:
+        failures.append("no membership key in a run with a secret")
+
+    def collectives(g: Any) -> Any:
+        x = torch.arange(8, dtype=torch.float32) + rank
+        dist.all_reduce(x, group=g)
+        out = torch.empty(world * 2)
+        dist.all_to_all_single(out, torch.arange(world * 2, dtype=torch.float32) + 10 * rank, group=g)
+        y = torch.full((3,), float(rank))
+        if rank == 0:
+            dist.send(y, dst=1, group=g)
+        elif rank == 1:
+            dist.recv(y, src=0, group=g)
+        return [x, out, y]
+
+    _both(failures, "collectives and side channel", collectives, gl)
+    if rank == 0:
+        secret = os.environ.pop("PYCCL_SECRET")
+        try:
+            pyccl.Communicator(comm.master_address, peer_group=12345).connect(timeout=10)
+            failures.append("a Communicator without the secret was admitted")
+        except pyccl.AuthenticationError:
+            pass
+        finally:
+            os.environ["PYCCL_SECRET"] = secret
+    dist.barrier()
+    dist.destroy_process_group()
+    q.put(("result", rank, {"failures": failures}))

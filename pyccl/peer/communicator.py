@@ -145,6 +145,13 @@ class Communicator:
         return lost.reason if lost is not None else None
 
     @property
+    def membership_key(self) -> bytes:
+        """The current epoch's membership key in a run with a secret (empty
+        otherwise): what this peer proves membership with on data ports, and
+        the torch backend on its side channel."""
+        return self._epoch_key[1]
+
+    @property
     def closed(self) -> bool:
         """Whether ``close()`` was called."""
         return self._state.closed

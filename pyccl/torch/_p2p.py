@@ -26,6 +26,8 @@ receive from a dead rank never hangs.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import logging
 import queue
 import socket
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pyccl import auth
 from pyccl.torch._work import BackendError
 
 log = logging.getLogger("pyccl.torch")
@@ -46,6 +49,8 @@ KIND_A2A = 1
 KIND_MONITOR = 2  # monitored_barrier's tokens
 KINDS = (KIND_P2P, KIND_A2A, KIND_MONITOR)
 MAX_KEY = 4096
+NONCE_BYTES = auth.NONCE_BYTES
+PROOF_BYTES = 32
 
 Done = Callable[[int, BaseException | None], None]  # (source rank, error)
 
@@ -79,11 +84,12 @@ class _Recv:
 class _Send:
     """A posted send; ``settle`` reports it exactly once (sender thread or monitor)."""
 
-    __slots__ = ("key", "kind", "src", "tag", "buf", "_done", "_lock", "settled")
+    __slots__ = ("key", "kind", "src", "tag", "buf", "credential", "_done", "_lock", "settled")
 
     def __init__(self, key: bytes, kind: int, src: int, tag: int, buf: torch.Tensor,
-                 done: Callable[[BaseException | None], None]) -> None:
+                 done: Callable[[BaseException | None], None], credential: Callable[[], bytes]) -> None:
         self.key, self.kind, self.src, self.tag, self.buf = key, kind, src, tag, buf
+        self.credential = credential
         self._done = done
         self._lock = threading.Lock()
         self.settled = False
@@ -127,6 +133,10 @@ class Endpoint:
         self._unexpected: dict[tuple[int, int], collections.deque[_Unexpected]] = {}  # (kind, tag)
         self._send_objs: dict[int, tuple[_Send, _Conn]] = {}
         self._closed: str | None = None
+        # The group's membership key (its Communicator's epoch key; empty in
+        # an open run or before the group formed): proves this group's first
+        # message on every connection in a run with a secret.
+        self.credential: Callable[[], bytes] = lambda: b""
 
     # ------------------------------------------------------------- posting
 
@@ -179,7 +189,7 @@ class Endpoint:
                 self._send_objs.pop(id(item), None)
             done(error)
 
-        item = _Send(self.key_bytes, kind, self.rank, tag, buf, finished)
+        item = _Send(self.key_bytes, kind, self.rank, tag, buf, finished, self.credential)
         try:
             address = self._addresses.get(dst)
             if address is None:
@@ -280,6 +290,11 @@ class Endpoint:
             r.settle(src, BackendError(why))
 
 
+def proof(key: bytes, nonce: bytes, hdr: bytes, group: bytes) -> bytes:
+    """A group's proof of membership on a side-channel connection (first message only)."""
+    return hmac.new(key, b"pyccl-v1 p2p" + nonce + hdr + group, hashlib.sha256).digest()
+
+
 def _recv_exact(sock: socket.socket, mv: memoryview, n: int) -> None:
     got = 0
     while got < n:
@@ -300,6 +315,8 @@ class _Conn:
         self._busy: _Send | None = None
         self._dead: str | None = None
         self._lock = threading.Lock()
+        self._nonce = b""  # the remote hub's challenge (a run with a secret)
+        self._proven: set[bytes] = set()  # groups whose membership this connection proved
         self._thread = threading.Thread(target=self._loop, name=f"pyccl-p2p-send-{address}", daemon=True)
         self._thread.start()
 
@@ -313,6 +330,10 @@ class _Conn:
     def _connect(self) -> socket.socket:
         host, _, port = self.address.rpartition(":")
         s = socket.create_connection((host, int(port)), timeout=30.0)
+        if self.hub.authenticate:
+            nonce = bytearray(NONCE_BYTES)
+            _recv_exact(s, memoryview(nonce), NONCE_BYTES)
+            self._nonce = bytes(nonce)
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
@@ -333,7 +354,7 @@ class _Conn:
                 with self._lock:
                     self._busy = item
                 hdr = HEADER.pack(MAGIC, item.kind, item.src, item.tag, item.buf.numel(), len(item.key))
-                self._sock.sendall(hdr + item.key)
+                self._sock.sendall(hdr + item.key + self._proof(item, hdr))
                 if item.buf.numel():
                     self._sock.sendall(_mv(item.buf))
                 with self._lock:
@@ -345,6 +366,16 @@ class _Conn:
                 self._dead = f"pyccl: point-to-point connection to {self.address} failed: {exc}"
                 item.settle(BackendError(self._dead))
                 self._shutdown_sock()
+
+    def _proof(self, item: _Send, hdr: bytes) -> bytes:
+        """The group's first message on this connection carries its proof of membership."""
+        if not self.hub.authenticate or item.key in self._proven:
+            return b""
+        key = item.credential()
+        if not key:
+            raise ValueError("this process group has no membership key yet (a run with a secret)")
+        self._proven.add(item.key)
+        return proof(key, self._nonce, hdr, item.key)
 
     def abort_if_busy(self, item: _Send) -> None:
         with self._lock:
@@ -376,7 +407,8 @@ class _Conn:
 class Hub:
     """The process's point-to-point listener and connections."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, authenticate: bool = False) -> None:
+        self.authenticate = authenticate  # a run with a secret: every group proves membership
         self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((host, 0))
@@ -389,6 +421,8 @@ class Hub:
         self._conns: dict[str, _Conn] = {}
         self._readers: list[tuple[socket.socket, threading.Thread]] = []
         self._stop = threading.Event()
+        self._changed = threading.Condition(self._lock)  # an endpoint registered, or a credential changed
+        self._refused_from: set[str] = set()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="pyccl-p2p-accept", daemon=True)
         self._accept_thread.start()
 
@@ -400,6 +434,7 @@ class Hub:
                 raise BackendError(f"pyccl: process group {ep.key!r} is already registered")
             self._endpoints[ep.key] = ep
             orphans = self._orphans.pop(ep.key, [])
+            self._changed.notify_all()
         for kind, src, tag, data in orphans:
             with ep._lock:
                 ep._unexpected.setdefault((kind, tag), collections.deque()).append(_Unexpected(src, data))
@@ -409,6 +444,31 @@ class Hub:
             if self._endpoints.get(ep.key) is ep:
                 del self._endpoints[ep.key]
             self._orphans.pop(ep.key, None)
+
+    def credentials_changed(self) -> None:
+        """A group's membership key may have changed (its Communicator's
+        membership listener): wake readers waiting to check a proof."""
+        with self._lock:
+            self._changed.notify_all()
+
+    def _verified_endpoint(self, s: socket.socket, nonce: bytes, hdr: bytes, key: str) -> Endpoint | None:
+        """A run with a secret: the group's first message on a connection
+        carries a proof; wait (bounded) until the group is registered here
+        and has its key, then check it. None: refused."""
+        mac = bytearray(PROOF_BYTES)
+        _recv_exact(s, memoryview(mac), PROOF_BYTES)
+        with self._lock:
+            self._changed.wait_for(lambda: self._stop.is_set() or (
+                key in self._endpoints and bool(self._endpoints[key].credential())), timeout=60.0)
+            ep = self._endpoints.get(key)
+        if ep is not None and auth.same(bytes(mac), proof(ep.credential(), nonce, hdr, key.encode())):
+            return ep
+        source = s.getpeername()[0] if not self._stop.is_set() else "?"
+        if source not in self._refused_from:
+            self._refused_from.add(source)
+            log.warning("pyccl: refused a point-to-point connection from %s: no valid proof of membership of "
+                        "process group %r (further refusals from it are not logged)", source, key)
+        return None
 
     def endpoint_count(self) -> int:
         with self._lock:
@@ -448,7 +508,11 @@ class Hub:
         seen: set[tuple[str, int]] = set()
         hdr = bytearray(HEADER.size)
         why = "the connection closed"
+        proven: set[str] = set()  # groups this connection proved membership of
         try:
+            nonce = auth.new_nonce() if self.authenticate else b""
+            if nonce:
+                s.sendall(nonce)
             while not self._stop.is_set():
                 try:
                     _recv_exact(s, memoryview(hdr), HEADER.size)
@@ -462,6 +526,11 @@ class Hub:
                 kb = bytearray(klen)
                 _recv_exact(s, memoryview(kb), klen)
                 key = kb.decode(errors="replace")
+                if self.authenticate and key not in proven:
+                    if self._verified_endpoint(s, nonce, bytes(hdr), key) is None:
+                        why = "it did not prove membership"
+                        return
+                    proven.add(key)
                 with self._lock:
                     ep = self._endpoints.get(key)
                 if ep is None:

@@ -131,6 +131,8 @@ def rendezvous(store: Any, rank: int, size: int, timeout: float, group_name: str
 
     comm = Communicator(address, peer_group=pgid, connections=options.connections or 4,
                         name=f"torch:{group_name}:{rank}", order=rank)
+    endpoint.credential = lambda: comm.membership_key
+    comm.on_membership_change(hub.credentials_changed)
     on_started(None, None, comm)
     comm.connect(timeout=left())
     try:

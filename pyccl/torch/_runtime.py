@@ -75,11 +75,13 @@ class _Runtime:
         self.groups: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def ensure_hub(self, host: str) -> Any:
+        from pyccl.auth import resolve_secret
         from pyccl.torch._p2p import Hub
 
         with self.lock:
             if self.hub is None:
-                self.hub = Hub(host)
+                # A run with a secret (PYCCL_SECRET) proves group membership on the side channel too.
+                self.hub = Hub(host, authenticate=resolve_secret(None) is not None)
             return self.hub
 
     def release_hub(self) -> None:
