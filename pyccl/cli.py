@@ -36,6 +36,8 @@ def _master_arguments(p: argparse.ArgumentParser) -> None:
                    help="TCP port; 0 picks a free one, logged at start (default: %(default)s)")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0,
                    help="seconds without a frame before a peer is declared dead (default: %(default)s)")
+    p.add_argument("--tls-cert", default=None, help="certificate (PEM) to serve the control port over TLS")
+    p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
     p.add_argument("--secret-file", default=None,
                    help="file holding the run secret: only peers that hold it may join "
                         "(default: the PYCCL_SECRET environment variable; neither: an open run)")
@@ -47,7 +49,8 @@ def _master_run(args: argparse.Namespace) -> int:
     from pyccl.master import Master
 
     secret = read_secret_file(args.secret_file) if args.secret_file else None
-    master = Master(host=args.host, port=args.port, heartbeat_timeout=args.heartbeat_timeout, secret=secret)
+    master = Master(host=args.host, port=args.port, heartbeat_timeout=args.heartbeat_timeout, secret=secret,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key)
     master.serve_forever()  # logs "pyccl master listening on HOST:PORT"; returns on SIGINT/SIGTERM
     return 0
 

@@ -160,3 +160,45 @@ def test_the_right_secret_joins_and_the_environment_supplies_it(monkeypatch: pyt
         assert (x == 3).all() and (y == 3).all()
         a.close()
         b.close()
+
+
+# ------------------------------------------------------------------ TLS
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """A self-signed certificate for 127.0.0.1 (its own CA), and an unrelated one."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    for name in ("master", "other"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / f"{name}.key"),
+                        "-out", str(d / f"{name}.pem")], check=True, capture_output=True, timeout=60)
+    return str(d / "master.pem"), str(d / "master.key"), str(d / "other.pem")
+
+
+@pytest.mark.parametrize("with_secret", [False, True])
+def test_tls_control_connection(tls_files: tuple[str, str, str], with_secret: bool,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYCCL_SECRET", raising=False)
+    cert, key, other = tls_files
+    secret = SECRET if with_secret else None
+    with pyccl.Master(host="127.0.0.1", port=0, secret=secret, tls_cert=cert, tls_key=key) as master:
+        a = pyccl.Communicator(master.address, connections=1, secret=secret, tls_ca=cert).connect(timeout=10)
+        try:
+            x = np.ones(16, np.float32)
+            a.all_reduce(x)
+            assert (x == 1).all() and a.world_size == 1
+            # A CA that does not vouch for the master: refused before any frame.
+            with pytest.raises(pyccl.AuthenticationError, match="certificate"):
+                pyccl.Communicator(master.address, connections=1, secret=secret, tls_ca=other).connect(timeout=10)
+            # Plain TCP to a TLS port: the handshake fails with a clear error, not a hang.
+            with pytest.raises(pyccl.CCLError):
+                pyccl.Communicator(master.address, connections=1, secret=secret).connect(timeout=3)
+            assert a.world_size == 1 and a.lost is None
+        finally:
+            a.close()

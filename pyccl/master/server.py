@@ -19,6 +19,7 @@ import itertools
 import logging
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -317,6 +318,9 @@ class Master:
           thread; it is idempotent and safe to call if never started.
         * A Master is single-use: it cannot be started again after stop().
         * Usable as a context manager (``with Master() as m:`` starts it).
+        * ``tls_cert``/``tls_key``: serve the control port over TLS (peers
+          pass ``tls_ca=``), so membership traffic is encrypted; tensor
+          traffic on the data plane is not (use a VPN where it must be).
         * ``secret`` (default: ``PYCCL_SECRET`` from the environment): only
           peers that prove they hold it are admitted; without one the run
           is open to anyone who can reach the port (logged once at start).
@@ -329,9 +333,18 @@ class Master:
         heartbeat_timeout: float = 5.0,
         heartbeat_interval: float | None = None,
         secret: str | bytes | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: pass both (or neither, for a plain control port)")
+        self._tls: ssl.SSLContext | None = None
+        if tls_cert is not None:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._tls.load_cert_chain(tls_cert, tls_key)
         self._host = host
         self._port = port
         self._secret = resolve_secret(secret)
@@ -456,7 +469,7 @@ class Master:
     async def _main(self, loop: asyncio.AbstractEventLoop, ready: Callable[[], None], install_signals: bool) -> None:
         core = _Core(loop, self._state)
         server = await loop.create_server(
-            lambda: _Connection(core), self._host, self._port, reuse_address=True, backlog=1024
+            lambda: _Connection(core), self._host, self._port, reuse_address=True, backlog=1024, ssl=self._tls
         )
         stop_event = asyncio.Event()
         sockname = server.sockets[0].getsockname()

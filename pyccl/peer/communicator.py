@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +75,8 @@ class Communicator:
             environment). With one, ``connect()`` proves to the master that
             this peer holds it, and requires the master to prove the same;
             a mismatch raises :class:`~pyccl.AuthenticationError` at once.
+        tls_ca: CA bundle (PEM) to verify a master that serves its control
+            port over TLS (default: ``PYCCL_TLS_CA``; neither: plain TCP).
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -90,6 +93,7 @@ class Communicator:
         advertise: tuple[str, int] | None = None,
         order: int | None = None,
         secret: str | bytes | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be between 1 and 64, got {connections}")
@@ -103,7 +107,7 @@ class Communicator:
         self.advertise = advertise
         self.order = order
         self._secret = resolve_secret(secret)
-        self._control = ControlClient(master)
+        self._control = ControlClient(master, tls_ca if tls_ca is not None else os.environ.get("PYCCL_TLS_CA") or None)
         self._dp: Any = None
         self._cv = threading.Condition()
         self._state = S.PeerState()  # guarded by _cv

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +36,9 @@ def parse_address(address: str) -> tuple[str, int]:
 class ControlClient:
     """Blocking client of the master's control protocol (see docs/architecture.md)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls_ca: str | None = None) -> None:
         self.address = address
+        self._tls_ca = tls_ca  # verify a TLS master against this CA bundle (None: plain TCP)
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
@@ -57,6 +59,16 @@ class ControlClient:
                 f"cannot reach the master at {self.address} ({exc}); check that `pyccl master` runs there"
             ) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls_ca is not None:
+            ctx = ssl.create_default_context(cafile=self._tls_ca)
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=host)
+            except (ssl.SSLError, OSError) as exc:
+                sock.close()
+                raise AuthenticationError(
+                    f"the master at {self.address} did not present a certificate that {self._tls_ca} vouches "
+                    f"for ({exc}); check tls_ca (or PYCCL_TLS_CA) and the master's --tls-cert",
+                    master=self.address) from exc
         self._sock = sock
         return str(sock.getsockname()[0])
 
