@@ -44,19 +44,18 @@ from typing import Any
 from pyccl import auth
 from pyccl import protocol as P
 from pyccl.master import sync_rounds
+from pyccl.master.epochs import Epochs
+from pyccl.master.gate import AuthRefused, Gate
 from pyccl.master.model import (
     Action,
     Close,
-    DrainRecord,
     Group,
     GroupInfo,
     GroupPhase,
     Peer,
     PeerPhase,
-    Round,
     RoundDecision,
     Send,
-    order_ring,
 )
 from pyccl.protocol import PROTOCOL_VERSION, PeerFrame, clip_reason
 from pyccl.wire import FrameError, clip
@@ -78,8 +77,6 @@ log = logging.getLogger("pyccl.master")
 # Undecided (tag, seq) entries per group. A correct group has a handful in
 # flight; the cap only stops a broken member from growing the table forever.
 MAX_OPEN_OPS = 1 << 16
-# Emptied groups whose last epoch is remembered (a returning group goes on from it).
-MAX_FORGOTTEN_GROUPS = 1 << 12
 
 
 _Handler = Callable[["MasterState", Peer, Any, float, "list[Action]"], None]
@@ -95,10 +92,6 @@ _PHASE_WORDS = {
 }
 
 
-
-
-class AuthRefused(FrameError):
-    """A connection failed the run-secret check (closed with an ``error`` of kind ``auth``)."""
 
 
 # ---------------------------------------------------------------- the machine
@@ -139,13 +132,9 @@ class MasterState:
         # always the first entry: O(1) per frame and per next_deadline().
         self._live: OrderedDict[int, float] = OrderedDict()
         self._groups: dict[int, Group] = {}
-        self._draining: dict[int, Group] = {}
         self._next_peer_id = 1
-        # Last epoch of groups forgotten when they emptied (bounded: oldest out).
-        self._forgotten_epochs: OrderedDict[int, int] = OrderedDict()
-        self._secret = secret  # None: an open run (no challenge)
-        self._nonce = nonce
-        self._refused_from: set[str] = set()  # sources whose failed proof was logged (once each)
+        self._gate = Gate(secret, nonce)  # the run-secret check (an open run without a secret)
+        self._epochs = Epochs(self._groups, self.heartbeat_timeout, self._gate.salt)
 
     # ------------------------------------------------------------ events
 
@@ -221,7 +210,7 @@ class MasterState:
                 cause = f"heartbeat timeout (no frame for {self.heartbeat_timeout:g} s)"
                 error = f"expelled: no frame for {self.heartbeat_timeout:g} s"
             self._kill(peer, cause, now, out, error=error, error_kind="expelled")
-        for group in list(self._draining.values()):
+        for group in list(self._epochs.draining.values()):
             drain = group.drain
             if drain is None or drain.deadline > now:
                 continue
@@ -246,7 +235,7 @@ class MasterState:
         best: float | None = None
         if self._live:
             best = next(iter(self._live.values())) + self.heartbeat_timeout
-        for group in self._draining.values():
+        for group in self._epochs.draining.values():
             assert group.drain is not None
             if best is None or group.drain.deadline < best:
                 best = group.drain.deadline
@@ -301,22 +290,17 @@ class MasterState:
     # FrameError (-> the sender is expelled); see _DISPATCH for who may send what.
 
     def _on_hello(self, peer: Peer, frame: P.Hello, now: float, out: list[Action]) -> None:
-        if self._secret is None:
+        if self._gate.open:
             self._welcome(peer, frame, out)
             return
-        if frame.nonce is None:
-            raise AuthRefused("this master requires the run secret; the peer sent no challenge nonce")
-        peer.hello, peer.challenge = frame, self._nonce()
-        peer.phase = PeerPhase.CHALLENGED
-        out.append(Send(peer.conn_id, P.Challenge(peer.challenge,
-                                                  auth.master_proof(self._secret, frame.nonce, peer.challenge))))
+        challenge = self._gate.challenge(frame)
+        peer.hello, peer.challenge, peer.phase = frame, challenge.nonce, PeerPhase.CHALLENGED
+        out.append(Send(peer.conn_id, challenge))
 
     def _on_auth(self, peer: Peer, frame: P.Auth, now: float, out: list[Action]) -> None:
-        hello = peer.hello
-        assert hello is not None and hello.nonce is not None and self._secret is not None
-        if not auth.same(frame.proof, auth.peer_proof(self._secret, hello.nonce, peer.challenge)):
-            raise AuthRefused("authentication failed: the peer does not hold this run's secret")
-        self._welcome(peer, hello, out)
+        assert peer.hello is not None
+        self._gate.check(peer.hello, peer.challenge, frame)
+        self._welcome(peer, peer.hello, out)
 
     def _welcome(self, peer: Peer, frame: P.Hello, out: list[Action]) -> None:
         """Welcome a peer (authenticated, or the run is open) and queue it for admission."""
@@ -328,18 +312,14 @@ class MasterState:
         peer.data_host, peer.data_port, peer.name = frame.data_host, frame.data_port, frame.name
         group = self._groups.get(gid)
         if group is None:
-            group = self._groups[gid] = Group(gid)
-            # A group that emptied and was forgotten goes on from its last
-            # epoch: its epochs only grow, and a stale peer of the old
-            # incarnation can never match a new epoch.
-            group.epoch = self._forgotten_epochs.pop(gid, 0)
+            group = self._epochs.new_group(gid)
         peer.group = group
         peer.phase = PeerPhase.PENDING
         group.pending[peer.peer_id] = peer
         out.append(Send(peer.conn_id, P.Welcome(peer.peer_id, self.heartbeat_interval, self.heartbeat_timeout)))
         if not group.members:
             # Nobody to agree with: an empty group admits at once.
-            self._admit_into_empty(group, f"{peer.label()} joined an empty group", out)
+            self._epochs.admit_into_empty(group, f"{peer.label()} joined an empty group", out)
         else:
             log.info("%s is waiting for admission to group %d", peer.label(), gid)
 
@@ -362,13 +342,13 @@ class MasterState:
         assert group is not None
         rnd = group.rounds.get(k)
         if rnd is None:
-            rnd = self._decide_round(group, k)
+            rnd = self._epochs.decide_round(group, k)
         peer.next_round = k + 1
         if rnd.result is not None:
             out.append(Send(peer.conn_id, P.RoundDone(k, rnd.result)))
             return
         peer.waiting_round = k
-        self._check_rounds(group, now, out)
+        self._epochs.check_rounds(group, now, out)
 
     def _on_done(self, peer: Peer, frame: P.Done, now: float, out: list[Action]) -> None:
         # Hot path: every collective of every member passes here. Keep it flat.
@@ -406,7 +386,7 @@ class MasterState:
             return  # that epoch is already over (or ending): the op has failed anyway
         log.warning("%s reports op (tag %d, seq %d) of epoch %d failed (%s): %s",
                     peer.label(), tag, seq, epoch, kind, reason)
-        self._start_drain(group, kind, f"peer {peer.peer_id} failed op (tag {tag}, seq {seq}): {reason}", now, out)
+        self._epochs.start_drain(group, kind, f"peer {peer.peer_id} failed op (tag {tag}, seq {seq}): {reason}", now, out)
 
     def _on_drained(self, peer: Peer, frame: P.Drained, now: float, out: list[Action]) -> None:
         epoch, pairs = frame.epoch, frame.next_seq
@@ -424,7 +404,7 @@ class MasterState:
         drain.expected.discard(peer.peer_id)
         drain.reports[peer.peer_id] = list(pairs)
         if not drain.expected:
-            self._commit(group, now, out)
+            self._epochs.commit(group, now, out)
 
     def _on_sync(self, peer: Peer, frame: P.Sync, now: float, out: list[Action]) -> None:
         sync_rounds.on_sync(peer, frame, out)
@@ -437,11 +417,7 @@ class MasterState:
     def _refuse(self, peer: Peer, why: str, now: float, out: list[Action]) -> None:
         """A connection failed to prove it holds the run secret: close it. Logged
         once per source address (a scanner must not flood the log)."""
-        source = peer.addr.rpartition(":")[0] or peer.addr
-        if source not in self._refused_from:
-            if len(self._refused_from) >= 4096:
-                self._refused_from.clear()
-            self._refused_from.add(source)
+        if self._gate.first_refusal(peer.addr):
             log.warning("refused connection from %s: %s (further refusals from it are not logged)", peer.addr, why)
         self._kill(peer, f"authentication: {why}", now, out, error=why, error_kind="auth")
 
@@ -470,175 +446,12 @@ class MasterState:
         level = logging.INFO if cause == "bye" else logging.WARNING
         if previous is PeerPhase.PENDING:
             log.log(level, "%s (pending in group %d) is gone: %s", peer.label(), group.gid, cause)
-            self._drop_pending(group, peer, out)
+            self._epochs.drop_pending(group, peer, out)
         else:
             log.log(level, "%s of group %d died: %s", peer.label(), group.gid, cause)
-            self._drop_member(group, peer, f"peer {peer.peer_id} is gone: {cause}", drain_kind, now, out)
+            self._epochs.drop_member(group, peer, f"peer {peer.peer_id} is gone: {cause}", drain_kind, now, out)
             # After the drop: a sync round opened from here must not include the dead peer.
             sync_rounds.sync_drop(group, peer, out)
-
-    def _drop_pending(self, group: Group, peer: Peer, out: list[Action]) -> None:
-        del group.pending[peer.peer_id]
-        committing = group.drain.admit_round if group.drain is not None else None
-        for k, rnd in group.rounds.items():
-            if rnd.result is not None or peer not in rnd.joiners:
-                continue
-            rnd.joiners.remove(peer)
-            if not rnd.joiners and k != committing:
-                # Nobody left to admit and no drain started for it: every voter
-                # (past and future) gets changed=False, so they still agree.
-                rnd.result = False
-                done = P.RoundDone(k, False)
-                for m in group.members:
-                    if m.waiting_round == k:
-                        m.waiting_round = None
-                        out.append(Send(m.conn_id, done))
-                log.info("group %d round %d: every joiner is gone, nothing to admit", group.gid, k)
-        self._forget_if_empty(group)
-
-    def _drop_member(self, group: Group, peer: Peer, reason: str, kind: str, now: float,
-                     out: list[Action]) -> None:
-        group.members.remove(peer)
-        drain = group.drain
-        if not group.members:
-            self._group_emptied(group, reason, out)
-        elif drain is None:
-            self._start_drain(group, kind, reason, now, out)
-        else:
-            # Dying mid-drain: no longer awaited, not part of the next epoch,
-            # and its report (if any) no longer counts toward the fence.
-            drain.expected.discard(peer.peer_id)
-            drain.reports.pop(peer.peer_id, None)
-            drain.reason = clip_reason(f"{drain.reason}; {reason}")
-            if not drain.expected:
-                self._commit(group, now, out)
-
-    def _group_emptied(self, group: Group, reason: str, out: list[Action]) -> None:
-        """The last member is gone: the epoch ends with nobody to drain."""
-        if group.drain is not None:
-            self._draining.pop(group.gid, None)
-            group.drain = None
-        group.ops.clear()
-        group.rounds.clear()  # every voter is gone; joiners start at next_unused_round
-        log.info("group %d has no member left after epoch %d", group.gid, group.epoch)
-        if group.pending:
-            self._admit_into_empty(group, f"{reason}; admitting waiting peers", out)
-        else:
-            self._forget_if_empty(group)
-
-    def _forget_if_empty(self, group: Group) -> None:
-        # Empty groups are dropped so that hellos with ever-new group numbers
-        # cannot grow the table; a later hello starts the group afresh.
-        if not group.members and not group.pending and self._groups.get(group.gid) is group:
-            del self._groups[group.gid]
-            self._forgotten_epochs[group.gid] = group.epoch
-            if len(self._forgotten_epochs) > MAX_FORGOTTEN_GROUPS:
-                self._forgotten_epochs.popitem(last=False)
-            self._draining.pop(group.gid, None)
-
-    def _admit_into_empty(self, group: Group, reason: str, out: list[Action]) -> None:
-        joiners = list(group.pending.values())
-        group.pending.clear()
-        group.epoch += 1
-        for j in joiners:
-            j.phase = PeerPhase.MEMBER
-            j.next_round = group.next_unused_round
-            group.members.append(j)
-        order_ring(group.members)
-        self._send_epoch(group, "admit", reason, [], group.next_unused_round, out)
-        for j in joiners:
-            log.info("%s admitted to group %d in epoch %d", j.label(), group.gid, group.epoch)
-
-    def _decide_round(self, group: Group, k: int) -> Round:
-        """First vote of round k: fix its decision from the pending peers now."""
-        # A peer already promised to an undecided ADMIT round is not pending
-        # "for" another one (cannot happen with correct peers, cheap to rule out).
-        promised = {id(p) for r in group.rounds.values() if r.result is None for p in r.joiners}
-        joiners = [p for p in group.pending.values() if id(p) not in promised]
-        rnd = Round(RoundDecision.ADMIT if joiners else RoundDecision.NO_CHANGE, joiners)
-        # Forget answered rounds every member is past (once per round, O(members)).
-        if group.members:
-            oldest = min(m.next_round for m in group.members)
-            for old in [r for r, v in group.rounds.items() if r < oldest and v.result is not None]:
-                del group.rounds[old]
-        group.rounds[k] = rnd
-        if k + 1 > group.next_unused_round:
-            group.next_unused_round = k + 1
-        if joiners:
-            log.info("group %d round %d: ADMIT %s", group.gid, k, [p.peer_id for p in joiners])
-        return rnd
-
-    def _check_rounds(self, group: Group, now: float, out: list[Action]) -> None:
-        """Start the admission drain of an ADMIT round every member has voted."""
-        if group.drain is not None or not group.members:
-            return  # re-checked after the running drain commits
-        for k, rnd in group.rounds.items():
-            if rnd.result is None and all(m.waiting_round == k for m in group.members):
-                ids = [p.peer_id for p in rnd.joiners]
-                self._start_drain(group, "admit", f"admitting peers {ids} at round {k}", now, out, admit_round=k)
-                return
-
-    def _start_drain(self, group: Group, kind: str, reason: str, now: float, out: list[Action],
-                     admit_round: int | None = None) -> None:
-        reason = clip_reason(reason)
-        group.ops.clear()  # every undecided op of this epoch has failed
-        group.drain = DrainRecord(
-            group.epoch, kind, reason, {m.peer_id for m in group.members}, now + self.heartbeat_timeout, admit_round
-        )
-        self._draining[group.gid] = group
-        frame = P.Drain(group.epoch, kind, reason)
-        out.extend([Send(m.conn_id, frame) for m in group.members])
-        log.info("group %d draining epoch %d (%s): %s", group.gid, group.epoch, kind, reason)
-
-    def _commit(self, group: Group, now: float, out: list[Action]) -> None:
-        """Every survivor answered the drain: start the next epoch."""
-        drain = group.drain
-        assert drain is not None and not drain.expected
-        group.drain = None
-        del self._draining[group.gid]
-        fence: dict[int, int] = {}
-        for pairs in drain.reports.values():
-            for tag, n in pairs:
-                if n > fence.get(tag, -1):
-                    fence[tag] = n
-        voters = list(group.members)
-        k = drain.admit_round
-        joiners: list[Peer] = []
-        group.epoch += 1
-        if k is not None:
-            rnd = group.rounds[k]
-            joiners = [p for p in rnd.joiners if p.phase is PeerPhase.PENDING]
-            for j in joiners:
-                del group.pending[j.peer_id]
-                j.phase = PeerPhase.MEMBER
-                # A joiner stands where the members stood when they voted k: its
-                # first update_topology() (if its loop starts with one) is
-                # round k itself, answered at once from the decided record.
-                j.next_round = k
-                group.members.append(j)
-        order_ring(group.members)
-        next_round = k if k is not None else group.next_unused_round
-        self._send_epoch(group, drain.kind, drain.reason, sorted(fence.items()), next_round, out)
-        for j in joiners:
-            log.info("%s admitted to group %d in epoch %d", j.label(), group.gid, group.epoch)
-        if k is not None:
-            # round_done after the epoch frame: a voter that sees changed=True
-            # already knows the new ring.
-            rnd.result = bool(joiners)
-            done = P.RoundDone(k, rnd.result)
-            for m in voters:
-                m.waiting_round = None
-                out.append(Send(m.conn_id, done))
-        self._check_rounds(group, now, out)
-
-    def _send_epoch(self, group: Group, kind: str, reason: str, fence: list[tuple[int, int]], next_round: int,
-                    out: list[Action]) -> None:
-        salt = self._nonce() if self._secret is not None else None
-        frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
-                        kind, reason, salt)
-        out.extend([Send(m.conn_id, frame) for m in group.members])
-        log.info("group %d committed epoch %d (%s): ring %s, fence %s",
-                 group.gid, group.epoch, kind, [m.peer_id for m in group.members], fence)
 
 
 # Frame type -> (handler, the phases allowed to send it). Anything else, or a
