@@ -67,3 +67,8 @@ def test_a_run_with_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     """PYCCL_SECRET: the backend's master, ring links and side channel all prove membership."""
     monkeypatch.setenv("PYCCL_SECRET", "torch backend test secret")
     _run(2, bodies.secret_body)
+
+
+@pytest.mark.timeout(150)
+def test_profiler_events_like_gloo() -> None:
+    _run(2, bodies.profiler_body)

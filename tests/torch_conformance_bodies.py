@@ -393,3 +393,42 @@ def secret_body(rank: int, q: Any, world: int, port: int) -> None:
     dist.barrier()
     dist.destroy_process_group()
     q.put(("result", rank, {"failures": failures}))
+
+
+# ----------------------------------------------------------------- profiler
+
+
+def profiler_body(rank: int, q: Any, world: int, port: int) -> None:
+    """Every collective records a ``pyccl:<op>`` event, asynchronous and with
+    the inputs' shapes, as gloo's record ``gloo:<op>`` (torch's suite checks it)."""
+    _setup(rank, world, port)
+    failures: list[str] = []
+    x = torch.ones(5, 3)
+    y = torch.ones(7)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        dist.all_reduce(x)                      # synchronous: completes inline on this thread
+        dist.all_reduce(x, async_op=True).wait()
+        dist.broadcast(y, src=0)
+        if rank == 0:
+            dist.send(y, dst=1)
+        elif rank == 1:
+            dist.recv(y, src=0)
+    events = [e for e in prof.events() if e.name.startswith("pyccl:")]
+    by_name: dict[str, list[Any]] = {}
+    for e in events:
+        by_name.setdefault(e.name, []).append(e)
+    want = {"pyccl:all_reduce": 2, "pyccl:broadcast": 1}
+    if rank in (0, 1) and world > 1:
+        want["pyccl:send" if rank == 0 else "pyccl:recv"] = 1
+    for name, count in want.items():
+        got = by_name.get(name, [])
+        if len(got) != count:
+            failures.append(f"{name}: {len(got)} events, expected {count} (all: {sorted(by_name)})")
+        for e in got:
+            if not e.is_async:
+                failures.append(f"{name}: event is not async")
+    shapes = [e.input_shapes for e in by_name.get("pyccl:all_reduce", [])]
+    if shapes and any(s != [[5, 3]] for s in shapes):
+        failures.append(f"pyccl:all_reduce input shapes {shapes}, expected [[5, 3]]")
+    dist.destroy_process_group()
+    q.put(("result", rank, {"failures": failures}))

@@ -10,8 +10,8 @@ everything issued before it).
 
 Around the entry points: :mod:`~pyccl.torch._rendezvous` forms the group,
 :mod:`~pyccl.torch._health` says whether it is still whole and words its
-errors, :mod:`~pyccl.torch._watchdog` enforces timeouts, and
-:mod:`~pyccl.torch._work` completes the Works.
+errors, :mod:`~pyccl.torch._launcher` issues the ops (its watchdog enforces
+timeouts), and :mod:`~pyccl.torch._work` completes the Works.
 
 Failure: an op that fails because the group lost a member (the core raises
 ``PeerFailure``, or the op ran after the membership changed), or that timed
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -44,11 +44,11 @@ from torch.distributed.distributed_c10d import (
 import torch
 from pyccl.torch import _lowering as L
 from pyccl.torch._health import GroupHealth
+from pyccl.torch._launcher import Launcher
 from pyccl.torch._monitored_barrier import monitored_barrier
 from pyccl.torch._rendezvous import Formed, closing_handshake, rendezvous
 from pyccl.torch._runtime import RUNTIME, Options
-from pyccl.torch._watchdog import Watchdog
-from pyccl.torch._work import BackendError, Completer, PendingOp, PycclWork, Runner, seconds
+from pyccl.torch._work import PendingOp, PycclWork, seconds
 
 log = logging.getLogger("pyccl.torch")
 
@@ -67,19 +67,14 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         self._timeout = seconds(timeout, 1800.0)
         self._is_default = len(global_ranks) == 0
         self._global_ranks = list(global_ranks) if global_ranks else list(range(size))
-        self._issue_lock = threading.RLock()
         self._state_lock = threading.Lock()
         self._closed = False
-        self._inflight: dict[int, PendingOp] = {}
-        self._coalescing: list[PycclWork] | None = None
         # What the rendezvous started, as it starts it (so a failed init can release it).
         self._master: Any = None
         self._endpoint: Any = None
         self._comm: Any = None
         self._health = GroupHealth(group_name, rank, size, self._global_ranks, None, "")
-        self._completer = Completer(group_name, self._health.translate)
-        self._runner = Runner(group_name, self._completer)
-        self._watchdog: Watchdog[PendingOp] = Watchdog(group_name, self._on_timeout)
+        self._ops = Launcher(group_name, self._timeout, self._health, self._on_timeout)
         self._formed: Formed | None = None
         try:
             formed = rendezvous(store, rank, size, self._timeout, group_name, self._global_ranks, options,
@@ -144,7 +139,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         return self._size
 
     def set_timeout(self, timeout: timedelta) -> None:
-        self._timeout = seconds(timeout, self._timeout)
+        self._timeout = self._ops.timeout = seconds(timeout, self._timeout)
 
     @property
     def communicator(self) -> Any:
@@ -155,63 +150,6 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         return f"ProcessGroupPyccl(group={self._group_name!r}, rank={self._rank}, size={self._size})"
 
     # ============================================================ machinery
-
-    def _new_op(self, name: str, result: list[torch.Tensor] | None = None, opts: Any = None) -> PendingOp:
-        """A new op; its timeout is the call's (``opts.timeout``, where torch
-        sets one) or else the group's."""
-        timeout = seconds(getattr(opts, "timeout", None), self._timeout)
-        work = PycclWork(f"{name} on process group '{self._group_name}'", timeout, result, self._runner,
-                         self._completer)
-        return PendingOp(name, work, self._completer, check=self._health.check_result)
-
-    def _launch(self, op: PendingOp, body: Callable[[PendingOp], None], sync: bool = False) -> PycclWork:
-        """Issue ``op``'s parts under the issue lock; return its Work.
-
-        ``sync``: the caller waits for the result right away (``async_op=False``
-        in the dist API). If the op is only core collectives and the runner
-        has nothing queued, it runs here on the caller's thread: same order,
-        two thread hops less. Nobody holds its Work yet, so completing it here
-        runs no user callback."""
-        with self._issue_lock:
-            self._health.ensure_usable(op.name)
-            key = id(op)
-            with self._state_lock:
-                self._inflight[key] = op
-            self._watchdog.watch(op, op.work.timeout)
-            op.then(lambda: self._retire(key, op))
-            try:
-                with torch.no_grad():  # staging copies of parameters must not build graphs
-                    body(op)
-            except (ValueError, TypeError) as exc:
-                # Bad arguments: nothing (more) was issued; fail the op's work
-                # and raise here, as gloo does.
-                op.issued(BackendError(f"pyccl: {op.name}: {exc}"))
-                raise ValueError(f"pyccl: {op.name}: {exc}") from exc
-            except BaseException as exc:
-                op.issued(exc)
-                raise
-            # The runner's part is the op's last one (unless p2p parts are still
-            # out), so the runner completes the op itself, without a hop.
-            has_calls = bool(op.calls)
-            if has_calls and sync and op.only_issue_part() and self._runner.idle():
-                op.inline_thread = threading.current_thread()
-                op.add_part()
-                op.issued()
-                op.run_calls()  # completes the op on this thread
-            else:
-                if has_calls:
-                    op.add_part()
-                op.issued()
-                if has_calls:
-                    self._runner.submit(op)
-            if self._coalescing is not None:
-                self._coalescing.append(op.work)
-        return op.work
-
-    def _retire(self, key: int, op: PendingOp) -> None:
-        self._watchdog.unwatch(op)
-        with self._state_lock:
-            self._inflight.pop(key, None)
 
     def _on_timeout(self, op: PendingOp, timeout: float) -> None:
         """Watchdog thread: ``op`` outlived its timeout. Fail it with a timeout
@@ -244,18 +182,18 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 L.check_cpu(t)
             if opts.reduceOp != dist.ReduceOp.SUM:
                 raise ValueError("pyccl: allreduce of sparse tensors only works with ReduceOp.SUM (as in gloo)")
-            op = self._new_op("allreduce (sparse)", [t], opts)
-            return self._launch(op, lambda op: self._lower.sparse_all_reduce(op, t), sync=L.is_sync(opts))
+            op = self._ops.new_op("allreduce (sparse)", [t], opts)
+            return self._ops.launch(op, lambda op: self._lower.sparse_all_reduce(op, t), sync=L.is_sync(opts))
         L.check_cpu(t)
-        op = self._new_op("allreduce", [t], opts)
-        return self._launch(op, lambda op: self._lower.reduce_into(op, L.contig(op, t), None, opts.reduceOp),
-                            sync=L.is_sync(opts))
+        op = self._ops.new_op("allreduce", [t], opts)
+        return self._ops.launch(op, lambda op: self._lower.reduce_into(op, L.contig(op, t), None, opts.reduceOp),
+                                sync=L.is_sync(opts), profile=("all_reduce", [t]))
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> PycclWork:
         opts = L.options(opts, AllreduceCoalescedOptions)
         tensors = list(tensors)
         L.check_cpu(*tensors)
-        op = self._new_op("allreduce_coalesced", tensors, opts)
+        op = self._ops.new_op("allreduce_coalesced", tensors, opts)
 
         def body(op: PendingOp) -> None:
             by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -266,7 +204,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
                 self._lower.reduce_into(op, flat, None, opts.reduceOp)
                 L.add_finish(op, L.unflatten(flat, group))
 
-        return self._launch(op, body, sync=L.is_sync(opts))
+        return self._ops.launch(op, body, sync=L.is_sync(opts), profile=("all_reduce", tensors))
 
     def broadcast(self, tensors: Any, opts: Any = None) -> PycclWork:
         if isinstance(opts, int):  # legacy broadcast(tensor, root)
@@ -277,8 +215,9 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         t = tl[opts.rootTensor] if len(tl) > 1 else L.single(tl, "broadcast")
         L.check_cpu(t)
         self._check_rank(opts.rootRank, "broadcast root")
-        op = self._new_op("broadcast", [t], opts)
-        return self._launch(op, lambda op: self._lower.broadcast(op, t, opts.rootRank), sync=L.is_sync(opts))
+        op = self._ops.new_op("broadcast", [t], opts)
+        return self._ops.launch(op, lambda op: self._lower.broadcast(op, t, opts.rootRank), sync=L.is_sync(opts),
+                                profile=("broadcast", [t]))
 
     def reduce(self, tensors: Any, opts: Any = None) -> PycclWork:
         opts = L.options(opts, ReduceOptions)
@@ -286,7 +225,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         L.check_cpu(t)
         root = opts.rootRank
         self._check_rank(root, "reduce root")
-        op = self._new_op("reduce", [t], opts)
+        op = self._ops.new_op("reduce", [t], opts)
 
         def body(op: PendingOp) -> None:
             x = t.contiguous()
@@ -295,7 +234,7 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             if self._rank == root:
                 L.add_finish(op, lambda: t.copy_(result))
 
-        return self._launch(op, body, sync=L.is_sync(opts))
+        return self._ops.launch(op, body, sync=L.is_sync(opts), profile=("reduce", [t]))
 
     # --------------------------------------------------------------- gathers
 
@@ -304,13 +243,14 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         t = L.single(input_tensors, "allgather")
         L.check_cpu(t, *outputs)
         self._check_len(outputs, "allgather output list")
-        op = self._new_op("allgather", outputs, opts)
-        return self._launch(op, lambda op: self._lower.allgather_list(op, outputs, t), sync=L.is_sync(opts))
+        op = self._ops.new_op("allgather", outputs, opts)
+        return self._ops.launch(op, lambda op: self._lower.allgather_list(op, outputs, t), sync=L.is_sync(opts),
+                                profile=("all_gather", [t]))
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> PycclWork:
         L.check_cpu(output, input)
-        op = self._new_op("all_gather_into_tensor", [output], opts)
-        return self._launch(op, lambda op: self._lower.allgather_flat(op, output, input), sync=L.is_sync(opts))
+        op = self._ops.new_op("all_gather_into_tensor", [output], opts)
+        return self._ops.launch(op, lambda op: self._lower.allgather_flat(op, output, input), sync=L.is_sync(opts))
 
     _allgather_base = all_gather_single
 
@@ -320,13 +260,13 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         if len(outputs) != len(inputs):
             raise ValueError("pyccl: all_gather coalesced: outputs and inputs differ in length")
         L.check_cpu(*outputs, *inputs)
-        op = self._new_op("all_gather_into_tensor_coalesced", outputs, opts)
+        op = self._ops.new_op("all_gather_into_tensor_coalesced", outputs, opts)
 
         def body(op: PendingOp) -> None:
             for o, i in zip(outputs, inputs):
                 self._lower.allgather_flat(op, o, i)
 
-        return self._launch(op, body, sync=L.is_sync(opts))
+        return self._ops.launch(op, body, sync=L.is_sync(opts))
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
@@ -342,13 +282,13 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         per_input = [[output_lists[r][i] for r in range(self._size)] for i in range(len(inputs))]
         flat_out = [o for lst in output_lists for o in lst]
         L.check_cpu(*inputs, *flat_out)
-        op = self._new_op("allgather_coalesced", flat_out, opts)
+        op = self._ops.new_op("allgather_coalesced", flat_out, opts)
 
         def body(op: PendingOp) -> None:
             for lst, t in zip(per_input, inputs):
                 self._lower.allgather_list(op, lst, t)
 
-        return self._launch(op, body, sync=L.is_sync(opts))
+        return self._ops.launch(op, body, sync=L.is_sync(opts), profile=("all_gather", inputs))
 
     def gather(self, output_tensors: Any, input_tensors: Any, opts: Any = None) -> PycclWork:
         opts = L.options(opts, GatherOptions)
@@ -359,9 +299,9 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         L.check_cpu(t, *outputs)
         if self._rank == root:
             self._check_len(outputs, "gather output list")
-        op = self._new_op("gather", outputs, opts)
+        op = self._ops.new_op("gather", outputs, opts)
         keep = outputs if self._rank == root else None
-        return self._launch(op, lambda op: self._lower.gather_to(op, t.contiguous(), keep), sync=L.is_sync(opts))
+        return self._ops.launch(op, lambda op: self._lower.gather_to(op, t.contiguous(), keep), sync=L.is_sync(opts))
 
     def scatter(self, output_tensors: Any, input_tensors: Any, opts: Any = None) -> PycclWork:
         opts = L.options(opts, ScatterOptions)
@@ -372,8 +312,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         L.check_cpu(out, *inputs)
         if self._rank == root:
             self._check_len(inputs, "scatter input list")
-        op = self._new_op("scatter", [out], opts)
-        return self._launch(op, lambda op: self._lower.scatter(op, out, inputs, root), sync=L.is_sync(opts))
+        op = self._ops.new_op("scatter", [out], opts)
+        return self._ops.launch(op, lambda op: self._lower.scatter(op, out, inputs, root), sync=L.is_sync(opts))
 
     # ------------------------------------------------------- reduce-scatters
 
@@ -383,15 +323,15 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         inputs = L.flat_list(input_lists)
         L.check_cpu(out, *inputs)
         self._check_len(inputs, "reduce_scatter input list")
-        op = self._new_op("reduce_scatter", [out], opts)
-        return self._launch(op, lambda op: self._lower.reduce_scatter_list(op, out, inputs, opts.reduceOp),
+        op = self._ops.new_op("reduce_scatter", [out], opts)
+        return self._ops.launch(op, lambda op: self._lower.reduce_scatter_list(op, out, inputs, opts.reduceOp),
                             sync=L.is_sync(opts))
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> PycclWork:
         opts = L.options(opts, ReduceScatterOptions)
         L.check_cpu(output, input)
-        op = self._new_op("reduce_scatter_tensor", [output], opts)
-        return self._launch(op, lambda op: self._lower.reduce_scatter_flat(op, output, input, opts.reduceOp),
+        op = self._ops.new_op("reduce_scatter_tensor", [output], opts)
+        return self._ops.launch(op, lambda op: self._lower.reduce_scatter_flat(op, output, input, opts.reduceOp),
                             sync=L.is_sync(opts))
 
     _reduce_scatter_base = reduce_scatter_single
@@ -403,13 +343,13 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         if len(outputs) != len(inputs):
             raise ValueError("pyccl: reduce_scatter coalesced: outputs and inputs differ in length")
         L.check_cpu(*outputs, *inputs)
-        op = self._new_op("reduce_scatter_tensor_coalesced", outputs, opts)
+        op = self._ops.new_op("reduce_scatter_tensor_coalesced", outputs, opts)
 
         def body(op: PendingOp) -> None:
             for o, i in zip(outputs, inputs):
                 self._lower.reduce_scatter_flat(op, o, i, opts.reduceOp)
 
-        return self._launch(op, body, sync=L.is_sync(opts))
+        return self._ops.launch(op, body, sync=L.is_sync(opts))
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
@@ -422,8 +362,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             raise ValueError("pyccl: all_to_all_single: input and output dtypes differ")
         in_rows = L.rows(input, input_split_sizes, self._size, "input")
         out_rows = L.rows(output, output_split_sizes, self._size, "output")
-        op = self._new_op("all_to_all_single", [output], opts)
-        return self._launch(op, lambda op: self._lower.all_to_all_single(op, output, input, in_rows, out_rows),
+        op = self._ops.new_op("all_to_all_single", [output], opts)
+        return self._ops.launch(op, lambda op: self._lower.all_to_all_single(op, output, input, in_rows, out_rows),
                             sync=L.is_sync(opts))
 
     alltoall_base = all_to_all_single
@@ -434,13 +374,13 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         L.check_cpu(*outputs, *inputs)
         self._check_len(outputs, "alltoall output list")
         self._check_len(inputs, "alltoall input list")
-        op = self._new_op("alltoall", outputs, opts)
+        op = self._ops.new_op("alltoall", outputs, opts)
 
         def body(op: PendingOp) -> None:
             self._lower.exchange(op, [x.contiguous() for x in inputs],
                                  [L.contig(op, o, copy_in=False) for o in outputs])
 
-        return self._launch(op, body, sync=L.is_sync(opts))
+        return self._ops.launch(op, body, sync=L.is_sync(opts))
 
     # ------------------------------------------------------------------ p2p
 
@@ -448,8 +388,8 @@ class ProcessGroupPyccl(dist.ProcessGroup):
         t = L.single(tensors, "send")
         L.check_cpu(t)
         self._check_rank(dstRank, "send destination")
-        op = self._new_op("send", [t])
-        return self._launch(op, lambda op: self._lower.send(op, t, dstRank, int(tag)))
+        op = self._ops.new_op("send", [t])
+        return self._ops.launch(op, lambda op: self._lower.send(op, t, dstRank, int(tag)), profile=("send", [t]))
 
     def recv(self, tensors: Any, srcRank: int, tag: int = 0) -> PycclWork:  # noqa: N803
         self._check_rank(srcRank, "recv source")
@@ -461,26 +401,26 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     def _recv(self, tensors: Any, src: int, tag: int) -> PycclWork:
         t = L.single(tensors, "recv")
         L.check_cpu(t)
-        op = self._new_op("recv", [t])
-        return self._launch(op, lambda op: self._lower.recv(op, t, src, int(tag)))
+        op = self._ops.new_op("recv", [t])
+        return self._ops.launch(op, lambda op: self._lower.recv(op, t, src, int(tag)),
+                                profile=("recv" if src >= 0 else "recvAnySource", [t]))
 
     # -------------------------------------------------------------- barrier
 
     def barrier(self, opts: Any = None) -> PycclWork:
         opts = L.options(opts, BarrierOptions)
-        op = self._new_op("barrier", [], opts)
+        op = self._ops.new_op("barrier", [], opts)
 
         def body(op: PendingOp) -> None:
             # Complete only after every op issued before it (as gloo does), and
             # after every rank got here (a 1-element all-reduce).
-            with self._state_lock:
-                earlier = [o for o in self._inflight.values() if o is not op]
+            earlier = self._ops.in_flight(but=op)
             for o in earlier:
                 op.add_part()
                 o.then(lambda: op.part_done(None))
             self._lower.reduce_into(op, torch.zeros(1, dtype=torch.int32), None, dist.ReduceOp.SUM)
 
-        return self._launch(op, body, sync=L.is_sync(opts))
+        return self._ops.launch(op, body, sync=L.is_sync(opts))
 
     def monitored_barrier(self, timeout: Any = None, wait_all_ranks: bool = False) -> None:
         """gloo's monitored barrier: rank 0 waits at most ``timeout`` (None:
@@ -499,20 +439,20 @@ class ProcessGroupPyccl(dist.ProcessGroup):
     # ----------------------------------------------------------- coalescing
 
     def _start_coalescing(self, device: Any = None) -> None:
-        with self._issue_lock:
-            self._coalescing = []
+        with self._ops.issue_lock:
+            self._ops.coalescing = []
 
     def _end_coalescing(self, device: Any = None) -> PycclWork:
-        with self._issue_lock:
-            works, self._coalescing = self._coalescing or [], None
-        op = self._new_op("coalesced", [t for w in works for t in w._result])
+        with self._ops.issue_lock:
+            works, self._ops.coalescing = self._ops.coalescing or [], None
+        op = self._ops.new_op("coalesced", [t for w in works for t in w._result])
 
         def body(op: PendingOp) -> None:
             for w in works:
                 op.add_part()
                 L.release_when_done(w, op)
 
-        return self._launch(op, body)
+        return self._ops.launch(op, body)
 
     # ============================================================= shutdown
 
@@ -542,12 +482,11 @@ class ProcessGroupPyccl(dist.ProcessGroup):
             endpoint.fail_all(f"pyccl: process group '{self._group_name}' was shut down", close=True)
             endpoint.hub.unregister(endpoint)
             RUNTIME.release_hub()
-        self._runner.stop()  # its queued ops fail at once: the comm is closed
-        self._watchdog.stop()
+        self._ops.stop_issuing()  # queued ops fail at once: the comm is closed
         if handshake and formed is not None and formed.owns_master_group and not master_lost:
             live = [r for r in range(self._size) if r not in self._health.lost_at_break]
             closing_handshake(self._store, formed.prefix, self._rank, live, master is not None, self._group_name)
-        self._completer.stop()
+        self._ops.stop_completing()
         if master is not None:
             try:
                 master.stop()
