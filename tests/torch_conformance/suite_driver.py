@@ -1,0 +1,326 @@
+"""Driver of PyTorch's distributed test suite (``DistributedTest._DistTestBase``)
+for one backend and one world size. Started by ``run.py``; not a pytest module.
+
+The equivalent of upstream ``test/distributed/test_distributed_spawn.py`` (not
+shipped in the wheel): a ``TestDistBackend`` subclass mixing in
+``_DistTestBase``; every test spawns WORLD_SIZE rank processes which
+``init_process_group(backend=BACKEND, init_method=file://...)``.
+
+Environment (set by run.py):
+    BACKEND=gloo            what the suite branches on (always "gloo" here)
+    WORLD_SIZE=2|3
+    CONFORMANCE_IMPL=gloo|pyccl
+        pyccl: in every rank process, every process group the suite asks for
+        with backend "gloo" (default group, new_group, new_subgroups, ...) is
+        created with backend "pyccl" instead: the wrap is on
+        torch.distributed.distributed_c10d._new_process_group_helper, which
+        every group creation goes through. The suite still sees BACKEND=gloo,
+        so it takes gloo's path wherever it branches on the backend name;
+        torch's own checks (dist.get_backend(...) == "gloo") see "pyccl".
+        After init each rank asserts that the default group is a
+        ProcessGroupPyccl and dist.get_backend() == "pyccl" (exit != 0
+        otherwise), and logs every group creation to CONFORMANCE_GROUPLOG.
+    CONFORMANCE_START=forkserver|spawn
+        spawn is upstream's start method (each rank re-imports torch, ~4 s
+        on this machine); forkserver preloads torch and the suite once and
+        forks ranks from that clean server (no parent state is inherited
+        beyond imported modules). The per-test environment (TEMP_DIR,
+        INIT_METHOD, ...) is passed to the rank explicitly.
+    CONFORMANCE_TIMEOUT     seconds per test (the suite's own join timeout,
+                            which terminates the ranks); a SIGALRM backstop
+                            fires 60 s later in the parent.
+
+Usage: python suite_driver.py --json OUT.json [-k SUBSTR ...] [--tests-file F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+import unittest
+
+os.environ.setdefault("BACKEND", "gloo")
+os.environ.setdefault("WORLD_SIZE", "2")
+if "TEMP_DIR" not in os.environ:  # read at import by nothing, but keep upstream's contract
+    import tempfile
+
+    os.environ["TEMP_DIR"] = tempfile.mkdtemp(prefix="torchconf-")
+
+IMPL = os.environ.get("CONFORMANCE_IMPL", "gloo")
+START = os.environ.get("CONFORMANCE_START", "forkserver")
+TIMEOUT = int(os.environ.get("CONFORMANCE_TIMEOUT", "120"))
+os.environ["DISTRIBUTED_TESTS_DEFAULT_TIMEOUT"] = str(TIMEOUT)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.testing._internal.common_distributed as common_distributed  # noqa: E402
+from torch.testing._internal.distributed.distributed_test import (  # noqa: E402
+    DistributedTest,
+    TestDistBackend,
+)
+
+torch.backends.cuda.matmul.allow_tf32 = False
+
+# The suite's join timeout: one bound for every test (upstream: 300 s, 400 s
+# for test_ddp_uneven_inputs, 500 s for test_DistributedDataParallel).
+common_distributed.TIMEOUT_DEFAULT = TIMEOUT
+for _k in list(common_distributed.TIMEOUT_OVERRIDE):
+    common_distributed.TIMEOUT_OVERRIDE[_k] = min(common_distributed.TIMEOUT_OVERRIDE[_k], TIMEOUT)
+
+# Environment variables a rank must see as the parent has them when it starts.
+_PASS_ENV = ("TEMP_DIR", "INIT_METHOD", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "BACKEND",
+             "TORCH_DISTRIBUTED_DEBUG", "TORCH_SHOW_CPP_STACKTRACES")
+
+
+# ------------------------------------------------------------------ pyccl redirect
+
+
+def _map_backend(backend):
+    """'gloo' -> 'pyccl', also inside 'cpu:gloo,cuda:nccl' specs."""
+    s = str(backend) if backend is not None else None
+    if s is None:
+        return backend
+    if s.lower() == "gloo":
+        return dist.Backend("pyccl")
+    if ":" in s or "," in s:
+        parts = []
+        for part in s.split(","):
+            dev, _, b = part.partition(":")
+            parts.append(f"{dev}:pyccl" if b.strip().lower() == "gloo" else part)
+        return ",".join(parts)
+    return backend
+
+
+def _log_group(entry):
+    path = os.environ.get("CONFORMANCE_GROUPLOG")
+    if not path:
+        return
+    entry.update(pid=os.getpid(), test=os.environ.get("CONFORMANCE_TEST", "?"))
+    line = json.dumps(entry) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def install_pyccl_redirect():
+    import pyccl.torch  # noqa: F401  registers the backend "pyccl"
+    from torch.distributed import distributed_c10d as c10d
+
+    orig = c10d._new_process_group_helper
+    if getattr(orig, "_conformance_wrapped", False):
+        return
+
+    def helper(group_size, group_rank, global_ranks_in_group, backend=None, *args, **kwargs):
+        if "backend" in kwargs:
+            backend = kwargs.pop("backend")
+        mapped = _map_backend(backend)
+        pg, store = orig(group_size, group_rank, global_ranks_in_group, mapped, *args, **kwargs)
+        _log_group({"requested": str(backend), "used": str(mapped),
+                    "ranks": list(global_ranks_in_group),
+                    "pg_type": type(pg).__name__ if pg is not None else None})
+        return pg, store
+
+    helper._conformance_wrapped = True
+    c10d._new_process_group_helper = helper
+
+
+# ------------------------------------------------------------------ test class
+
+
+class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):
+    def setUp(self):
+        super().setUp()
+        self._spawn_processes()
+        torch.backends.cudnn.flags(enabled=True, allow_tf32=False).__enter__()
+
+    def _spawn_processes(self) -> None:
+        ctx = torch.multiprocessing.get_context(START)
+        self._start_processes(ctx.Process)
+
+    def _start_processes(self, proc) -> None:
+        # upstream MultiProcessTestCase._start_processes, plus the environment
+        # (forkserver ranks do not inherit the parent's current os.environ).
+        self.processes = []
+        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+        env["CONFORMANCE_TEST"] = self._current_test_name()
+        for rank in range(int(self.world_size)):
+            parent_conn, child_conn = torch.multiprocessing.Pipe()
+            process = proc(
+                target=self.__class__._run,
+                name="process " + str(rank),
+                args=(rank, self._current_test_name(), self.file_name, child_conn),
+                kwargs={"fake_pg": getattr(self, "fake_pg", False), "conformance_env": env},
+            )
+            process.start()
+            self.pid_to_pipe[process.pid] = parent_conn
+            self.processes.append(process)
+
+    def tearDown(self):
+        procs = list(self.processes)
+        super().tearDown()  # terminates the ranks
+        for p in procs:  # and makes sure they are gone
+            p.join(10)
+            if p.exitcode is None:
+                p.kill()
+                p.join(5)
+
+    @classmethod
+    def _run(cls, rank, test_name, file_name, pipe, **kwargs):
+        env = kwargs.pop("conformance_env", None) or {}
+        os.environ.update(env)
+        if IMPL == "pyccl":
+            install_pyccl_redirect()
+            orig_init = dist.init_process_group
+
+            def checked_init(*a, **kw):
+                orig_init(*a, **kw)
+                pg = dist.distributed_c10d._get_default_group()
+                name = dist.get_backend()
+                if name != "pyccl" or type(pg).__name__ != "ProcessGroupPyccl":
+                    raise SystemExit(f"conformance: default group is {type(pg).__name__} / {name}, not pyccl")
+
+            dist.init_process_group = checked_init
+        return super()._run(rank, test_name, file_name, pipe, **kwargs)
+
+
+# ------------------------------------------------------------------ running
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Timeout|Interrupt)\w*)(:|$)")
+
+
+def first_error_line(text: str) -> str:
+    """The exception line of the first failing rank (or of the parent)."""
+    if not text:
+        return ""
+    sections = re.split(r"(?m)^Process \d+ exited with error code \d+ and exception:\s*$", text)
+    body = sections[1] if len(sections) > 1 else text
+    lines = body.splitlines()
+    # the last exception line of the first traceback block (chained exceptions: the final one)
+    cand = [ln for ln in lines if _EXC_LINE.match(ln)]
+    if cand:
+        return cand[-1].strip()[:400]
+    for ln in reversed(lines):
+        if ln.strip():
+            return ln.strip()[:400]
+    return ""
+
+
+class RecordingResult(unittest.TextTestResult):
+    def __init__(self, *a, record=None, json_path=None, **kw):
+        super().__init__(*a, **kw)
+        self.record = record
+        self.json_path = json_path
+        self._t0 = 0.0
+
+    def _name(self, test):
+        return test.id().split(".")[-1]
+
+    def _put(self, test, outcome, message="", detail=""):
+        name = self._name(test)
+        self.record[name] = {
+            "outcome": outcome,
+            "seconds": round(time.monotonic() - self._t0, 2),
+            "message": message,
+            "detail": detail[-6000:],
+        }
+        tmp = self.json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.record, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.json_path)
+
+    def startTest(self, test):
+        self._t0 = time.monotonic()
+        signal.alarm(TIMEOUT + 60)
+        print(f"=== START {self._name(test)} {time.strftime('%H:%M:%S')}", flush=True)
+        super().startTest(test)
+
+    def stopTest(self, test):
+        signal.alarm(0)
+        super().stopTest(test)
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self._put(test, "passed")
+
+    def addSkip(self, test, reason):
+        super().addSkip(test, reason)
+        self._put(test, "skipped", str(reason)[:300])
+
+    def addExpectedFailure(self, test, err):
+        super().addExpectedFailure(test, err)
+        self._put(test, "passed", "expected failure")
+
+    def addUnexpectedSuccess(self, test):
+        super().addUnexpectedSuccess(test)
+        self._put(test, "failed", "unexpected success")
+
+    def _bad(self, test, err):
+        text = "".join(traceback.format_exception(*err))
+        if re.search(r"terminated or timed out after|conformance backstop timeout", text):
+            self._put(test, "timeout", first_error_line(text), text)
+        else:
+            self._put(test, "failed", first_error_line(text), text)
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self._bad(test, err)
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        self._bad(test, err)
+
+
+def _alarm(signum, frame):
+    raise TimeoutError(f"conformance backstop timeout ({TIMEOUT + 60} s)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("-k", action="append", default=[], help="substring of the test name (any matches)")
+    ap.add_argument("--tests-file", help="file with exact test names, one per line")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+
+    loader = unittest.TestLoader()
+    names = sorted(loader.getTestCaseNames(TestDistBackendWithSpawn))
+    if args.tests_file:
+        with open(args.tests_file) as f:
+            wanted = {ln.strip() for ln in f if ln.strip()}
+        names = [n for n in names if n in wanted]
+    if args.k:
+        names = [n for n in names if any(k in n for k in args.k)]
+    if args.list:
+        print("\n".join(names))
+        return 0
+    if START == "forkserver":
+        pre = ["torch", "torch.testing._internal.distributed.distributed_test"]
+        if IMPL == "pyccl":
+            pre.append("pyccl.torch")
+        torch.multiprocessing.get_context("forkserver").set_forkserver_preload(pre)
+    signal.signal(signal.SIGALRM, _alarm)
+    suite = unittest.TestSuite(TestDistBackendWithSpawn(n) for n in names)
+    record: dict = {}
+    runner = unittest.TextTestRunner(
+        stream=sys.stdout, verbosity=2,
+        resultclass=lambda *a, **kw: RecordingResult(*a, record=record, json_path=args.json, **kw),
+    )
+    print(f"conformance: impl={IMPL} BACKEND={os.environ['BACKEND']} WORLD_SIZE={os.environ['WORLD_SIZE']} "
+          f"start={START} timeout={TIMEOUT}s tests={len(names)}", flush=True)
+    runner.run(suite)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
