@@ -71,6 +71,7 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
         CONFORMANCE_START=args.start,
         CONFORMANCE_TIMEOUT=str(args.timeout),
         CONFORMANCE_GROUPLOG=str(groups),
+        CONFORMANCE_ERRDIR=os.path.join(tmp, "rank_errors"),
         PYTHONUNBUFFERED="1",
     )
     if impl == "pyccl":
@@ -85,7 +86,7 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
     t0 = time.monotonic()
     truncated = False
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
@@ -114,6 +115,10 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
                 continue
             key = f"{e['requested']}->{e['used']}:{e['pg_type']}"
             group_stats[key] = group_stats.get(key, 0) + 1
+            if "pyccl" in e:
+                group_stats.setdefault("pyccl_modules", [])
+                if e["pyccl"] not in group_stats["pyccl_modules"]:
+                    group_stats["pyccl_modules"].append(e["pyccl"])
     res = {"impl": impl, "world_size": ws, "wall_s": round(wall, 1), "rc": proc.returncode,
            "truncated": truncated, "ran": len(record), **counts, "groups": group_stats}
     print(f"[{time.strftime('%H:%M:%S')}] {tag}: {res}", flush=True)

@@ -111,7 +111,7 @@ def _log_group(entry):
 
 
 def install_pyccl_redirect():
-    import pyccl.torch  # noqa: F401  registers the backend "pyccl"
+    import pyccl.torch  # registers the backend "pyccl"
     from torch.distributed import distributed_c10d as c10d
 
     orig = c10d._new_process_group_helper
@@ -123,7 +123,7 @@ def install_pyccl_redirect():
             backend = kwargs.pop("backend")
         mapped = _map_backend(backend)
         pg, store = orig(group_size, group_rank, global_ranks_in_group, mapped, *args, **kwargs)
-        _log_group({"requested": str(backend), "used": str(mapped),
+        _log_group({"requested": str(backend), "used": str(mapped), "pyccl": pyccl.torch.__file__,
                     "ranks": list(global_ranks_in_group),
                     "pg_type": type(pg).__name__ if pg is not None else None})
         return pg, store
@@ -188,7 +188,40 @@ class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):
                     raise SystemExit(f"conformance: default group is {type(pg).__name__} / {name}, not pyccl")
 
             dist.init_process_group = checked_init
-        return super()._run(rank, test_name, file_name, pipe, **kwargs)
+        try:
+            return super()._run(rank, test_name, file_name, pipe, **kwargs)
+        except Exception:
+            # failures outside the test body (init_process_group, the suite's
+            # barriers) do not reach the parent through the pipe: leave them
+            # where the parent's result recorder finds them.
+            _save_rank_error(test_name, rank, traceback.format_exc())
+            raise
+
+
+def _rank_error_dir() -> str | None:
+    d = os.environ.get("CONFORMANCE_ERRDIR")
+    if d:
+        os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _save_rank_error(test_name: str, rank: int, text: str) -> None:
+    d = _rank_error_dir()
+    if d:
+        with open(os.path.join(d, f"{test_name}.rank{rank}.txt"), "w") as f:
+            f.write(text)
+
+
+def _rank_errors(test_name: str) -> str:
+    d = _rank_error_dir()
+    if not d:
+        return ""
+    out = []
+    for fn in sorted(os.listdir(d)):
+        if fn.startswith(test_name + ".rank"):
+            with open(os.path.join(d, fn)) as f:
+                out.append(f"Process {fn[len(test_name) + 5:-4]} exited with error code 1 and exception:\n{f.read()}")
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------ running
@@ -265,6 +298,9 @@ class RecordingResult(unittest.TextTestResult):
 
     def _bad(self, test, err):
         text = "".join(traceback.format_exception(*err))
+        extra = _rank_errors(self._name(test))
+        if extra and "exited with error code" not in text:
+            text = extra + "\n(parent) " + text
         if re.search(r"terminated or timed out after|conformance backstop timeout", text):
             self._put(test, "timeout", first_error_line(text), text)
         else:
@@ -306,6 +342,10 @@ def main() -> int:
         pre = ["torch", "torch.testing._internal.distributed.distributed_test"]
         if IMPL == "pyccl":
             pre.append("pyccl.torch")
+    if IMPL == "pyccl":
+        import pyccl.torch
+
+        print(f"conformance: pyccl from {os.path.dirname(pyccl.torch.__file__)}", flush=True)
         torch.multiprocessing.get_context("forkserver").set_forkserver_preload(pre)
     signal.signal(signal.SIGALRM, _alarm)
     suite = unittest.TestSuite(TestDistBackendWithSpawn(n) for n in names)
