@@ -52,6 +52,43 @@ GLOO_NAME_RESTRICTED = {
 }
 
 
+def pyccl_source(pythonpath: str) -> Path | None:
+    """The pyccl package directory the ranks would import."""
+    code = "import pyccl, os; print(os.path.dirname(pyccl.__file__))"
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    return Path(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
+
+
+def source_state(pkg: Path) -> dict:
+    """git commit and dirty files of the checkout holding ``pkg``, and a digest of its sources."""
+    import hashlib
+
+    root = pkg.parent
+    state: dict = {"package": str(pkg)}
+    r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if r.returncode == 0:
+        state["commit"] = r.stdout.strip()
+        r = subprocess.run(["git", "-C", str(root), "status", "--short", "--", "pyccl"], capture_output=True, text=True)
+        state["dirty"] = [ln.strip() for ln in r.stdout.splitlines()]
+    h = hashlib.sha256()
+    for f in sorted(pkg.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".so"):
+            h.update(str(f.relative_to(pkg)).encode())
+            h.update(f.read_bytes())
+    state["sha256"] = h.hexdigest()[:16]
+    return state
+
+
+def snapshot(pkg: Path, dest: Path) -> Path:
+    """Copy the pyccl package (sources and compiled core) so that a run sees one
+    consistent version while the checkout is being edited."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(pkg, dest / "pyccl", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
     tag = f"{impl}-ws{ws}"
     json_path = out / f"{tag}.json"
@@ -74,8 +111,18 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
         CONFORMANCE_ERRDIR=os.path.join(tmp, "rank_errors"),
         PYTHONUNBUFFERED="1",
     )
+    src: dict = {}
     if impl == "pyccl":
         env.setdefault("PYCCL_HOST", "127.0.0.1")
+        pkg = pyccl_source(env.get("PYTHONPATH", ""))
+        if pkg is None:
+            raise SystemExit("pyccl is not importable: set PYTHONPATH to a checkout with the built core")
+        src = source_state(pkg)
+        if args.snapshot:
+            snap = snapshot(pkg, Path(tmp) / "pyccl-snapshot")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(snap), env.get("PYTHONPATH", "")) if p)
+            src["snapshot"] = str(snap / "pyccl")
+        print(f"  pyccl: {src}", flush=True)
     cmd = ["nice", "-n", str(args.nice), sys.executable, str(DRIVER), "--json", str(json_path)]
     for k in args.k:
         cmd += ["-k", k]
@@ -84,6 +131,7 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
     budget = max(30.0, deadline - time.monotonic())
     print(f"[{time.strftime('%H:%M:%S')}] {tag}: {' '.join(cmd)} (budget {budget:.0f} s)", flush=True)
     t0 = time.monotonic()
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     truncated = False
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -120,7 +168,8 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
                 if e["pyccl"] not in group_stats["pyccl_modules"]:
                     group_stats["pyccl_modules"].append(e["pyccl"])
     res = {"impl": impl, "world_size": ws, "wall_s": round(wall, 1), "rc": proc.returncode,
-           "truncated": truncated, "ran": len(record), **counts, "groups": group_stats}
+           "truncated": truncated, "ran": len(record), **counts, "groups": group_stats,
+           "pyccl_source": src, "started": started}
     print(f"[{time.strftime('%H:%M:%S')}] {tag}: {res}", flush=True)
     return res
 
@@ -158,7 +207,12 @@ def summarize(out: Path, runs: list[dict], world_sizes: list[int]) -> str:
     return text
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impl", nargs="+", default=["gloo", "pyccl"], choices=["gloo", "pyccl"])
     ap.add_argument("--world-size", nargs="+", type=int, default=[2, 3])
@@ -169,6 +223,8 @@ def main() -> int:
     ap.add_argument("--start", choices=["forkserver", "spawn"], default="forkserver",
                     help="how ranks start (spawn: upstream's, slower)")
     ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--no-snapshot", dest="snapshot", action="store_false",
+                    help="import pyccl from PYTHONPATH live (default: a copy taken when each run starts)")
     ap.add_argument("--out", default="build/torch_conformance")
     ap.add_argument("--summarize-only", action="store_true", help="rebuild summary from existing JSON files")
     args = ap.parse_args()
