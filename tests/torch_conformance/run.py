@@ -89,12 +89,16 @@ def snapshot(pkg: Path, dest: Path) -> Path:
     return dest
 
 
-def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
+def run_one(impl: str, ws: int, args, out: Path, deadline: float, tests_file: str | None = None,
+            part: int | None = None) -> dict:
+    """One driver process: ``impl`` at world size ``ws`` on the selected tests.
+    With ``part``, results go to ``<impl>-ws<N>.part<i>.json`` and the log and
+    group log are appended to (interleaved runs)."""
     tag = f"{impl}-ws{ws}"
-    json_path = out / f"{tag}.json"
+    json_path = out / (f"{tag}.json" if part is None else f"{tag}.part{part}.json")
     log_path = out / f"{tag}.log"
     groups = out / f"{tag}.groups.jsonl"
-    for p in (json_path, log_path, groups):
+    for p in ((json_path, log_path, groups) if not part else (json_path,)):
         if p.exists():
             p.unlink()
     tmp = tempfile.mkdtemp(prefix=f"torchconf-{tag}-")
@@ -126,14 +130,16 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
     cmd = ["nice", "-n", str(args.nice), sys.executable, str(DRIVER), "--json", str(json_path)]
     for k in args.k:
         cmd += ["-k", k]
-    if args.tests_file:
-        cmd += ["--tests-file", args.tests_file]
+    tests_file = tests_file or args.tests_file
+    if tests_file:
+        cmd += ["--tests-file", tests_file]
     budget = max(30.0, deadline - time.monotonic())
-    print(f"[{time.strftime('%H:%M:%S')}] {tag}: {' '.join(cmd)} (budget {budget:.0f} s)", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {tag}{'' if part is None else f' part {part}'}: "
+          f"{' '.join(cmd)} (budget {budget:.0f} s)", flush=True)
     t0 = time.monotonic()
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     truncated = False
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=budget)
@@ -151,10 +157,25 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
     wall = time.monotonic() - t0
     shutil.rmtree(tmp, ignore_errors=True)
     record = json.loads(json_path.read_text()) if json_path.exists() else {}
+    return {"impl": impl, "world_size": ws, "wall_s": round(wall, 1), "rc": proc.returncode,
+            "truncated": truncated, "record": record, "pyccl_source": src, "started": started}
+
+
+def tally(parts: list[dict], out: Path) -> dict:
+    """Merge the parts of one impl and world size; write ``<impl>-ws<N>.json``."""
+    impl, ws = parts[0]["impl"], parts[0]["world_size"]
+    tag = f"{impl}-ws{ws}"
+    record: dict = {}
+    for p in parts:
+        record.update(p["record"])
+    (out / f"{tag}.json").write_text(json.dumps(record, indent=1, sort_keys=True))
+    for f in out.glob(f"{tag}.part*.json"):
+        f.unlink()
     counts = {k: 0 for k in ("passed", "failed", "timeout", "skipped")}
     for r in record.values():
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     group_stats: dict = {}
+    groups = out / f"{tag}.groups.jsonl"
     if groups.exists():
         for line in groups.read_text().splitlines():
             try:
@@ -167,11 +188,29 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float) -> dict:
                 group_stats.setdefault("pyccl_modules", [])
                 if e["pyccl"] not in group_stats["pyccl_modules"]:
                     group_stats["pyccl_modules"].append(e["pyccl"])
-    res = {"impl": impl, "world_size": ws, "wall_s": round(wall, 1), "rc": proc.returncode,
-           "truncated": truncated, "ran": len(record), **counts, "groups": group_stats,
-           "pyccl_source": src, "started": started}
+    res = {"impl": impl, "world_size": ws, "wall_s": round(sum(p["wall_s"] for p in parts), 1),
+           "rc": [p["rc"] for p in parts], "truncated": any(p["truncated"] for p in parts),
+           "ran": len(record), **counts, "groups": group_stats,
+           "pyccl_source": [p["pyccl_source"] for p in parts if p["pyccl_source"]][:1],
+           "started": parts[0]["started"], "parts": len(parts)}
     print(f"[{time.strftime('%H:%M:%S')}] {tag}: {res}", flush=True)
     return res
+
+
+def list_tests(ws: int, args) -> list[str]:
+    env = dict(os.environ, BACKEND="gloo", WORLD_SIZE=str(ws), CONFORMANCE_IMPL="gloo")
+    cmd = [sys.executable, str(DRIVER), "--json", os.devnull, "--list"]
+    for k in args.k:
+        cmd += ["-k", k]
+    if args.tests_file:
+        cmd += ["--tests-file", args.tests_file]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
+    names = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
+    if args.first_file:
+        first = [ln.strip() for ln in Path(args.first_file).read_text().splitlines() if ln.strip()]
+        rank = {n: i for i, n in enumerate(first)}
+        names.sort(key=lambda n: (rank.get(n, len(rank)), n))
+    return names
 
 
 def load(out: Path, impl: str, ws: int) -> dict:
@@ -223,6 +262,9 @@ def main() -> int:
     ap.add_argument("--start", choices=["forkserver", "spawn"], default="forkserver",
                     help="how ranks start (spawn: upstream's, slower)")
     ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--interleave", type=int, default=1, metavar="K",
+                    help="split the tests into K chunks and run every impl on chunk i before chunk i+1")
+    ap.add_argument("--first-file", help="with --interleave: run the tests named in this file first, in its order")
     ap.add_argument("--no-snapshot", dest="snapshot", action="store_false",
                     help="import pyccl from PYTHONPATH live (default: a copy taken when each run starts)")
     ap.add_argument("--out", default="build/torch_conformance")
@@ -230,6 +272,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.tests_file:
         args.tests_file = str(Path(args.tests_file).resolve())
+    if args.first_file:
+        args.first_file = str(Path(args.first_file).resolve())
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
@@ -239,11 +283,33 @@ def main() -> int:
     else:
         deadline = time.monotonic() + args.max_seconds
         for ws in args.world_size:
-            for impl in args.impl:
-                if time.monotonic() >= deadline:
-                    print(f"skipping {impl}-ws{ws}: --max-seconds used up", flush=True)
+            if args.interleave <= 1:
+                for impl in args.impl:
+                    if time.monotonic() >= deadline:
+                        print(f"skipping {impl}-ws{ws}: --max-seconds used up", flush=True)
+                        continue
+                    runs.append(tally([run_one(impl, ws, args, out, deadline)], out))
+                continue
+            # interleaved: chunk i of every impl before chunk i+1, so that a run
+            # cut by --max-seconds covers the same tests for every impl
+            names = list_tests(ws, args)
+            n = args.interleave
+            chunks = [names[i * len(names) // n:(i + 1) * len(names) // n] for i in range(n)]
+            parts: dict = {impl: [] for impl in args.impl}
+            for i, chunk in enumerate(chunks):
+                if not chunk:
                     continue
-                runs.append(run_one(impl, ws, args, out, deadline))
+                if time.monotonic() >= deadline:
+                    print(f"ws{ws}: --max-seconds used up before chunk {i}", flush=True)
+                    break
+                cf = out / f"ws{ws}.chunk{i}.txt"
+                cf.write_text("\n".join(chunk) + "\n")
+                for impl in args.impl:
+                    parts[impl].append(run_one(impl, ws, args, out, deadline, tests_file=str(cf), part=i))
+                cf.unlink()
+            for impl in args.impl:
+                if parts[impl]:
+                    runs.append(tally(parts[impl], out))
         prev = out / "summary.json"
         if prev.exists():  # keep results of runs not repeated this time
             old = [r for r in json.loads(prev.read_text()).get("runs", [])

@@ -338,14 +338,16 @@ def main() -> int:
     if args.list:
         print("\n".join(names))
         return 0
-    if START == "forkserver":
-        pre = ["torch", "torch.testing._internal.distributed.distributed_test"]
-        if IMPL == "pyccl":
-            pre.append("pyccl.torch")
     if IMPL == "pyccl":
         import pyccl.torch
 
         print(f"conformance: pyccl from {os.path.dirname(pyccl.torch.__file__)}", flush=True)
+    if START == "forkserver":
+        # the same preload for both impls (pyccl.torch only registers the
+        # backend at import; its groups, threads and sockets start in the ranks)
+        pre = ["torch", "torch.testing._internal.distributed.distributed_test"]
+        if IMPL == "pyccl":
+            pre.append("pyccl.torch")
         torch.multiprocessing.get_context("forkserver").set_forkserver_preload(pre)
     signal.signal(signal.SIGALRM, _alarm)
     suite = unittest.TestSuite(TestDistBackendWithSpawn(n) for n in names)
