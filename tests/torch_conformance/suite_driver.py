@@ -52,6 +52,13 @@ if "TEMP_DIR" not in os.environ:  # read at import by nothing, but keep upstream
 
     os.environ["TEMP_DIR"] = tempfile.mkdtemp(prefix="torchconf-")
 
+# upstream's ranks import the suite after setUp set INIT_METHOD to a file://
+# URL (initialize_temp_directories); the suite reads it at import
+# (test_barrier_timeout_global re-initialises with it and is skipped unless
+# it is file://). Here the suite is imported once: set it now, and refresh the
+# suite's global in every rank (_run).
+os.environ.setdefault("INIT_METHOD", "file://" + os.path.join(os.environ["TEMP_DIR"], "init_dir", "shared_init_file"))
+
 IMPL = os.environ.get("CONFORMANCE_IMPL", "gloo")
 START = os.environ.get("CONFORMANCE_START", "forkserver")
 TIMEOUT = int(os.environ.get("CONFORMANCE_TIMEOUT", "120"))
@@ -176,6 +183,9 @@ class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):
     def _run(cls, rank, test_name, file_name, pipe, **kwargs):
         env = kwargs.pop("conformance_env", None) or {}
         os.environ.update(env)
+        import torch.testing._internal.distributed.distributed_test as suite
+
+        suite.INIT_METHOD = os.environ.get("INIT_METHOD", suite.INIT_METHOD)
         if IMPL == "pyccl":
             install_pyccl_redirect()
             orig_init = dist.init_process_group
