@@ -89,6 +89,29 @@ def snapshot(pkg: Path, dest: Path) -> Path:
     return dest
 
 
+def take_snapshot(pythonpath: str, dest: Path, tries: int = 20) -> tuple[Path, dict]:
+    """One copy of the pyccl package for the whole invocation (every part and
+    world size runs the same code), retried until it imports: the checkout may
+    be caught mid-edit."""
+    pkg = pyccl_source(pythonpath)
+    if pkg is None:
+        raise SystemExit("pyccl is not importable: set PYTHONPATH to a checkout with the built core")
+    check = "import pyccl.torch, pyccl.torch.process_group; from pyccl import _core; print(pyccl.torch.__file__)"
+    for attempt in range(tries):
+        state = source_state(pkg)
+        snapshot(pkg, dest)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(dest), pythonpath) if p))
+        r = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True,
+                           cwd=tempfile.gettempdir())
+        if r.returncode == 0 and r.stdout.strip().startswith(str(dest)) and source_state(pkg)["sha256"] == state["sha256"]:
+            state["snapshot"] = str(dest / "pyccl")
+            print(f"pyccl snapshot: {state}", flush=True)
+            return dest, state
+        print(f"pyccl snapshot attempt {attempt + 1} not usable (mid-edit?): {r.stderr.strip()[-300:]}", flush=True)
+        time.sleep(5)
+    raise SystemExit("could not take a consistent snapshot of pyccl")
+
+
 def run_one(impl: str, ws: int, args, out: Path, deadline: float, tests_file: str | None = None,
             part: int | None = None) -> dict:
     """One driver process: ``impl`` at world size ``ws`` on the selected tests.
@@ -121,11 +144,11 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float, tests_file: st
         pkg = pyccl_source(env.get("PYTHONPATH", ""))
         if pkg is None:
             raise SystemExit("pyccl is not importable: set PYTHONPATH to a checkout with the built core")
-        src = source_state(pkg)
         if args.snapshot:
-            snap = snapshot(pkg, Path(tmp) / "pyccl-snapshot")
+            snap, src = args.snapshot_dir, args.snapshot_state
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(snap), env.get("PYTHONPATH", "")) if p)
-            src["snapshot"] = str(snap / "pyccl")
+        else:
+            src = source_state(pkg)
         print(f"  pyccl: {src}", flush=True)
     cmd = ["nice", "-n", str(args.nice), sys.executable, str(DRIVER), "--json", str(json_path)]
     for k in args.k:
@@ -282,6 +305,11 @@ def main() -> int:
         runs = json.loads(prev.read_text())["runs"] if prev.exists() else []
     else:
         deadline = time.monotonic() + args.max_seconds
+        snap_root = None
+        if "pyccl" in args.impl and args.snapshot:
+            snap_root = tempfile.mkdtemp(prefix="torchconf-pyccl-")
+            args.snapshot_dir, args.snapshot_state = take_snapshot(os.environ.get("PYTHONPATH", ""),
+                                                                   Path(snap_root) / "snap")
         for ws in args.world_size:
             if args.interleave <= 1:
                 for impl in args.impl:
@@ -310,6 +338,8 @@ def main() -> int:
             for impl in args.impl:
                 if parts[impl]:
                     runs.append(tally(parts[impl], out))
+        if snap_root:
+            shutil.rmtree(snap_root, ignore_errors=True)
         prev = out / "summary.json"
         if prev.exists():  # keep results of runs not repeated this time
             old = [r for r in json.loads(prev.read_text()).get("runs", [])
