@@ -244,7 +244,8 @@ def first_error_line(text: str) -> str:
     """The exception line of the first failing rank (or of the parent)."""
     if not text:
         return ""
-    sections = re.split(r"(?m)^Process \d+ exited with error code \d+ and exception:\s*$", text)
+    text = re.sub(r"(?m)^\[rank\d+\]:\S+ \S+ \d+ \S+\] ", "", text)  # torch's per-rank log prefix
+    sections = re.split(r"(?m)^(?:RuntimeError: )?Process \d+ exited with error code \d+ and exception:[ \t]*$", text)
     body = sections[1] if len(sections) > 1 else text
     lines = body.splitlines()
     # the last exception line of the first traceback block (chained exceptions: the final one)
@@ -273,7 +274,7 @@ class RecordingResult(unittest.TextTestResult):
             "outcome": outcome,
             "seconds": round(time.monotonic() - self._t0, 2),
             "message": message,
-            "detail": detail[-6000:],
+            "detail": detail if len(detail) <= 16000 else detail[:8000] + "\n[...]\n" + detail[-8000:],
         }
         tmp = self.json_path + ".tmp"
         with open(tmp, "w") as f:
