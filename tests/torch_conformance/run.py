@@ -137,6 +137,7 @@ def run_one(impl: str, ws: int, args, out: Path, deadline: float, tests_file: st
         CONFORMANCE_GROUPLOG=str(groups),
         CONFORMANCE_ERRDIR=os.path.join(tmp, "rank_errors"),
         PYTHONUNBUFFERED="1",
+        CONFORMANCE_NAME_BRANCHES="1" if args.name_branches else "0",
     )
     src: dict = {}
     if impl == "pyccl":
@@ -256,13 +257,15 @@ def summarize(out: Path, runs: list[dict], world_sizes: list[int]) -> str:
                 continue
             if p[name]["outcome"] != "passed":
                 diff.append({"test": name, "outcome": p[name]["outcome"], "error": p[name]["message"],
+                             "where": p[name].get("where", ""),
                              "gloo_restricted": name in GLOO_NAME_RESTRICTED})
         diff_all[ws] = diff
         if g and p:
             lines += ["", f"### gloo passes, pyccl does not (world size {ws}): {len(diff)}", ""]
             for d in diff:
                 mark = " [torch restricts to gloo]" if d["gloo_restricted"] else ""
-                lines.append(f"- `{d['test']}` ({d['outcome']}){mark}: {d['error']}")
+                where = f" [at {d['where']}]" if d.get("where") else ""
+                lines.append(f"- `{d['test']}` ({d['outcome']}){mark}: {d['error']}{where}")
     (out / "summary.json").write_text(json.dumps({"runs": runs, "diff": diff_all}, indent=1))
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
@@ -285,6 +288,8 @@ def main() -> int:
     ap.add_argument("--start", choices=["forkserver", "spawn"], default="forkserver",
                     help="how ranks start (spawn: upstream's, slower)")
     ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--no-name-branches", dest="name_branches", action="store_false",
+                    help="do not put pyccl on gloo's side of the suite's dist.get_backend() lists (profiler checks)")
     ap.add_argument("--interleave", type=int, default=1, metavar="K",
                     help="split the tests into K chunks and run every impl on chunk i before chunk i+1")
     ap.add_argument("--first-file", help="with --interleave: run the tests named in this file first, in its order")

@@ -188,6 +188,16 @@ class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):
         suite.INIT_METHOD = os.environ.get("INIT_METHOD", suite.INIT_METHOD)
         if IMPL == "pyccl":
             install_pyccl_redirect()
+            if os.environ.get("CONFORMANCE_NAME_BRANCHES", "1") == "1":
+                # Where the suite branches on the *runtime* backend name
+                # (dist.get_backend() in <list containing gloo>), put pyccl on
+                # gloo's side too: the profiler checks (events named
+                # "<backend>:<op>", e.g. "pyccl:all_reduce") then apply to
+                # pyccl as they do to gloo instead of being skipped.
+                for lst in (suite.PROFILING_SUPPORTED_BACKENDS, suite.CUDA_PROFILING_SUPPORTED_BACKENDS,
+                            suite.SEND_RECV_PROFILING_SUPPORTED_BACKENDS):
+                    if "pyccl" not in lst:
+                        lst.append("pyccl")
             orig_init = dist.init_process_group
 
             def checked_init(*a, **kw):
@@ -240,22 +250,45 @@ def _rank_errors(test_name: str) -> str:
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Timeout|Interrupt)\w*)(:|$)")
 
 
-def first_error_line(text: str) -> str:
-    """The exception line of the first failing rank (or of the parent)."""
-    if not text:
-        return ""
+def _first_section(text: str) -> list[str]:
     text = re.sub(r"(?m)^\[rank\d+\]:\S+ \S+ \d+ \S+\] ", "", text)  # torch's per-rank log prefix
     sections = re.split(r"(?m)^(?:RuntimeError: )?Process \d+ exited with error code \d+ and exception:[ \t]*$", text)
     body = sections[1] if len(sections) > 1 else text
-    lines = body.splitlines()
+    return body.splitlines()
+
+
+def first_error_line(text: str) -> str:
+    """The exception line of the first failing rank (or of the parent), with
+    torch's "Expected X but got Y." where an assertEqual gives one."""
+    if not text:
+        return ""
+    lines = _first_section(text)
     # the last exception line of the first traceback block (chained exceptions: the final one)
-    cand = [ln for ln in lines if _EXC_LINE.match(ln)]
-    if cand:
-        return cand[-1].strip()[:400]
+    idx = [i for i, ln in enumerate(lines) if _EXC_LINE.match(ln)]
+    if idx:
+        i = idx[-1]
+        msg = lines[i].strip()
+        for ln in lines[i + 1:i + 4]:
+            if ln.startswith("Expected ") or ln.startswith("Mismatched elements"):
+                msg += " " + ln.strip()
+                break
+        return msg[:400]
     for ln in reversed(lines):
         if ln.strip():
             return ln.strip()[:400]
     return ""
+
+
+def error_site(text: str) -> str:
+    """The innermost frame of the suite (distributed_test.py) in the first failing rank."""
+    lines = _first_section(text)
+    site = ""
+    for i, ln in enumerate(lines):
+        m = re.match(r'\s*File ".*/(distributed_test\.py|common_distributed\.py)", line (\d+), in (\w+)', ln)
+        if m and m.group(1) == "distributed_test.py":
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            site = f"{m.group(1)}:{m.group(2)} {m.group(3)}: {code}"[:300]
+    return site
 
 
 class RecordingResult(unittest.TextTestResult):
@@ -274,6 +307,7 @@ class RecordingResult(unittest.TextTestResult):
             "outcome": outcome,
             "seconds": round(time.monotonic() - self._t0, 2),
             "message": message,
+            "where": error_site(detail) if detail else "",
             "detail": detail if len(detail) <= 16000 else detail[:8000] + "\n[...]\n" + detail[-8000:],
         }
         tmp = self.json_path + ".tmp"
