@@ -64,13 +64,14 @@ START = os.environ.get("CONFORMANCE_START", "forkserver")
 TIMEOUT = int(os.environ.get("CONFORMANCE_TIMEOUT", "120"))
 os.environ["DISTRIBUTED_TESTS_DEFAULT_TIMEOUT"] = str(TIMEOUT)
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.testing._internal.common_distributed as common_distributed  # noqa: E402
 from torch.testing._internal.distributed.distributed_test import (  # noqa: E402
     DistributedTest,
     TestDistBackend,
 )
+
+import torch  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 
