@@ -26,88 +26,37 @@ receive from a dead rank never hangs.
 from __future__ import annotations
 
 import collections
-import hashlib
-import hmac
 import logging
 import queue
 import socket
-import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from pyccl import auth
+from pyccl.torch._p2p_wire import (
+    HEADER,
+    KIND_A2A,
+    KIND_MONITOR,
+    KIND_P2P,
+    KINDS,
+    MAGIC,
+    MAX_KEY,
+    NONCE_BYTES,
+    PROOF_BYTES,
+    Done,
+    Recv,
+    Send,
+    Unexpected,
+    mv_of,
+    proof,
+    recv_exact,
+)
 from pyccl.torch._work import BackendError
 
 log = logging.getLogger("pyccl.torch")
 
-MAGIC = 0x50325031  # "1P2P"
-HEADER = struct.Struct("<IBxxxiqQI")  # magic, kind, source rank, tag, nbytes, key length
-KIND_P2P = 0
-KIND_A2A = 1
-KIND_MONITOR = 2  # monitored_barrier's tokens
-KINDS = (KIND_P2P, KIND_A2A, KIND_MONITOR)
-MAX_KEY = 4096
-NONCE_BYTES = auth.NONCE_BYTES
-PROOF_BYTES = 32
-
-Done = Callable[[int, BaseException | None], None]  # (source rank, error)
-
-
-def _mv(t: torch.Tensor) -> memoryview:
-    """Writable byte memoryview of a contiguous uint8 tensor."""
-    if t.numel() == 0:
-        return memoryview(bytearray(0))
-    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
-
-
-class _Recv:
-    """A posted receive; ``settle`` reports it exactly once (reader or monitor)."""
-
-    __slots__ = ("buf", "src", "tag", "kind", "_done", "_lock", "settled")
-
-    def __init__(self, buf: torch.Tensor, src: int, tag: int, kind: int, done: Done) -> None:
-        self.buf, self.src, self.tag, self.kind = buf, src, tag, kind  # src -1: any source
-        self._done = done
-        self._lock = threading.Lock()
-        self.settled = False
-
-    def settle(self, src: int, error: BaseException | None) -> None:
-        with self._lock:
-            if self.settled:
-                return
-            self.settled = True
-        self._done(src, error)
-
-
-class _Send:
-    """A posted send; ``settle`` reports it exactly once (sender thread or monitor)."""
-
-    __slots__ = ("key", "kind", "src", "tag", "buf", "credential", "_done", "_lock", "settled")
-
-    def __init__(self, key: bytes, kind: int, src: int, tag: int, buf: torch.Tensor,
-                 done: Callable[[BaseException | None], None], credential: Callable[[], bytes]) -> None:
-        self.key, self.kind, self.src, self.tag, self.buf = key, kind, src, tag, buf
-        self.credential = credential
-        self._done = done
-        self._lock = threading.Lock()
-        self.settled = False
-
-    def settle(self, error: BaseException | None) -> bool:
-        with self._lock:
-            if self.settled:
-                return False
-            self.settled = True
-        self._done(error)
-        return True
-
-
-@dataclass
-class _Unexpected:
-    src: int
-    data: bytearray
-
+__all__ = ["Endpoint", "Hub", "KIND_P2P", "KIND_A2A", "KIND_MONITOR"]
 
 class Endpoint:
     """One process group's mailbox on the hub."""
@@ -128,10 +77,10 @@ class Endpoint:
         self._addresses: dict[int, str] = {}
         self._health = health
         self._lock = threading.Lock()
-        self._posted: list[_Recv] = []
-        self._filling: list[_Recv] = []  # matched, payload being received
-        self._unexpected: dict[tuple[int, int], collections.deque[_Unexpected]] = {}  # (kind, tag)
-        self._send_objs: dict[int, tuple[_Send, _Conn]] = {}
+        self._posted: list[Recv] = []
+        self._filling: list[Recv] = []  # matched, payload being received
+        self._unexpected: dict[tuple[int, int], collections.deque[Unexpected]] = {}  # (kind, tag)
+        self._send_objs: dict[int, tuple[Send, _Conn]] = {}
         self._closed: str | None = None
         # The group's membership key (its Communicator's epoch key; empty in
         # an open run or before the group formed): proves this group's first
@@ -156,7 +105,7 @@ class Endpoint:
                     if hit is not None:
                         q.remove(hit)
                 if hit is None:
-                    self._posted.append(_Recv(buf, src, tag, kind, done))
+                    self._posted.append(Recv(buf, src, tag, kind, done))
                     return
         if err is not None:
             done(src, err)
@@ -172,7 +121,7 @@ class Endpoint:
                 f"pyccl: message from rank {src} (tag {tag}) has {len(data)} bytes, the receive expects {buf.numel()}"
             )
         if len(data):
-            _mv(buf)[:] = data
+            mv_of(buf)[:] = data
         return None
 
     def send(self, buf: torch.Tensor, dst: int, tag: int, kind: int, done: Callable[[BaseException | None], None]) -> None:
@@ -189,7 +138,7 @@ class Endpoint:
                 self._send_objs.pop(id(item), None)
             done(error)
 
-        item = _Send(self.key_bytes, kind, self.rank, tag, buf, finished, self.credential)
+        item = Send(self.key_bytes, kind, self.rank, tag, buf, finished, self.credential)
         try:
             address = self._addresses.get(dst)
             if address is None:
@@ -213,7 +162,7 @@ class Endpoint:
                 self._filling.append(rec)
         if rec is not None and rec.buf.numel() == nbytes:
             try:
-                _recv_exact(sock, _mv(rec.buf), nbytes)
+                recv_exact(sock, mv_of(rec.buf), nbytes)
             finally:
                 with self._lock:
                     self._filling.remove(rec)
@@ -221,7 +170,7 @@ class Endpoint:
             return
         data = bytearray(nbytes)
         if nbytes:
-            _recv_exact(sock, memoryview(data), nbytes)
+            recv_exact(sock, memoryview(data), nbytes)
         if rec is not None:  # size mismatch
             with self._lock:
                 self._filling.remove(rec)
@@ -230,11 +179,11 @@ class Endpoint:
         with self._lock:
             rec = self._match(kind, src, tag)
             if rec is None:
-                self._unexpected.setdefault((kind, tag), collections.deque()).append(_Unexpected(src, data))
+                self._unexpected.setdefault((kind, tag), collections.deque()).append(Unexpected(src, data))
                 return
         rec.settle(src, self._deliver(rec.buf, data, src, tag))
 
-    def _match(self, kind: int, src: int, tag: int) -> _Recv | None:
+    def _match(self, kind: int, src: int, tag: int) -> Recv | None:
         for i, r in enumerate(self._posted):
             if r.kind == kind and r.tag == tag and r.src == src:
                 return self._posted.pop(i)
@@ -290,29 +239,15 @@ class Endpoint:
             r.settle(src, BackendError(why))
 
 
-def proof(key: bytes, nonce: bytes, hdr: bytes, group: bytes) -> bytes:
-    """A group's proof of membership on a side-channel connection (first message only)."""
-    return hmac.new(key, b"pyccl-v1 p2p" + nonce + hdr + group, hashlib.sha256).digest()
-
-
-def _recv_exact(sock: socket.socket, mv: memoryview, n: int) -> None:
-    got = 0
-    while got < n:
-        k = sock.recv_into(mv[got:n], n - got)
-        if k == 0:
-            raise ConnectionError("the connection closed in the middle of a message")
-        got += k
-
-
 class _Conn:
     """Outgoing connection to one remote hub, with its sender thread."""
 
     def __init__(self, hub: Hub, address: str) -> None:
         self.hub = hub
         self.address = address
-        self._q: queue.SimpleQueue[_Send | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[Send | None] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
-        self._busy: _Send | None = None
+        self._busy: Send | None = None
         self._dead: str | None = None
         self._lock = threading.Lock()
         self._nonce = b""  # the remote hub's challenge (a run with a secret)
@@ -324,7 +259,7 @@ class _Conn:
     def dead(self) -> bool:
         return self._dead is not None
 
-    def post(self, item: _Send) -> None:
+    def post(self, item: Send) -> None:
         self._q.put(item)
 
     def _connect(self) -> socket.socket:
@@ -332,7 +267,7 @@ class _Conn:
         s = socket.create_connection((host, int(port)), timeout=30.0)
         if self.hub.authenticate:
             nonce = bytearray(NONCE_BYTES)
-            _recv_exact(s, memoryview(nonce), NONCE_BYTES)
+            recv_exact(s, memoryview(nonce), NONCE_BYTES)
             self._nonce = bytes(nonce)
         s.settimeout(None)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -356,7 +291,7 @@ class _Conn:
                 hdr = HEADER.pack(MAGIC, item.kind, item.src, item.tag, item.buf.numel(), len(item.key))
                 self._sock.sendall(hdr + item.key + self._proof(item, hdr))
                 if item.buf.numel():
-                    self._sock.sendall(_mv(item.buf))
+                    self._sock.sendall(mv_of(item.buf))
                 with self._lock:
                     self._busy = None
                 item.settle(None)
@@ -367,7 +302,7 @@ class _Conn:
                 item.settle(BackendError(self._dead))
                 self._shutdown_sock()
 
-    def _proof(self, item: _Send, hdr: bytes) -> bytes:
+    def _proof(self, item: Send, hdr: bytes) -> bytes:
         """The group's first message on this connection carries its proof of membership."""
         if not self.hub.authenticate or item.key in self._proven:
             return b""
@@ -377,7 +312,7 @@ class _Conn:
         self._proven.add(item.key)
         return proof(key, self._nonce, hdr, item.key)
 
-    def abort_if_busy(self, item: _Send) -> None:
+    def abort_if_busy(self, item: Send) -> None:
         with self._lock:
             busy = self._busy is item
         if busy:
@@ -437,7 +372,7 @@ class Hub:
             self._changed.notify_all()
         for kind, src, tag, data in orphans:
             with ep._lock:
-                ep._unexpected.setdefault((kind, tag), collections.deque()).append(_Unexpected(src, data))
+                ep._unexpected.setdefault((kind, tag), collections.deque()).append(Unexpected(src, data))
 
     def unregister(self, ep: Endpoint) -> None:
         with self._lock:
@@ -456,7 +391,7 @@ class Hub:
         carries a proof; wait (bounded) until the group is registered here
         and has its key, then check it. None: refused."""
         mac = bytearray(PROOF_BYTES)
-        _recv_exact(s, memoryview(mac), PROOF_BYTES)
+        recv_exact(s, memoryview(mac), PROOF_BYTES)
         with self._lock:
             self._changed.wait_for(lambda: self._stop.is_set() or (
                 key in self._endpoints and bool(self._endpoints[key].credential())), timeout=60.0)
@@ -515,7 +450,7 @@ class Hub:
                 s.sendall(nonce)
             while not self._stop.is_set():
                 try:
-                    _recv_exact(s, memoryview(hdr), HEADER.size)
+                    recv_exact(s, memoryview(hdr), HEADER.size)
                 except ConnectionError:
                     return
                 magic, kind, src, tag, nbytes, klen = HEADER.unpack(hdr)
@@ -524,7 +459,7 @@ class Hub:
                     log.warning("pyccl: dropping a point-to-point connection: bad header")
                     return
                 kb = bytearray(klen)
-                _recv_exact(s, memoryview(kb), klen)
+                recv_exact(s, memoryview(kb), klen)
                 key = kb.decode(errors="replace")
                 if self.authenticate and key not in proven:
                     if self._verified_endpoint(s, nonce, bytes(hdr), key) is None:
@@ -536,14 +471,14 @@ class Hub:
                 if ep is None:
                     data = bytearray(nbytes)
                     if nbytes:
-                        _recv_exact(s, memoryview(data), nbytes)
+                        recv_exact(s, memoryview(data), nbytes)
                     with self._lock:
                         ep = self._endpoints.get(key)
                         if ep is None:
                             self._orphans.setdefault(key, []).append((kind, src, tag, data))
                             continue
                     with ep._lock:
-                        ep._unexpected.setdefault((kind, tag), collections.deque()).append(_Unexpected(src, data))
+                        ep._unexpected.setdefault((kind, tag), collections.deque()).append(Unexpected(src, data))
                     continue
                 seen.add((key, src))
                 ep.incoming(s, kind, src, tag, nbytes)
