@@ -203,7 +203,7 @@ def diloco_options(method: str, cfg: Config) -> dict[str, Any]:
         "eager": {"delayed": "eager"},
         "lookahead": {"delayed": "lookahead"},
         "stream": {"fragments": cfg.fragments, "sync_delay": cfg.tau, "mixing": cfg.alpha},
-        "overlap": {"sync_delay": cfg.sync_every // 2, "mixing": cfg.alpha},
+        "overlap": {"delayed": "overlap", "mixing": cfg.alpha},  # sync delay H - 1
         "uint8": {"quantize": "uint8"},
         "int4": {"quantize": "int4"},
         "int4-noef": {"quantize": "int4", "error_feedback": False},
@@ -400,10 +400,11 @@ def run_method(method: str, cfg: Config, say: Any) -> dict[str, Any]:
 LABELS = {"diloco": "DiLoCo (sync)", "delayed": "DiLoCo (one-step delayed, SGD)",
           "delayed-nesterov": "DiLoCo (one-step delayed, Nesterov)", "eager": "DiLoCo (delayed, eager updates)",
           "lookahead": "DiLoCo (delayed, own look-ahead)",
-          "overlap": "DiLoCo (overlap tau = H/2, alpha)",
+          "overlap": "DiLoCo (delayed overlap, tau = H - 1, alpha)",
           "stream": "streaming DiLoCo (F=4, tau, alpha)", "uint8": "DiLoCo (uint8 + EF)", "int4": "DiLoCo (int4 + EF)",
           "int4-noef": "DiLoCo (int4, no EF)", "ddp": "DDP-like baseline"}
-COLORS = {"diloco": "tab:blue", "delayed": "tab:orange", "delayed-nesterov": "tab:brown", "eager": "tab:green", "lookahead": "tab:red", "overlap": "black",
+COLORS = {"diloco": "tab:blue", "delayed": "tab:orange", "delayed-nesterov": "tab:brown", "eager": "tab:green",
+          "lookahead": "tab:red", "overlap": "black",
           "stream": "tab:purple", "uint8": "tab:cyan", "int4": "tab:olive", "int4-noef": "tab:pink",
           "ddp": "tab:gray"}
 
@@ -448,12 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["diloco", "delayed", "ddp"], choices=list(LABELS))
     ap.add_argument("--seed", type=int, default=Config.seed)
+    ap.add_argument("--alpha", type=float, default=Config.alpha)
     ap.add_argument("--steps", type=int, default=Config.steps)
     ap.add_argument("--sync-every", type=int, default=Config.sync_every)
     ap.add_argument("--plot", default=str(ROOT / "docs" / "diloco_train.png"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "diloco_train.json"))
     args = ap.parse_args(argv)
-    cfg = Config(steps=args.steps, sync_every=args.sync_every, seed=args.seed)
+    cfg = Config(steps=args.steps, sync_every=args.sync_every, seed=args.seed, alpha=args.alpha)
 
     def say(s: str) -> None:
         print(s, flush=True)

@@ -94,6 +94,8 @@ def reference(opts: dict[str, Any], steps: int, ranks: tuple[int, ...] = (0, 1))
     delayed = opts.get("delayed", False)
     fragments = opts.get("fragments", 1)
     tau = opts.get("sync_delay", 0)
+    if delayed == "overlap":  # streaming's overlap with the longest delay
+        delayed, tau = False, tau or H - 1
     alpha = opts.get("mixing", 0.5)
     eager = delayed in ("eager", "lookahead")
     threads = torch.get_num_threads()

@@ -119,9 +119,16 @@ class DiLoCo:
             all-reduce of outer step k runs in the background during the next
             H inner steps and is applied at outer step k + 1. ``"eager"``:
             the same schedule with eager updates (Kale et al., 2025): each
-            inner phase starts from a look-ahead outer step that stands in
-            for the average still in flight (see ``_eager.py``); works with
-            Nesterov momentum.
+            inner phase starts from a look-ahead outer step whose gradient
+            stands in for the average still in flight: the other peers' last
+            pseudo-gradients and this peer's fresh one (see ``_eager.py``).
+            ``"lookahead"``: the same, with this peer's fresh pseudo-gradient
+            alone as the stand-in. Both keep Nesterov momentum.
+            ``"overlap"``: streaming DiLoCo's overlap with the longest delay,
+            ``sync_delay = H - 1`` (unless given) and ``mixing``: the
+            all-reduce hides behind H - 1 inner steps and the loss stays
+            close to sync DiLoCo's with Nesterov momentum (the measured
+            choice; see docs/diloco_compare.md).
         fragments: streaming DiLoCo: F fragments of the parameters (contiguous
             in model order, about equal size), fragment f synced at the inner
             steps where ``step % H == f * H // F``. 1 <= F <= H.
@@ -187,10 +194,16 @@ class DiLoCo:
             mode = "sync"
         elif delayed is True or delayed == "naive":
             mode = "naive"
-        elif delayed == "eager":
+        elif delayed in ("eager", "lookahead"):
             mode = "eager"
+        elif delayed == "overlap":
+            if sync_every < 2:
+                raise ValueError("delayed='overlap' needs sync_every >= 2")
+            mode = "sync"
+            sync_delay = sync_delay or sync_every - 1
         else:
-            raise ValueError(f"delayed must be False, True, 'naive' or 'eager', got {delayed!r}")
+            raise ValueError(f"delayed must be False, True, 'naive', 'eager', 'lookahead' or 'overlap', "
+                             f"got {delayed!r}")
         if not isinstance(sync_delay, int) or not 0 <= sync_delay < sync_every:
             raise ValueError(f"sync_delay must be an integer in [0, sync_every), got {sync_delay!r}")
         if sync_delay and mode != "sync":
@@ -229,7 +242,8 @@ class DiLoCo:
         self.comm = comm
         self.sync_every = sync_every
         self.mode = mode                  # "sync", "naive", "eager" or "stream"
-        self.delayed = mode in ("naive", "eager")
+        self.delayed = mode in ("naive", "eager")  # the one-step-delayed schedule
+        self._own_proxy = delayed == "lookahead"  # the look-ahead uses this peer's pseudo-gradient alone
         self.fragments = fragments
         self.quantize = quantize
         self.sync_delay = sync_delay
@@ -492,7 +506,7 @@ class DiLoCo:
         with torch.no_grad():
             for s in self.slots[f]:
                 assert s.proxy is not None and s.out is not None
-                if float(self._pending_count[f]) > 0:
+                if float(self._pending_count[f]) > 0 and not self._own_proxy:
                     torch.sub(s.out, s.pg, alpha=mine, out=s.proxy)
                 else:
                     s.proxy.zero_()
@@ -500,7 +514,7 @@ class DiLoCo:
     def _proxy_end(self, f: int) -> None:
         """Eager: proxy = (others' previous + my fresh pseudo-gradient) / their number."""
         c = float(self._pending_count[f])
-        n = (c - float(self._count_in[f]) + 1.0) if c > 0 else 1.0
+        n = (c - float(self._count_in[f]) + 1.0) if c > 0 and not self._own_proxy else 1.0
         with torch.no_grad():
             for s in self.slots[f]:
                 assert s.proxy is not None
