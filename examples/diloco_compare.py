@@ -74,7 +74,8 @@ def run_bench(methods: list[str], cfg: Any, say: Any) -> dict[str, dict[str, flo
     side = int(((4 << 20) // 4 // 8) ** 0.5)
     params = 8 * side * side
     out: dict[str, dict[str, float]] = {}
-    for m in ["diloco"] + [x for x in methods if x != "diloco"]:
+    first = ["diloco"] if "diloco" in methods or "ddp" in methods else []  # ddp's is derived from it
+    for m in first + [x for x in methods if x != "diloco"]:
         mode = bench_mode(m, cfg.sync_every, cfg)
         if mode is None:
             continue
@@ -133,10 +134,17 @@ def plot(rows: list[dict[str, Any]], path: Path, cfg: Any) -> None:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5))
     labels = [r["label"] for r in rows]
     ys = list(range(len(rows)))[::-1]
+    sync = next((r["mean"] for r in rows if r["method"] == "diloco"), None)
+    lo = min(r["min"] for r in rows) - 0.02
+    hi = max(r["max"] for r in rows) + 0.02 if sync is None else min(max(r["max"] for r in rows) + 0.02, sync * 1.08)
     for y, r in zip(ys, rows):
+        if r["mean"] > hi:  # off the scale: say where it is
+            ax1.annotate(f"{r['mean']:.2f} ± {r['std']:.2f} →", (hi, y), ha="right", va="center", fontsize=8,
+                         color="tab:red")
+            continue
         ax1.errorbar(r["mean"], y, xerr=r["std"], fmt="o", color="tab:blue", capsize=4)
         ax1.scatter(r["losses"], [y] * len(r["losses"]), color="tab:gray", s=12, zorder=3)
-    sync = next((r["mean"] for r in rows if r["method"] == "diloco"), None)
+    ax1.set_xlim(lo, hi)
     if sync is not None:
         ax1.axvline(sync, color="tab:blue", linestyle=":", linewidth=1)
         ax1.axvspan(sync, sync * 1.02, color="tab:green", alpha=0.12, label="within 2% of sync DiLoCo")
@@ -153,7 +161,7 @@ def plot(rows: list[dict[str, Any]], path: Path, cfg: Any) -> None:
     ax3.barh(ys, ex, color=["tab:red" if r["exposed_derived"] else "tab:purple" for r in rows])
     ax3.set_xscale("symlog", linthresh=0.05)
     ax3.set_yticks(ys, [""] * len(rows))
-    ax3.set_xlabel("exposed communication per H inner steps, s (symlog; red: derived)")
+    ax3.set_xlabel("exposed comm per H inner steps, s (red: derived)")
     ax3.set_title("slow link: 10 MB/s, 25 ms, 4 MiB model")
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3, axis="x")
@@ -171,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--no-timing", action="store_true", help="skip the slow-link timing")
     ap.add_argument("--out", default=str(ROOT / "docs" / "diloco_compare"))
+    ap.add_argument("--merge", action="store_true",
+                    help="add these methods' runs and timings to those already in --out's JSON (same config)")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the table and picture from --out's JSON")
     args = ap.parse_args(argv)
     cfg = Config(steps=args.steps)
     t0 = time.monotonic()
@@ -178,9 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     def say(s: str) -> None:
         print(s, flush=True)
 
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    command = f"PYTHONPATH=. python examples/diloco_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}"
+    old: dict[str, Any] = json.loads(out.with_suffix(".json").read_text()) if args.merge or args.replot else {}
+    if old and old["config"] != asdict(cfg):
+        raise SystemExit(f"{out}.json was made with another config: {old['config']}")
+    if args.replot:
+        return _write(old["runs"], old.get("timing", {}), cfg, out, old.get("commands", []), old.get("minutes", 0.0), say)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+    partial = out.with_name(out.name + ".partial.json")
     for seed in range(args.seeds):
         for m in args.methods:
             r = run_method(m, replace(cfg, seed=seed), lambda s: None)
@@ -190,20 +208,34 @@ def main(argv: list[str] | None = None) -> int:
             runs[m].append(r)
             say(f"seed {seed} {m:<10} final val loss {r['final_val_loss']:.4f}  {r['tx_bytes_per_peer'] / 1e6:7.2f} MB "
                 f"sent per peer  ({r['wall_seconds']:.0f} s; {time.monotonic() - t0:.0f} s so far)")
-            out.with_suffix(".json").write_text(json.dumps({"config": asdict(cfg), "runs": runs}, indent=1))
+            partial.write_text(json.dumps({"config": asdict(cfg), "runs": runs}, indent=1))  # if interrupted
     bench = {} if args.no_timing else run_bench(args.methods, cfg, say)
+    partial.unlink(missing_ok=True)
+    minutes = (time.monotonic() - t0) / 60
+    commands = [f"{command} ({minutes:.1f} minutes)"]
+    if old:
+        commands = old.get("commands", []) + commands
+        minutes += old.get("minutes", 0.0)
+        merged = {m: rs for m, rs in old["runs"].items() if m not in runs}
+        runs = {m: (runs.get(m) or merged[m]) for m in [*METHODS, *SHORT] if m in runs or m in merged}
+        bench = {**old.get("timing", {}), **bench}
+    return _write(runs, bench, cfg, out, commands, minutes, say)
+
+
+def _write(runs: dict[str, list[dict[str, Any]]], bench: dict[str, dict[str, float]], cfg: Any, out: Path,
+           commands: list[str], minutes: float, say: Any) -> int:
     rows = summarize(runs, bench)
     text = table(rows)
-    elapsed = time.monotonic() - t0
-    head = (f"# DiLoCo modes compared\n\nCommand: `PYTHONPATH=. python examples/diloco_compare.py "
-            f"{' '.join(sys.argv[1:] if argv is None else argv)}` ({elapsed / 60:.1f} minutes on this machine)\n\n"
-            f"Char transformer (113 K parameters), {cfg.peers} peers, {cfg.steps} inner steps of batch {cfg.batch} per "
-            f"peer (equal compute), H = {cfg.sync_every}; one peer SIGKILLed at {cfg.kill_at:.0%} of the run and a new "
-            f"one joining; {args.seeds} seeds. Exposed communication: 2 peers through the stress proxy at 10 MB/s and "
-            f"25 ms one way, 4 MiB of parameters, 50 ms inner steps (see the script's docstring).\n\n")
+    seeds = max(len(rs) for rs in runs.values())
+    head = ("# DiLoCo modes compared\n\nCommands (their wall time on this machine):\n\n"
+            + "".join(f"    {c}\n" for c in commands)
+            + f"\nChar transformer (113 K parameters), {cfg.peers} peers, {cfg.steps} inner steps of batch "
+            f"{cfg.batch} per peer (equal compute), H = {cfg.sync_every}; one peer SIGKILLed at {cfg.kill_at:.0%} of "
+            f"the run and a new one joining; {seeds} seeds. Exposed communication: 2 peers through the stress proxy "
+            f"at 10 MB/s and 25 ms one way, 4 MiB of parameters, 50 ms inner steps (see the script's docstring).\n\n")
     out.with_suffix(".md").write_text(head + text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"config": asdict(cfg), "runs": runs, "timing": bench,
-                                                    "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"config": asdict(cfg), "commands": commands, "minutes": minutes,
+                                                    "runs": runs, "timing": bench, "rows": rows}, indent=1))
     say("\n" + text)
     try:
         plot(rows, out.with_suffix(".png"), cfg)
