@@ -10,10 +10,13 @@ Two measurements, one table (``docs/diloco_compare.md``, ``.json``, ``.png``):
    joining, equal compute: the same inner steps of the same batch size per
    peer) with each seed (the seed sets the initial model and every peer's
    batch stream); final validation loss of the global model (mean, standard
-   deviation and range over the seeds) and the bytes each peer sent
-   (collectives + state syncs). The run is shorter than the example's
+   deviation and range over the seeds) and the bytes each peer sent: all
+   of them, and those of the collectives alone (the rest is the shared
+   state sent to the joiner, whose split among the members varies). The run is shorter than the example's
    default (``--steps 200``, 10 outer steps of H = 20) so that 8 methods x 3
-   seeds fit in the time budget on two cores.
+   seeds fit in about 15 minutes on two cores (more when other jobs share
+   them). ``--methods lookahead --merge`` adds the own-look-ahead delayed
+   mode to an existing table.
 2. Exposed communication: ``benchmarks/diloco.py``'s harness, 2 peers behind
    the stress tool's proxy (10 MB/s per direction, 25 ms one way), 4 MiB of
    float32 parameters, H = 20 inner steps of 50 ms: the sync all-reduce takes
@@ -103,6 +106,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], bench: dict[str, dict[str, 
             "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "min": min(vals), "max": max(vals),
             "MB_per_peer": statistics.fmean(r["tx_bytes_per_peer"] for r in rs) / 1e6,
+            "collective_MB_per_peer": statistics.fmean(r["tx_bytes_per_peer"] - r.get("state_tx_bytes_per_peer", 0.0)
+                                                       for r in rs) / 1e6,
             "blocked_s_per_peer": statistics.fmean(r["blocked_seconds_per_peer"] for r in rs),
             "exposed_s": bench.get(m, {}).get("exposed_s"), "hidden": bench.get(m, {}).get("hidden"),
             "exposed_derived": bool(bench.get(m, {}).get("derived")),
@@ -113,15 +118,15 @@ def summarize(runs: dict[str, list[dict[str, Any]]], bench: dict[str, dict[str, 
 def table(rows: list[dict[str, Any]]) -> str:
     base = {r["method"]: r["mean"] for r in rows}
     out = ["| method | final val loss, mean ± std (3 seeds) | range | vs sync DiLoCo | vs DDP-like | MB sent per peer "
-           "| exposed comm per outer step (slow link) | comm hidden |",
-           "|---|---|---|---|---|---|---|---|"]
+           "(all) | of which collectives | exposed comm per outer step (slow link) | comm hidden |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_sync = f"{(r['mean'] / base['diloco'] - 1) * 100:+.1f}%" if "diloco" in base else "-"
         vs_ddp = f"{(r['mean'] / base['ddp'] - 1) * 100:+.1f}%" if "ddp" in base else "-"
         exp = "-" if r["exposed_s"] is None else (f"{r['exposed_s']:.2f} s" + (" (derived)" if r["exposed_derived"] else ""))
         hid = "-" if r["hidden"] is None else f"{r['hidden']:.0%}"
         out.append(f"| {r['label']} | {r['mean']:.4f} ± {r['std']:.4f} | {r['min']:.3f} – {r['max']:.3f} | {vs_sync} | "
-                   f"{vs_ddp} | {r['MB_per_peer']:.2f} | {exp} | {hid} |")
+                   f"{vs_ddp} | {r['MB_per_peer']:.2f} | {r['collective_MB_per_peer']:.2f} | {exp} | {hid} |")
     return "\n".join(out)
 
 
@@ -152,7 +157,11 @@ def plot(rows: list[dict[str, Any]], path: Path, cfg: Any) -> None:
     ax1.set_yticks(ys, labels, fontsize=8)
     ax1.set_xlabel("final validation loss (mean ± std; dots: seeds)")
     ax1.set_title(f"{cfg.peers} peers, kill + join, {cfg.steps} inner steps, H = {cfg.sync_every}")
-    ax2.barh(ys, [r["MB_per_peer"] for r in rows], color="tab:orange")
+    coll = [r.get("collective_MB_per_peer", r["MB_per_peer"]) for r in rows]
+    ax2.barh(ys, coll, color="tab:orange", label="collectives")
+    ax2.barh(ys, [r["MB_per_peer"] - c for r, c in zip(rows, coll)], left=coll, color="tab:gray",
+             label="state sent to the joiner")
+    ax2.legend(loc="lower right", fontsize=8)
     ax2.set_xscale("log")
     ax2.set_yticks(ys, [""] * len(rows))
     ax2.set_xlabel("MB sent per peer (log)")
@@ -202,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         for m in args.methods:
             r = run_method(m, replace(cfg, seed=seed), lambda s: None)
-            r = {k: v for k, v in r.items() if k in ("final_val_loss", "tx_bytes_per_peer", "blocked_seconds_per_peer",
-                                                     "wall_seconds", "evals", "events")}
+            r = {k: v for k, v in r.items() if k in ("final_val_loss", "tx_bytes_per_peer", "state_tx_bytes_per_peer",
+                                                     "blocked_seconds_per_peer", "wall_seconds", "evals", "events")}
             r["seed"] = seed
             runs[m].append(r)
             say(f"seed {seed} {m:<10} final val loss {r['final_val_loss']:.4f}  {r['tx_bytes_per_peer'] / 1e6:7.2f} MB "

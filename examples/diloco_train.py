@@ -216,7 +216,7 @@ def _train_diloco(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, 
 
     dl = DiLoCo(model, inner, comm, sync_every=cfg.sync_every, **diloco_options(method, cfg))
     pipe.send(("joined", comm.peer_id, dl.inner_step, dl.join_info.rx_bytes))
-    tx = 0
+    tx = state_tx = 0
     blocked = 0.0
     while dl.inner_step < cfg.steps:
         step = dl.inner_step
@@ -228,11 +228,13 @@ def _train_diloco(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, 
         pipe.send(("loss", comm.peer_id, step + 1, float(loss.detach())))
         if info is not None:
             tx += info.tx_bytes
+            state_tx += info.state_tx_bytes
             blocked += info.seconds
             if comm.rank == 0 and info.synced:  # evaluate the global parameters once per round
                 pipe.send(("eval", info.inner_step, _eval_global(dl, model, corpus), info.world_size))
     dl.finish()
-    pipe.send(("final", comm.peer_id, dl.inner_step, evaluate(model, corpus), dl.state_hash(), tx, blocked))
+    pipe.send(("final", comm.peer_id, dl.inner_step, evaluate(model, corpus), dl.state_hash(), tx, blocked,
+               state_tx))
 
 
 def _eval_global(dl: Any, model: Any, corpus: Corpus) -> float:
@@ -272,7 +274,7 @@ def _train_ddp(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen
     comm.update_topology()
     sync = comm.sync_shared_state(state)
     pipe.send(("joined", comm.peer_id, int(counter[0]), sync.rx_bytes))
-    tx = 0
+    tx = state_tx = 0
     blocked = 0.0
     while int(counter[0]) < cfg.steps:
         step = int(counter[0])
@@ -295,7 +297,9 @@ def _train_ddp(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen
         counter[0] = step + 1
         state.revision += 1
         comm.update_topology()
-        comm.sync_shared_state(state)
+        sync = comm.sync_shared_state(state)
+        tx += sync.tx_bytes
+        state_tx += sync.tx_bytes
         blocked += time.perf_counter() - t0
         pipe.send(("loss", comm.peer_id, step + 1, float(loss.detach())))
         if (step + 1) % cfg.sync_every == 0 and comm.rank == 0:
@@ -303,7 +307,7 @@ def _train_ddp(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen
     h = 0
     for v in state.hashes().values():
         h = (h * 1_000_003 + v) & 0xFFFFFFFFFFFFFFFF
-    pipe.send(("final", comm.peer_id, int(counter[0]), evaluate(model, corpus), h, tx, blocked))
+    pipe.send(("final", comm.peer_id, int(counter[0]), evaluate(model, corpus), h, tx, blocked, state_tx))
 
 
 # ------------------------------------------------------------ orchestrator
@@ -392,6 +396,8 @@ def run_method(method: str, cfg: Config, say: Any) -> dict[str, Any]:
         "evals": sorted(evals.items()),
         "events": events,
         "tx_bytes_per_peer": sum(f[4] for f in finals.values()) / len(finals),
+        # what the shared-state syncs sent (the joiner's transfer), the rest is the collectives
+        "state_tx_bytes_per_peer": sum(f[6] for f in finals.values()) / len(finals),
         "blocked_seconds_per_peer": sum(f[5] for f in finals.values()) / len(finals),
         "wall_seconds": time.monotonic() - t_start,
     }
@@ -447,7 +453,7 @@ def plot(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["diloco", "delayed", "ddp"], choices=list(LABELS))
+    ap.add_argument("--methods", nargs="+", default=["diloco", "delayed", "overlap", "ddp"], choices=list(LABELS))
     ap.add_argument("--seed", type=int, default=Config.seed)
     ap.add_argument("--alpha", type=float, default=Config.alpha)
     ap.add_argument("--steps", type=int, default=Config.steps)

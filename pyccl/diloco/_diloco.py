@@ -59,6 +59,7 @@ class OuterStepInfo:
     retries: int             # all-reduce attempts that failed with PeerFailure and were redone
     admitted: bool           # update_topology() admitted joiners at this step
     synced: bool             # the shared state was synced at this step
+    state_tx_bytes: int = 0  # the part of tx_bytes that was the shared-state sync (a joiner's transfer)
 
 
 class _GatherSum:
@@ -89,7 +90,7 @@ def _merge(infos: list[OuterStepInfo]) -> OuterStepInfo | None:
         base, peers=src.peers, world_size=src.world_size, applied=bool(applied),
         seconds=sum(i.seconds for i in infos), reduce_seconds=max(i.reduce_seconds for i in infos),
         tx_bytes=sum(i.tx_bytes for i in infos), rx_bytes=sum(i.rx_bytes for i in infos),
-        retries=sum(i.retries for i in infos),
+        retries=sum(i.retries for i in infos), state_tx_bytes=sum(i.state_tx_bytes for i in infos),
     )
 
 
@@ -398,7 +399,7 @@ class DiLoCo:
                      self.comm.peer_id, self.inner_step, self.state.revision, sync.rx_bytes)
         return OuterStepInfo(self.outer_step, 0, self.inner_step, self.state.revision, self.comm.world_size,
                              self.comm.peers, False, time.perf_counter() - t0, 0.0, sync.tx_bytes, sync.rx_bytes,
-                             0, admitted, True)
+                             0, admitted, True, sync.tx_bytes)
 
     def _load_counters(self) -> None:
         self.inner_step = int(self._counters[0])
@@ -429,6 +430,7 @@ class DiLoCo:
         self._counters[0] = self.inner_step
         self._counters[1] = self.outer_step
         admitted = synced = False
+        state_tx = 0
         tx = sum(i.tx_bytes for i in infos)
         rx = sum(i.rx_bytes for i in infos)
         if f == 0:
@@ -450,6 +452,7 @@ class DiLoCo:
                 self._load_counters()
             tx += sync.tx_bytes
             rx += sync.rx_bytes
+            state_tx = sync.tx_bytes
             synced = True
         if self._overlapped:
             self._compress(f)
@@ -465,7 +468,7 @@ class DiLoCo:
             outer_step=self.outer_step, fragment=f, inner_step=self.inner_step, revision=self.state.revision,
             world_size=infos[0].world_size if infos else self.comm.world_size, peers=peers, applied=applied,
             seconds=time.perf_counter() - t0, reduce_seconds=max((i.seconds for i in infos), default=0.0),
-            tx_bytes=tx, rx_bytes=rx, retries=retries, admitted=admitted, synced=synced,
+            tx_bytes=tx, rx_bytes=rx, retries=retries, admitted=admitted, synced=synced, state_tx_bytes=state_tx,
         )
 
     def _land_fragment(self, f: int) -> OuterStepInfo:
