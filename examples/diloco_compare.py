@@ -163,6 +163,7 @@ def plot(rows: list[dict[str, Any]], path: Path, cfg: Any) -> None:
              label="state sent to the joiner")
     ax2.legend(loc="lower right", fontsize=8)
     ax2.set_xscale("log")
+    ax2.set_xlim(left=0.5 * min(coll))
     ax2.set_yticks(ys, [""] * len(rows))
     ax2.set_xlabel("MB sent per peer (log)")
     ax2.set_title("bytes each peer sent")
