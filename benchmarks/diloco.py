@@ -168,7 +168,7 @@ MODES: list[tuple[str, dict[str, Any]]] = [
     ("sync, 4 fragments", {"fragments": 4}),
     ("delayed, 4 fragments", {"delayed": True, "fragments": 4}),
     ("delayed, eager", {"delayed": "eager"}),
-    ("delayed overlap, tau = H - 1", {"delayed": "overlap", "mixing": 0.5}),
+    ("delayed overlap, tau = H/2, rebase", {"delayed": "overlap"}),
     ("streaming, 4 fragments, tau = H/4", {"fragments": 4, "sync_delay": "H/4", "mixing": 0.5}),
     ("sync, int4", {"quantize": "int4"}),
 ]

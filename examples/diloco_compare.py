@@ -27,8 +27,9 @@ Two measurements, one table (``docs/diloco_compare.md``, ``.json``, ``.png``):
 
 Methods: the DDP-like baseline; sync DiLoCo; one-step-delayed DiLoCo as first
 shipped (plain SGD outer optimizer: Nesterov diverged); delayed with eager
-updates (Nesterov 0.9); delayed overlap: delayed by tau = H - 1 inner steps
-with mixing 0.5 (streaming DiLoCo's overlap, one fragment; Nesterov 0.9); streaming DiLoCo
+updates (Nesterov 0.9); delayed overlap: delayed by tau = H/2 inner steps,
+local progress rebased onto the new global parameters (streaming DiLoCo's
+overlap, one fragment; Nesterov 0.9); streaming DiLoCo
 with 4 fragments, tau = 5, mixing 0.5; sync DiLoCo with uint8 and with int4
 pseudo-gradients, both with error feedback.
 """
@@ -53,7 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 METHODS = ["ddp", "diloco", "delayed", "eager", "overlap", "stream", "uint8", "int4"]
 SHORT = {"ddp": "DDP-like baseline", "diloco": "sync DiLoCo", "delayed": "delayed, old (SGD, no momentum)",
          "delayed-nesterov": "delayed, old, Nesterov 0.9", "eager": "delayed, eager updates (Nesterov)",
-         "lookahead": "delayed, own look-ahead (Nesterov)", "overlap": "delayed overlap, tau = H - 1, alpha 0.5 (Nesterov)",
+         "lookahead": "delayed, own look-ahead (Nesterov)", "overlap": "delayed overlap, tau = H/2, rebase (Nesterov)",
          "stream": "streaming F = 4, tau = 5, alpha 0.5", "uint8": "sync, uint8 + error feedback",
          "int4": "sync, int4 + error feedback", "int4-noef": "sync, int4, no error feedback"}
 

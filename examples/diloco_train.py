@@ -64,7 +64,7 @@ class Config:
     eval_batches: int = 8
     seed: int = 0             # model initialization and the peers' batch streams
     tau: int = 5              # streaming: sync delay (inner steps) of the "stream" method
-    alpha: float = 0.5        # streaming: mixing factor of the "stream" method
+    alpha: float | str = 0.5  # streaming: mixing of the "stream" method (or "rebase")
     fragments: int = 4        # streaming: fragments of the "stream" method
 
 
@@ -203,7 +203,7 @@ def diloco_options(method: str, cfg: Config) -> dict[str, Any]:
         "eager": {"delayed": "eager"},
         "lookahead": {"delayed": "lookahead"},
         "stream": {"fragments": cfg.fragments, "sync_delay": cfg.tau, "mixing": cfg.alpha},
-        "overlap": {"delayed": "overlap", "mixing": cfg.alpha},  # sync delay H - 1
+        "overlap": {"delayed": "overlap"},  # sync delay H / 2, rebase
         "uint8": {"quantize": "uint8"},
         "int4": {"quantize": "int4"},
         "int4-noef": {"quantize": "int4", "error_feedback": False},
@@ -406,7 +406,7 @@ def run_method(method: str, cfg: Config, say: Any) -> dict[str, Any]:
 LABELS = {"diloco": "DiLoCo (sync)", "delayed": "DiLoCo (one-step delayed, SGD)",
           "delayed-nesterov": "DiLoCo (one-step delayed, Nesterov)", "eager": "DiLoCo (delayed, eager updates)",
           "lookahead": "DiLoCo (delayed, own look-ahead)",
-          "overlap": "DiLoCo (delayed overlap, tau = H - 1, alpha)",
+          "overlap": "DiLoCo (delayed overlap, tau = H/2, rebase)",
           "stream": "streaming DiLoCo (F=4, tau, alpha)", "uint8": "DiLoCo (uint8 + EF)", "int4": "DiLoCo (int4 + EF)",
           "int4-noef": "DiLoCo (int4, no EF)", "ddp": "DDP-like baseline"}
 COLORS = {"diloco": "tab:blue", "delayed": "tab:orange", "delayed-nesterov": "tab:brown", "eager": "tab:green",
@@ -455,13 +455,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["diloco", "delayed", "overlap", "ddp"], choices=list(LABELS))
     ap.add_argument("--seed", type=int, default=Config.seed)
-    ap.add_argument("--alpha", type=float, default=Config.alpha)
+    ap.add_argument("--alpha", type=lambda v: v if v == "rebase" else float(v), default=Config.alpha,
+                    help="mixing of the 'stream' method: a float in [0, 1] or 'rebase'")
+    ap.add_argument("--tau", type=int, default=Config.tau, help="sync delay of the 'stream' method")
+    ap.add_argument("--fragments", type=int, default=Config.fragments, help="fragments of the 'stream' method")
     ap.add_argument("--steps", type=int, default=Config.steps)
     ap.add_argument("--sync-every", type=int, default=Config.sync_every)
     ap.add_argument("--plot", default=str(ROOT / "docs" / "diloco_train.png"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "diloco_train.json"))
     args = ap.parse_args(argv)
-    cfg = Config(steps=args.steps, sync_every=args.sync_every, seed=args.seed, alpha=args.alpha)
+    cfg = Config(steps=args.steps, sync_every=args.sync_every, seed=args.seed, alpha=args.alpha,
+                 tau=args.tau, fragments=args.fragments)
 
     def say(s: str) -> None:
         print(s, flush=True)

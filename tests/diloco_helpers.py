@@ -94,9 +94,11 @@ def reference(opts: dict[str, Any], steps: int, ranks: tuple[int, ...] = (0, 1))
     delayed = opts.get("delayed", False)
     fragments = opts.get("fragments", 1)
     tau = opts.get("sync_delay", 0)
-    if delayed == "overlap":  # streaming's overlap with the longest delay
-        delayed, tau = False, tau or H - 1
     alpha = opts.get("mixing", 0.5)
+    if delayed == "overlap":  # streaming's overlap on the whole model, rebased
+        delayed, tau = False, tau or H // 2
+        alpha = opts.get("mixing", "rebase")
+    rebase = alpha == "rebase"
     eager = delayed in ("eager", "lookahead")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -111,7 +113,8 @@ def reference(opts: dict[str, Any], steps: int, ranks: tuple[int, ...] = (0, 1))
         landings = {(f * H // fragments + tau) % H: f for f in range(fragments)} if tau else {}
         pending: dict[int, list[Any]] = {}
         mine: dict[int, list[list[Any]]] = {}       # eager: each peer's last pseudo-gradient of a fragment
-        starts = [[t.clone() for t in theta] for _ in ranks]  # eager: each peer's start point
+        starts = [[t.clone() for t in theta] for _ in ranks]  # eager, rebase: each peer's start point
+        anchors = [[t.clone() for t in theta] for _ in ranks]  # rebase: the local parameters at the last sync
         snaps = []
 
         def outer_step(idx: list[int], grads: list[Any]) -> None:
@@ -145,15 +148,22 @@ def reference(opts: dict[str, Any], steps: int, ranks: tuple[int, ...] = (0, 1))
                 with torch.no_grad():
                     for k in range(2):
                         for i in idx:
-                            local[k][i].mul_(alpha).add_(theta[i], alpha=1.0 - alpha)
+                            if rebase:  # keep the progress since the sync, on the new global parameters
+                                local[k][i].sub_(anchors[k][i]).add_(theta[i])
+                                starts[k][i] = theta[i].detach().clone()
+                            else:
+                                local[k][i].mul_(alpha).add_(theta[i], alpha=1.0 - alpha)
             f = offsets.get(s % H)
             if f is None:
                 continue
             idx = frags[f]
-            src = starts if eager else [theta, theta]
+            src = starts if eager or (tau and rebase) else [theta, theta]
             deltas = [[src[k][i] - local[k][i].detach() for i in idx] for k in range(2)]
             if tau:
                 pending[f] = [a + b for a, b in zip(*deltas)]
+                for k in range(2):
+                    for i in idx:
+                        anchors[k][i] = local[k][i].detach().clone()
                 snaps.append([t.detach().numpy().copy() for t in theta])
                 continue
             if not delayed:

@@ -359,12 +359,12 @@ def test_sync_delay_lands_each_fragment_tau_steps_after_its_sync():
     assert all(torch.equal(p, g) for p, (_, g) in zip(model.parameters(), dl.global_parameters()))
 
 
-def test_delayed_overlap_is_the_longest_sync_delay():
+def test_delayed_overlap_is_half_a_period_rebased():
     runs = []
-    for opts in ({"delayed": "overlap"}, {"sync_delay": H - 1, "mixing": 0.5}):
+    for opts in ({"delayed": "overlap"}, {"sync_delay": H // 2, "mixing": "rebase"}):
         model = make_model()
         dl = DiLoCo(model, make_inner(model), FakeComm(), sync_every=H, **opts)
-        assert dl.sync_delay == H - 1 and dl.mode == "stream" and not dl.delayed
+        assert dl.sync_delay == H // 2 and dl.mode == "stream" and dl.rebase and not dl.delayed
         _run(dl, model, dl.comm, 3 * H)
         runs.append(dl.state_hash())
     assert runs[0] == runs[1]

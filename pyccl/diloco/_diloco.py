@@ -125,11 +125,11 @@ class DiLoCo:
             pseudo-gradients and this peer's fresh one (see ``_eager.py``).
             ``"lookahead"``: the same, with this peer's fresh pseudo-gradient
             alone as the stand-in. Both keep Nesterov momentum.
-            ``"overlap"``: streaming DiLoCo's overlap with the longest delay,
-            ``sync_delay = H - 1`` (unless given) and ``mixing``: the
-            all-reduce hides behind H - 1 inner steps and the loss stays
-            close to sync DiLoCo's with Nesterov momentum (the measured
-            choice; see docs/diloco_compare.md).
+            ``"overlap"``: streaming DiLoCo's overlap on the whole model,
+            ``sync_delay = H // 2`` and ``mixing="rebase"`` unless given: the
+            all-reduce hides behind H/2 inner steps, the outer optimizer keeps
+            Nesterov momentum (the measured choice; see
+            docs/diloco_compare.md).
         fragments: streaming DiLoCo: F fragments of the parameters (contiguous
             in model order, about equal size), fragment f synced at the inner
             steps where ``step % H == f * H // F``. 1 <= F <= H.
@@ -139,9 +139,14 @@ class DiLoCo:
             average is applied tau steps later, and the fragment's local
             parameters are then mixed with the new global ones. ``delayed``
             is the tau = H case without mixing, so the two are exclusive.
-        mixing: alpha of streaming DiLoCo, used with ``sync_delay > 0``:
+        mixing: alpha of streaming DiLoCo, used with ``sync_delay > 0``
+            (default 0.5, ``"rebase"`` with ``delayed="overlap"``):
             ``local = alpha * local + (1 - alpha) * global`` when the
-            average lands (0: take the global parameters).
+            average lands (0: take the global parameters). ``"rebase"``:
+            ``local = global + (local - local at the sync)``: the progress
+            made since the sync is kept and moved onto the new global
+            parameters, and the next pseudo-gradient is measured from the
+            new global parameters, so no progress is lost or sent twice.
         quantize: compression of the float32 pseudo-gradients: ``"uint8"``
             (the core's quantized all-reduce, about 4x fewer bytes than
             float32) or ``"int4"`` (4-bit codes all-gathered and summed on
@@ -180,7 +185,7 @@ class DiLoCo:
         fragments: int = 1,
         quantize: str | None = None,
         sync_delay: int = 0,
-        mixing: float = 0.5,
+        mixing: float | str | None = None,
         error_feedback: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -201,7 +206,8 @@ class DiLoCo:
             if sync_every < 2:
                 raise ValueError("delayed='overlap' needs sync_every >= 2")
             mode = "sync"
-            sync_delay = sync_delay or sync_every - 1
+            sync_delay = sync_delay or sync_every // 2
+            mixing = "rebase" if mixing is None else mixing
         else:
             raise ValueError(f"delayed must be False, True, 'naive', 'eager', 'lookahead' or 'overlap', "
                              f"got {delayed!r}")
@@ -210,8 +216,10 @@ class DiLoCo:
         if sync_delay and mode != "sync":
             raise ValueError("sync_delay is streaming DiLoCo's overlap of tau < H inner steps; delayed=True is the "
                              "tau = H case (applied at the fragment's next sync): pass one or the other")
-        if not 0.0 <= float(mixing) <= 1.0:
-            raise ValueError(f"mixing must be in [0, 1], got {mixing!r}")
+        if mixing is None:
+            mixing = 0.5
+        if mixing != "rebase" and not (isinstance(mixing, (int, float)) and 0.0 <= float(mixing) <= 1.0):
+            raise ValueError(f"mixing must be in [0, 1] or 'rebase', got {mixing!r}")
         if sync_delay:
             mode = "stream"
         self._qkw: dict[str, Any] = {}
@@ -248,10 +256,12 @@ class DiLoCo:
         self.fragments = fragments
         self.quantize = quantize
         self.sync_delay = sync_delay
-        self.mixing = float(mixing)
+        self.rebase = mixing == "rebase" and mode == "stream"
+        self.mixing = 0.0 if mixing == "rebase" else float(mixing)
         self.error_feedback = bool(error_feedback)
         self._overlapped = mode != "sync"
-        self.slots: list[list[Slot]] = build_slots(named, fragments, self._overlapped, eager=mode == "eager")
+        self.slots: list[list[Slot]] = build_slots(named, fragments, self._overlapped, eager=mode == "eager",
+                                                   rebase=self.rebase)
         self._all_slots = [s for fr in self.slots for s in fr]
         if quantize is not None:
             for s in self._all_slots:
@@ -426,6 +436,11 @@ class DiLoCo:
             applied = self._apply_pending(f)
         else:  # stream: the average lands sync_delay steps later (_land_fragment)
             self._compute_pg(f)
+            if self.rebase:
+                with torch.no_grad():
+                    for s in self.slots[f]:
+                        assert s.anchor is not None
+                        torch.cat([p.detach().reshape(-1) for p in s.local], out=s.anchor)
         self.outer_step += 1
         self._counters[0] = self.inner_step
         self._counters[1] = self.outer_step
@@ -638,14 +653,24 @@ class DiLoCo:
             for s in self.slots[f]:
                 if s.start is not None and not from_start:
                     s.start.copy_(s.glob.flat)
+                if s.anchor is not None:
+                    s.anchor.copy_(s.glob.flat)
                 src = s.glob.views if s.start is None else s.glob.views_of(s.start)
                 for p, v in zip(s.local, src):
                     p.copy_(v)
 
     def _mix_local(self, f: int) -> None:
-        """Streaming: local <- mixing * local + (1 - mixing) * global (mixing 0: a copy)."""
+        """Streaming: local <- mixing * local + (1 - mixing) * global (mixing 0:
+        a copy); rebase: local <- (local - anchor) + global, start <- global."""
         a = self.mixing
         with torch.no_grad():
+            if self.rebase:
+                for s in self.slots[f]:
+                    assert s.anchor is not None and s.start is not None
+                    for p, v, anc in zip(s.local, s.glob.views, s.glob.views_of(s.anchor)):
+                        p.sub_(anc).add_(v)
+                    s.start.copy_(s.glob.flat)
+                return
             for s in self.slots[f]:
                 for p, v in zip(s.local, s.glob.views):
                     if a == 0.0:

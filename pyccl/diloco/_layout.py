@@ -78,6 +78,7 @@ class Slot:
     grads: list[torch.Tensor] = field(default_factory=list)  # .grad views handed to the outer optimizer
     start: torch.Tensor | None = None          # eager mode: this peer's local start point (flat)
     proxy: torch.Tensor | None = None          # eager mode: the stand-in for the in-flight average
+    anchor: torch.Tensor | None = None         # rebase: the local parameters at the fragment's last sync
     ef: Any = None                             # quantize: the ErrorFeedback of a float32 slot
 
     @property
@@ -86,12 +87,13 @@ class Slot:
 
 
 def build_slots(named: Sequence[tuple[str, torch.Tensor]], fragments: int, overlapped: bool,
-                eager: bool = False) -> list[list[Slot]]:
+                eager: bool = False, rebase: bool = False) -> list[list[Slot]]:
     """Slots per fragment; inside a fragment one slot per dtype, in order of first appearance.
 
     ``overlapped`` (delayed or streaming with a sync delay): the all-reduce
     runs out of place into ``out``, which the outer optimizer then reads;
-    ``eager`` adds the local start point and the proxy buffers."""
+    ``eager`` adds the local start point and the proxy buffers, ``rebase``
+    the start point and the anchor."""
     groups = partition([int(p.numel()) for _, p in named], fragments)
     out: list[list[Slot]] = []
     index = 0
@@ -113,9 +115,12 @@ def build_slots(named: Sequence[tuple[str, torch.Tensor]], fragments: int, overl
                 slot.grads = glob.views_of(slot.out)
             else:
                 slot.grads = glob.views_of(pg)
-            if eager:
+            if eager or rebase:
                 slot.start = glob.flat.clone()
+            if eager:
                 slot.proxy = torch.zeros_like(glob.flat)
+            if rebase:
+                slot.anchor = glob.flat.clone()
             slots.append(slot)
             index += 1
         out.append(slots)
