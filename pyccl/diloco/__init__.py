@@ -108,25 +108,30 @@ shared state stays bit-identical and a joiner (no look-ahead: it starts
 from the global parameters) needs nothing more. See ``_eager.py``.
 
 Streaming with a sync delay (``sync_delay=tau``, ``mixing=alpha``;
-``delayed="overlap"`` is ``sync_delay=H-1``). Streaming DiLoCo's overlap
-(Douillard et al., 2025): at fragment f's sync step its pseudo-gradient
-``global - local`` is all-reduced in the background while the local
+``delayed="overlap"`` is ``sync_delay=H//2, mixing="rebase"``). Streaming
+DiLoCo's overlap (Douillard et al., 2025): at fragment f's sync step its
+pseudo-gradient ``start - local`` (start: the global parameters, or the
+rebase start point) is all-reduced in the background while the local
 parameters keep training; tau inner steps later the average *lands*: the
 outer optimizer steps the global parameters, and the fragment's local
-parameters become ``alpha * local + (1 - alpha) * global``::
+parameters become ``alpha * local + (1 - alpha) * global``, or with
+``mixing="rebase"`` ``global + (local - anchor)`` (anchor: the local
+parameters at the sync; start becomes the new global parameters), which
+keeps the progress made since the sync without sending it twice::
 
-    step % H == f*H//F:          pg = global - local; error feedback; all_reduce_async(pg), count
+    step % H == f*H//F:          pg = start - local; anchor <- local; error feedback; all_reduce_async(pg), count
                                  (f == 0: settle the others, revision += 1, update_topology, sync)
-    step % H == (f*H//F+tau)%H:  wait (redo over the survivors on failure);
-                                 outer step with sum / contributors; local <- alpha local + (1-alpha) global
+    step % H == (f*H//F+tau)%H:  wait (redo over the survivors on failure); outer step with sum / contributors;
+                                 local <- alpha local + (1-alpha) global   or   global + (local - anchor)
 
 Sums still in flight at fragment 0's sync are settled there and shared
 (``pending``), so a joiner applies them when they land, as the members do.
 It combines with ``fragments`` but not with ``delayed=True``, which is the
 tau = H case (the average lands at the fragment's next sync and the local
 parameters are reset, not mixed): passing both is a ValueError. With
-``delayed="overlap"`` the all-reduce hides behind H - 1 inner steps and the
-outer optimizer keeps Nesterov momentum.
+``delayed="overlap"`` the all-reduce hides behind H/2 inner steps and the
+outer optimizer keeps Nesterov momentum. Anchor and start are local; a
+joiner sets both to the global parameters it received.
 
 Quantization (``quantize="uint8"`` or ``"int4"``), float32 pseudo-gradients
 only (never other dtypes or the contributor counts). ``"uint8"`` uses the
