@@ -18,6 +18,9 @@ the same compute:
   stale update diverges with momentum 0.9 here, so this run uses plain SGD
   (lr 0.7, no momentum) as the outer optimizer (the best of a small sweep:
   lr 0.5/0.7/1.0, momentum 0/0.3/0.5/0.9);
+* ``--methods`` also takes the newer modes (``eager``, ``lookahead``,
+  ``overlap``, ``stream``, ``uint8``, ``int4``, ...): see
+  ``examples/diloco_compare.py``, which runs them over several seeds;
 * ``ddp``:     the baseline: gradients all-reduced (averaged) at every step,
   then the same AdamW step on every peer (what DDP does), parameters and
   AdamW state in a SharedState so that the joiner receives them.
@@ -453,7 +456,7 @@ def plot(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["diloco", "delayed", "overlap", "ddp"], choices=list(LABELS))
+    ap.add_argument("--methods", nargs="+", default=["diloco", "delayed", "ddp"], choices=list(LABELS))
     ap.add_argument("--seed", type=int, default=Config.seed)
     ap.add_argument("--alpha", type=lambda v: v if v == "rebase" else float(v), default=Config.alpha,
                     help="mixing of the 'stream' method: a float in [0, 1] or 'rebase'")
