@@ -55,7 +55,7 @@ METHODS = ["ddp", "diloco", "delayed", "eager", "overlap", "stream", "uint8", "i
 SHORT = {"ddp": "DDP-like baseline", "diloco": "sync DiLoCo", "delayed": "delayed, old (SGD, no momentum)",
          "delayed-nesterov": "delayed, old, Nesterov 0.9", "eager": "delayed, eager updates (Nesterov)",
          "lookahead": "delayed, own look-ahead (Nesterov)", "overlap": "delayed overlap, tau = H/2, rebase (Nesterov)",
-         "stream": "streaming F = 4, tau = 5, alpha 0.5", "uint8": "sync, uint8 + error feedback",
+         "stream": "streaming F = 4, tau = 5, alpha 0.5", "stream-rebase": "delayed overlap, F = 4 (tau = 5, rebase)", "uint8": "sync, uint8 + error feedback",
          "int4": "sync, int4 + error feedback", "int4-noef": "sync, int4, no error feedback"}
 
 

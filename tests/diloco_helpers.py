@@ -96,7 +96,7 @@ def reference(opts: dict[str, Any], steps: int, ranks: tuple[int, ...] = (0, 1))
     tau = opts.get("sync_delay", 0)
     alpha = opts.get("mixing", 0.5)
     if delayed == "overlap":  # streaming's overlap on the whole model, rebased
-        delayed, tau = False, tau or H // 2
+        delayed, tau = False, tau or max(1, H // max(2, fragments))
         alpha = opts.get("mixing", "rebase")
     rebase = alpha == "rebase"
     eager = delayed in ("eager", "lookahead")

@@ -368,6 +368,9 @@ def test_delayed_overlap_is_half_a_period_rebased():
         _run(dl, model, dl.comm, 3 * H)
         runs.append(dl.state_hash())
     assert runs[0] == runs[1]
+    model = make_model()
+    dl = DiLoCo(model, make_inner(model), FakeComm(), sync_every=20, delayed="overlap", fragments=4)
+    assert dl.sync_delay == 5 and dl.rebase  # a fragment's all-reduce overlaps the steps until the next sync
 
 
 def test_sync_delay_mixes_local_and_global():

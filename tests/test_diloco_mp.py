@@ -23,7 +23,7 @@ MODES: list[dict] = [
     {}, {"delayed": True}, {"fragments": 2}, {"delayed": True, "fragments": 2},
     {"delayed": "eager"}, {"delayed": "lookahead"}, {"delayed": "eager", "fragments": 2},
     {"sync_delay": 2, "mixing": 0.5}, {"fragments": 2, "sync_delay": 1, "mixing": 0.25}, {"delayed": "overlap"},
-    {"fragments": 2, "sync_delay": 3, "mixing": "rebase"},
+    {"fragments": 2, "sync_delay": 3, "mixing": "rebase"}, {"delayed": "overlap", "fragments": 2},
 ]
 STEPS = 6 * H
 
@@ -66,7 +66,7 @@ CHURN = {
     "sync": {}, "delayed": {"delayed": True}, "delayed-streaming": {"delayed": True, "fragments": 2},
     "eager": {"delayed": "eager"}, "eager-streaming": {"delayed": "eager", "fragments": 2},
     "sync-delay": {"sync_delay": 2}, "streaming-sync-delay": {"fragments": 2, "sync_delay": 3, "mixing": "rebase"},
-    "delayed-overlap": {"delayed": "overlap"},
+    "delayed-overlap": {"delayed": "overlap"}, "delayed-overlap-streaming": {"delayed": "overlap", "fragments": 2},
     "uint8-ef": {"quantize": "uint8"}, "int4-ef": {"quantize": "int4"},
     "int4-ef-eager": {"delayed": "eager", "quantize": "int4"},
 }

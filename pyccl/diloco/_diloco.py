@@ -125,11 +125,12 @@ class DiLoCo:
             pseudo-gradients and this peer's fresh one (see ``_eager.py``).
             ``"lookahead"``: the same, with this peer's fresh pseudo-gradient
             alone as the stand-in. Both keep Nesterov momentum.
-            ``"overlap"``: streaming DiLoCo's overlap on the whole model,
-            ``sync_delay = H // 2`` and ``mixing="rebase"`` unless given: the
-            all-reduce hides behind H/2 inner steps, the outer optimizer keeps
-            Nesterov momentum (the measured choice; see
-            docs/diloco_compare.md).
+            ``"overlap"``: streaming DiLoCo's overlap, with
+            ``sync_delay = H // max(2, F)`` and ``mixing="rebase"`` unless
+            given: each fragment's all-reduce hides behind the inner steps
+            until the next fragment's sync (H/2 with one fragment), the outer
+            optimizer keeps Nesterov momentum. With ``fragments=4`` it is the
+            measured choice (docs/diloco_compare.md, docs/diloco_compare_600.md).
         fragments: streaming DiLoCo: F fragments of the parameters (contiguous
             in model order, about equal size), fragment f synced at the inner
             steps where ``step % H == f * H // F``. 1 <= F <= H.
@@ -206,7 +207,7 @@ class DiLoCo:
             if sync_every < 2:
                 raise ValueError("delayed='overlap' needs sync_every >= 2")
             mode = "sync"
-            sync_delay = sync_delay or sync_every // 2
+            sync_delay = sync_delay or max(1, sync_every // max(2, fragments))
             mixing = "rebase" if mixing is None else mixing
         else:
             raise ValueError(f"delayed must be False, True, 'naive', 'eager', 'lookahead' or 'overlap', "
