@@ -31,7 +31,9 @@ updates (Nesterov 0.9); delayed overlap: delayed by tau = H/2 inner steps,
 local progress rebased onto the new global parameters (streaming DiLoCo's
 overlap, one fragment; Nesterov 0.9); streaming DiLoCo
 with 4 fragments, tau = 5, mixing 0.5; sync DiLoCo with uint8 and with int4
-pseudo-gradients, both with error feedback.
+pseudo-gradients, both with error feedback. ``--methods lookahead
+stream-rebase --merge`` adds the own-look-ahead delayed mode and the
+delayed overlap with 4 fragments (``delayed="overlap", fragments=4``).
 """
 
 from __future__ import annotations
