@@ -57,7 +57,8 @@ METHODS = ["ddp", "diloco", "delayed", "eager", "overlap", "stream", "uint8", "i
 SHORT = {"ddp": "DDP-like baseline", "diloco": "sync DiLoCo", "delayed": "delayed, old (SGD, no momentum)",
          "delayed-nesterov": "delayed, old, Nesterov 0.9", "eager": "delayed, eager updates (Nesterov)",
          "lookahead": "delayed, own look-ahead (Nesterov)", "overlap": "delayed overlap, tau = H/2, rebase (Nesterov)",
-         "stream": "streaming F = 4, tau = 5, alpha 0.5", "stream-rebase": "delayed overlap, F = 4 (tau = 5, rebase)", "uint8": "sync, uint8 + error feedback",
+         "stream": "streaming F = 4, tau = 5, alpha 0.5",
+         "stream-rebase": "delayed overlap, F = 4 (tau = 5, rebase)", "uint8": "sync, uint8 + error feedback",
          "int4": "sync, int4 + error feedback", "int4-noef": "sync, int4, no error feedback"}
 
 
@@ -126,9 +127,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         vs_sync = f"{(r['mean'] / base['diloco'] - 1) * 100:+.1f}%" if "diloco" in base else "-"
         vs_ddp = f"{(r['mean'] / base['ddp'] - 1) * 100:+.1f}%" if "ddp" in base else "-"
-        exp = "-" if r["exposed_s"] is None else (f"{r['exposed_s']:.2f} s" + (" (derived)" if r["exposed_derived"] else ""))
+        exp = "-" if r["exposed_s"] is None else f"{r['exposed_s']:.2f} s"
+        if r["exposed_derived"]:
+            exp += " (derived)"
         hid = "-" if r["hidden"] is None else f"{r['hidden']:.0%}"
-        out.append(f"| {r['label']} | {r['mean']:.4f} ± {r['std']:.4f} | {r['min']:.3f} – {r['max']:.3f} | {vs_sync} | "
+        out.append(f"| {r['label']} | {r['mean']:.4f} ± {r['std']:.4f} | {r['min']:.3f} – {r['max']:.3f} | "
+                   f"{vs_sync} | "
                    f"{vs_ddp} | {r['MB_per_peer']:.2f} | {r['collective_MB_per_peer']:.2f} | {exp} | {hid} |")
     return "\n".join(out)
 
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if old and old["config"] != asdict(cfg):
         raise SystemExit(f"{out}.json was made with another config: {old['config']}")
     if args.replot:
-        return _write(old["runs"], old.get("timing", {}), cfg, out, old.get("commands", []), old.get("minutes", 0.0), say)
+        return _write(old["runs"], old.get("timing", {}), cfg, out, old.get("commands", []),
+                      old.get("minutes", 0.0), say)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     partial = out.with_name(out.name + ".partial.json")
     for seed in range(args.seeds):

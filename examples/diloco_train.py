@@ -411,11 +411,14 @@ LABELS = {"diloco": "DiLoCo (sync)", "delayed": "DiLoCo (one-step delayed, SGD)"
           "delayed-nesterov": "DiLoCo (one-step delayed, Nesterov)", "eager": "DiLoCo (delayed, eager updates)",
           "lookahead": "DiLoCo (delayed, own look-ahead)",
           "overlap": "DiLoCo (delayed overlap, tau = H/2, rebase)",
-          "stream": "streaming DiLoCo (F=4, tau, alpha)", "stream-rebase": "delayed overlap, F=4 (tau, rebase)", "uint8": "DiLoCo (uint8 + EF)", "int4": "DiLoCo (int4 + EF)",
+          "stream": "streaming DiLoCo (F=4, tau, alpha)",
+          "stream-rebase": "delayed overlap, F=4 (tau, rebase)", "uint8": "DiLoCo (uint8 + EF)",
+          "int4": "DiLoCo (int4 + EF)",
           "int4-noef": "DiLoCo (int4, no EF)", "ddp": "DDP-like baseline"}
 COLORS = {"diloco": "tab:blue", "delayed": "tab:orange", "delayed-nesterov": "tab:brown", "eager": "tab:green",
           "lookahead": "tab:red", "overlap": "black",
-          "stream": "tab:purple", "stream-rebase": "tab:blue", "uint8": "tab:cyan", "int4": "tab:olive", "int4-noef": "tab:pink",
+          "stream": "tab:purple", "stream-rebase": "tab:blue",
+          "uint8": "tab:cyan", "int4": "tab:olive", "int4-noef": "tab:pink",
           "ddp": "tab:gray"}
 
 
