@@ -18,6 +18,9 @@ the same compute:
   stale update diverges with momentum 0.9 here, so this run uses plain SGD
   (lr 0.7, no momentum) as the outer optimizer (the best of a small sweep:
   lr 0.5/0.7/1.0, momentum 0/0.3/0.5/0.9);
+* ``--methods`` also takes the newer modes (``eager``, ``lookahead``,
+  ``overlap``, ``stream``, ``uint8``, ``int4``, ...): see
+  ``examples/diloco_compare.py``, which runs them over several seeds;
 * ``ddp``:     the baseline: gradients all-reduced (averaged) at every step,
   then the same AdamW step on every peer (what DDP does), parameters and
   AdamW state in a SharedState so that the joiner receives them.
@@ -62,6 +65,10 @@ class Config:
     peers: int = 4
     kill_at: float = 0.4      # fraction of the run at which a peer is killed and a new one started
     eval_batches: int = 8
+    seed: int = 0             # model initialization and the peers' batch streams
+    tau: int = 5              # streaming: sync delay (inner steps) of the "stream" method
+    alpha: float | str = 0.5  # streaming: mixing of the "stream" method (or "rebase")
+    fragments: int = 4        # streaming: fragments of the "stream" method
 
 
 # ------------------------------------------------------------------ model
@@ -102,7 +109,7 @@ def build_model(vocab: int, cfg: Config) -> Any:
             x = self.tok(idx) + self.pos[: idx.shape[1]]
             return self.head(self.ln(self.blocks(x)))
 
-    torch.manual_seed(0)  # the same initial model on every peer (a joiner receives the group's anyway)
+    torch.manual_seed(cfg.seed)  # the same initial model on every peer (a joiner receives the group's anyway)
     return CharTransformer()
 
 
@@ -173,7 +180,7 @@ def peer_main(pipe: Any, method: str, master: str, cfg: Config, seed: int, go: A
     corpus = Corpus(cfg)
     model = build_model(len(corpus.chars), cfg)
     inner = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(seed)  # this peer's own stream of batches
+    gen = torch.Generator().manual_seed(1000 * cfg.seed + seed)  # this peer's own stream of batches
     comm = pyccl.Communicator(master, connections=2, name=f"{method}-{seed}")
     if go is not None:  # the spare: started with the others (importing torch takes seconds), joins when told
         go.recv()
@@ -182,21 +189,38 @@ def peer_main(pipe: Any, method: str, master: str, cfg: Config, seed: int, go: A
         if method == "ddp":
             _train_ddp(pipe, comm, model, inner, corpus, gen, cfg)
         else:
-            _train_diloco(pipe, comm, model, inner, corpus, gen, cfg, delayed=method == "delayed")
+            _train_diloco(pipe, comm, model, inner, corpus, gen, cfg, method)
     finally:
         comm.close()
 
 
-def _train_diloco(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen: Any, cfg: Config,
-                  delayed: bool) -> None:
+def diloco_options(method: str, cfg: Config) -> dict[str, Any]:
+    """DiLoCo's keyword arguments for each method of the example."""
     import torch
 
+    if method == "delayed":  # one-step delayed, as first shipped: Nesterov 0.9 diverged, plain SGD did best
+        return {"delayed": True, "outer_optimizer": lambda ps: torch.optim.SGD(ps, lr=0.7)}
+    return {
+        "diloco": {},
+        "delayed-nesterov": {"delayed": True},
+        "eager": {"delayed": "eager"},
+        "lookahead": {"delayed": "lookahead"},
+        "stream": {"fragments": cfg.fragments, "sync_delay": cfg.tau, "mixing": cfg.alpha},
+        "stream-rebase": {"fragments": cfg.fragments, "sync_delay": cfg.tau, "mixing": "rebase"},
+        "overlap": {"delayed": "overlap"},  # sync delay H / 2, rebase
+        "uint8": {"quantize": "uint8"},
+        "int4": {"quantize": "int4"},
+        "int4-noef": {"quantize": "int4", "error_feedback": False},
+    }[method]
+
+
+def _train_diloco(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen: Any, cfg: Config,
+                  method: str) -> None:
     from pyccl.diloco import DiLoCo
 
-    outer = (lambda ps: torch.optim.SGD(ps, lr=0.7)) if delayed else None  # None: SGD 0.7, Nesterov 0.9
-    dl = DiLoCo(model, inner, comm, sync_every=cfg.sync_every, delayed=delayed, outer_optimizer=outer)
+    dl = DiLoCo(model, inner, comm, sync_every=cfg.sync_every, **diloco_options(method, cfg))
     pipe.send(("joined", comm.peer_id, dl.inner_step, dl.join_info.rx_bytes))
-    tx = 0
+    tx = state_tx = 0
     blocked = 0.0
     while dl.inner_step < cfg.steps:
         step = dl.inner_step
@@ -208,11 +232,29 @@ def _train_diloco(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, 
         pipe.send(("loss", comm.peer_id, step + 1, float(loss.detach())))
         if info is not None:
             tx += info.tx_bytes
+            state_tx += info.state_tx_bytes
             blocked += info.seconds
-            if comm.rank == 0:  # after an outer step the model holds the global parameters
-                pipe.send(("eval", info.inner_step, evaluate(model, corpus), info.world_size))
+            if comm.rank == 0 and info.synced:  # evaluate the global parameters once per round
+                pipe.send(("eval", info.inner_step, _eval_global(dl, model, corpus), info.world_size))
     dl.finish()
-    pipe.send(("final", comm.peer_id, dl.inner_step, evaluate(model, corpus), dl.state_hash(), tx, blocked))
+    pipe.send(("final", comm.peer_id, dl.inner_step, evaluate(model, corpus), dl.state_hash(), tx, blocked,
+               state_tx))
+
+
+def _eval_global(dl: Any, model: Any, corpus: Corpus) -> float:
+    """Validation loss of the global parameters (the model holds local ones
+    in eager and streaming modes), leaving the model as it was."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, (_, g) in zip(params, dl.global_parameters()):
+            p.copy_(g)
+        val = evaluate(model, corpus)
+        for p, v in zip(params, saved):
+            p.copy_(v)
+    return val
 
 
 def _train_ddp(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen: Any, cfg: Config) -> None:
@@ -236,7 +278,7 @@ def _train_ddp(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen
     comm.update_topology()
     sync = comm.sync_shared_state(state)
     pipe.send(("joined", comm.peer_id, int(counter[0]), sync.rx_bytes))
-    tx = 0
+    tx = state_tx = 0
     blocked = 0.0
     while int(counter[0]) < cfg.steps:
         step = int(counter[0])
@@ -259,7 +301,9 @@ def _train_ddp(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen
         counter[0] = step + 1
         state.revision += 1
         comm.update_topology()
-        comm.sync_shared_state(state)
+        sync = comm.sync_shared_state(state)
+        tx += sync.tx_bytes
+        state_tx += sync.tx_bytes
         blocked += time.perf_counter() - t0
         pipe.send(("loss", comm.peer_id, step + 1, float(loss.detach())))
         if (step + 1) % cfg.sync_every == 0 and comm.rank == 0:
@@ -267,7 +311,7 @@ def _train_ddp(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen
     h = 0
     for v in state.hashes().values():
         h = (h * 1_000_003 + v) & 0xFFFFFFFFFFFFFFFF
-    pipe.send(("final", comm.peer_id, int(counter[0]), evaluate(model, corpus), h, tx, blocked))
+    pipe.send(("final", comm.peer_id, int(counter[0]), evaluate(model, corpus), h, tx, blocked, state_tx))
 
 
 # ------------------------------------------------------------ orchestrator
@@ -356,13 +400,26 @@ def run_method(method: str, cfg: Config, say: Any) -> dict[str, Any]:
         "evals": sorted(evals.items()),
         "events": events,
         "tx_bytes_per_peer": sum(f[4] for f in finals.values()) / len(finals),
+        # what the shared-state syncs sent (the joiner's transfer), the rest is the collectives
+        "state_tx_bytes_per_peer": sum(f[6] for f in finals.values()) / len(finals),
         "blocked_seconds_per_peer": sum(f[5] for f in finals.values()) / len(finals),
         "wall_seconds": time.monotonic() - t_start,
     }
 
 
-LABELS = {"diloco": "DiLoCo (sync)", "delayed": "DiLoCo (one-step delayed)", "ddp": "DDP-like baseline"}
-COLORS = {"diloco": "tab:blue", "delayed": "tab:orange", "ddp": "tab:gray"}
+LABELS = {"diloco": "DiLoCo (sync)", "delayed": "DiLoCo (one-step delayed, SGD)",
+          "delayed-nesterov": "DiLoCo (one-step delayed, Nesterov)", "eager": "DiLoCo (delayed, eager updates)",
+          "lookahead": "DiLoCo (delayed, own look-ahead)",
+          "overlap": "DiLoCo (delayed overlap, tau = H/2, rebase)",
+          "stream": "streaming DiLoCo (F=4, tau, alpha)",
+          "stream-rebase": "delayed overlap, F=4 (tau, rebase)", "uint8": "DiLoCo (uint8 + EF)",
+          "int4": "DiLoCo (int4 + EF)",
+          "int4-noef": "DiLoCo (int4, no EF)", "ddp": "DDP-like baseline"}
+COLORS = {"diloco": "tab:blue", "delayed": "tab:orange", "delayed-nesterov": "tab:brown", "eager": "tab:green",
+          "lookahead": "tab:red", "overlap": "black",
+          "stream": "tab:purple", "stream-rebase": "tab:blue",
+          "uint8": "tab:cyan", "int4": "tab:olive", "int4-noef": "tab:pink",
+          "ddp": "tab:gray"}
 
 
 def plot(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
@@ -403,13 +460,19 @@ def plot(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["diloco", "delayed", "ddp"], choices=["diloco", "delayed", "ddp"])
+    ap.add_argument("--methods", nargs="+", default=["diloco", "delayed", "ddp"], choices=list(LABELS))
+    ap.add_argument("--seed", type=int, default=Config.seed)
+    ap.add_argument("--alpha", type=lambda v: v if v == "rebase" else float(v), default=Config.alpha,
+                    help="mixing of the 'stream' method: a float in [0, 1] or 'rebase'")
+    ap.add_argument("--tau", type=int, default=Config.tau, help="sync delay of the 'stream' method")
+    ap.add_argument("--fragments", type=int, default=Config.fragments, help="fragments of the 'stream' method")
     ap.add_argument("--steps", type=int, default=Config.steps)
     ap.add_argument("--sync-every", type=int, default=Config.sync_every)
     ap.add_argument("--plot", default=str(ROOT / "docs" / "diloco_train.png"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "diloco_train.json"))
     args = ap.parse_args(argv)
-    cfg = Config(steps=args.steps, sync_every=args.sync_every)
+    cfg = Config(steps=args.steps, sync_every=args.sync_every, seed=args.seed, alpha=args.alpha,
+                 tau=args.tau, fragments=args.fragments)
 
     def say(s: str) -> None:
         print(s, flush=True)
@@ -447,5 +510,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -76,19 +76,30 @@ def global_arrays(dl: Any) -> list[np.ndarray]:
 # ---------------------------------------------------------------- reference
 
 
-def reference(delayed: bool, fragments: int, steps: int, ranks: tuple[int, ...] = (0, 1)) -> list[list[np.ndarray]]:
+def reference(opts: dict[str, Any], steps: int, ranks: tuple[int, ...] = (0, 1)) -> list[list[np.ndarray]]:
     """DiLoCo for two peers simulated in one process, per-parameter tensors,
-    written from the algorithm's definition (not from the implementation).
+    written from the algorithms' definitions (not from the implementation).
 
-    With two peers a ring all-reduce computes a + b (= b + a) at each chunk's
-    owner, so the average (a + b) / 2 here is bit-identical to the
-    multi-process result. Returns the global parameters after every outer step.
+    ``opts``: ``delayed`` (False, True, "eager", "lookahead"), ``fragments``,
+    ``sync_delay`` and ``mixing`` as DiLoCo takes them. With two peers a ring
+    all-reduce computes a + b (= b + a) at each chunk's owner, so the average
+    (a + b) / 2 here is bit-identical to the multi-process result. Returns
+    the global parameters after every outer step (not after streaming landings).
     """
     import torch
 
     from pyccl.diloco import partition
 
     assert len(ranks) == 2
+    delayed = opts.get("delayed", False)
+    fragments = opts.get("fragments", 1)
+    tau = opts.get("sync_delay", 0)
+    alpha = opts.get("mixing", 0.5)
+    if delayed == "overlap":  # streaming's overlap on the whole model, rebased
+        delayed, tau = False, tau or max(1, H // max(2, fragments))
+        alpha = opts.get("mixing", "rebase")
+    rebase = alpha == "rebase"
+    eager = delayed in ("eager", "lookahead")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -99,7 +110,11 @@ def reference(delayed: bool, fragments: int, steps: int, ranks: tuple[int, ...] 
         outer = torch.optim.SGD(theta, lr=0.7, momentum=0.9, nesterov=True)  # lazily created momentum
         frags = partition([p.numel() for p in theta], fragments)
         offsets = {f * H // fragments: f for f in range(fragments)}
+        landings = {(f * H // fragments + tau) % H: f for f in range(fragments)} if tau else {}
         pending: dict[int, list[Any]] = {}
+        mine: dict[int, list[list[Any]]] = {}       # eager: each peer's last pseudo-gradient of a fragment
+        starts = [[t.clone() for t in theta] for _ in ranks]  # eager, rebase: each peer's start point
+        anchors = [[t.clone() for t in theta] for _ in ranks]  # rebase: the local parameters at the last sync
         snaps = []
 
         def outer_step(idx: list[int], grads: list[Any]) -> None:
@@ -109,27 +124,71 @@ def reference(delayed: bool, fragments: int, steps: int, ranks: tuple[int, ...] 
             for i in idx:
                 theta[i].grad = None
 
+        def trial(idx: list[int], grads: list[Any]) -> list[Any]:
+            """One outer step on copies: the parameters it would produce."""
+            copies = [theta[i].detach().clone() for i in idx]
+            opt = torch.optim.SGD(copies, lr=0.7, momentum=0.9, nesterov=True)
+            for c, i in zip(copies, idx):
+                buf = outer.state[theta[i]].get("momentum_buffer")
+                opt.state[c]["momentum_buffer"] = buf.clone() if buf is not None else torch.zeros_like(c)
+                c.grad = grads[idx.index(i)]
+            opt.step()
+            return copies
+
         for s in range(1, steps + 1):
             for r, m, opt in zip(ranks, models, inners):
                 train_step(m, r, s)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            local = [list(m.parameters()) for m in models]
+            g = landings.get(s % H)
+            if g is not None and g in pending:  # a streaming fragment's sum arrives: apply it, mix the locals
+                idx = frags[g]
+                outer_step(idx, [t / 2.0 for t in pending.pop(g)])
+                with torch.no_grad():
+                    for k in range(2):
+                        for i in idx:
+                            if rebase:  # keep the progress since the sync, on the new global parameters
+                                local[k][i].sub_(anchors[k][i]).add_(theta[i])
+                                starts[k][i] = theta[i].detach().clone()
+                            else:
+                                local[k][i].mul_(alpha).add_(theta[i], alpha=1.0 - alpha)
             f = offsets.get(s % H)
             if f is None:
                 continue
             idx = frags[f]
-            local = [list(m.parameters()) for m in models]
-            deltas = [[theta[i] - local[k][i].detach() for i in idx] for k in range(2)]
+            src = starts if eager or (tau and rebase) else [theta, theta]
+            deltas = [[src[k][i] - local[k][i].detach() for i in idx] for k in range(2)]
+            if tau:
+                pending[f] = [a + b for a, b in zip(*deltas)]
+                for k in range(2):
+                    for i in idx:
+                        anchors[k][i] = local[k][i].detach().clone()
+                snaps.append([t.detach().numpy().copy() for t in theta])
+                continue
             if not delayed:
                 outer_step(idx, [(a + b) / 2 for a, b in zip(*deltas)])
             else:
-                if f in pending:  # the sum started one outer step of this fragment ago
-                    outer_step(idx, [t / 2.0 for t in pending[f]])
+                prev = pending.get(f)
+                if eager:
+                    # the stand-in for the average in flight, per peer
+                    if delayed == "eager" and prev is not None:
+                        proxies = [[(p - o + d) / 2.0 for p, o, d in zip(prev, mine[f][k], deltas[k])]
+                                   for k in range(2)]
+                    else:
+                        proxies = [list(deltas[k]) for k in range(2)]
+                if prev is not None:  # the sum started one outer step of this fragment ago
+                    outer_step(idx, [t / 2.0 for t in prev])
                 pending[f] = [a + b for a, b in zip(*deltas)]
+                if eager:
+                    mine[f] = deltas
+                    for k in range(2):
+                        for i, v in zip(idx, trial(idx, proxies[k])):
+                            starts[k][i] = v
             with torch.no_grad():
                 for k in range(2):
                     for i in idx:
-                        local[k][i].copy_(theta[i])
+                        local[k][i].copy_(starts[k][i] if eager else theta[i])
             snaps.append([t.detach().numpy().copy() for t in theta])
         return snaps
     finally:
@@ -238,22 +297,24 @@ def connect(master: str, world: int, group: int = 0, timeout: float = 60.0) -> A
 # ---------------------------------------------------------- peer bodies
 
 
-def exact_peer(pipe: Any, master: str, rank: int, modes: list[tuple[bool, int]], steps: int) -> None:
-    """Run every (delayed, fragments) mode on its own peer group; report the
-    global parameters after every outer step."""
+def exact_peer(pipe: Any, master: str, rank: int, modes: list[dict[str, Any]], steps: int,
+               group_base: int = 0) -> None:
+    """Run every mode (DiLoCo keyword arguments) on its own peer group;
+    report the global parameters after every outer step."""
     import torch
 
-    from pyccl.diloco import DiLoCo
+    from pyccl.diloco import DiLoCo, sync_offsets
 
     torch.set_num_threads(1)
-    for group, (delayed, fragments) in enumerate(modes):
+    for group, opts in enumerate(modes, start=group_base):
         comm = connect(master, 2, group=group)
         model = make_model()
-        dl = DiLoCo(model, make_inner(model), comm, sync_every=H, delayed=delayed, fragments=fragments)
+        dl = DiLoCo(model, make_inner(model), comm, sync_every=H, **opts)
+        offsets = set(sync_offsets(H, dl.fragments))
         for s in range(1, steps + 1):
             train_step(model, rank, s)
             info = dl.step()
-            if info is not None:
+            if info is not None and info.inner_step % H in offsets:  # outer steps, not streaming landings
                 pipe.send(("outer", group, info.outer_step, info.fragment, info.inner_step, info.world_size,
                            global_arrays(dl)))
         dl.finish()
@@ -261,7 +322,7 @@ def exact_peer(pipe: Any, master: str, rank: int, modes: list[tuple[bool, int]],
         comm.close()
 
 
-def churn_peer(pipe: Any, master: str, rank: int, delayed: bool, fragments: int, initial: int, pace: float,
+def churn_peer(pipe: Any, master: str, rank: int, opts: dict[str, Any], initial: int, pace: float,
                limit: float) -> None:
     """Train until three outer steps of fragment 0 have applied an average
     that a peer admitted after the first ``initial`` ones took part in (the
@@ -274,17 +335,18 @@ def churn_peer(pipe: Any, master: str, rank: int, delayed: bool, fragments: int,
     import torch
 
     import pyccl
-    from pyccl.diloco import DiLoCo
+    from pyccl.diloco import DiLoCo, sync_offsets
 
     torch.set_num_threads(1)
     deadline = time.monotonic() + limit
     comm = pyccl.Communicator(master, connections=1, name=f"rank{rank}")
     comm.connect(timeout=limit)
-    model = make_model(seed=100 + rank)
-    dl = DiLoCo(model, make_inner(model), comm, sync_every=H, delayed=delayed, fragments=fragments)
+    model = make_model(seed=100 + rank) if not opts.get("quantize") else make_wide_model(seed=100 + rank)
+    dl = DiLoCo(model, make_inner(model), comm, sync_every=H, **opts)
     local_is_global = all(torch.equal(p, g) for p, (_, g) in zip(model.parameters(), dl.global_parameters()))
     pipe.send(("joined", comm.peer_id, dl.state.revision, dl.inner_step, dl.state_hash(), local_is_global,
                dl.join_info.rx_bytes))
+    offsets = set(sync_offsets(H, dl.fragments))
     seen = 0
     while seen < 3:
         if time.monotonic() > deadline:
@@ -294,9 +356,10 @@ def churn_peer(pipe: Any, master: str, rank: int, delayed: bool, fragments: int,
         time.sleep(pace)
         if info is None:
             continue
-        pipe.send(("outer", comm.peer_id, info.outer_step, info.revision, info.fragment, dl.state_hash(),
-                   info.peers, info.world_size, info.retries))
-        if info.fragment == 0 and info.peers and max(info.peers) > initial:
+        if info.inner_step % H in offsets:  # an outer step (not only a streaming landing): report the state
+            pipe.send(("outer", comm.peer_id, info.outer_step, info.revision, info.fragment, dl.state_hash(),
+                       info.peers, info.world_size, info.retries))
+        if info.applied and info.fragment == 0 and info.peers and max(info.peers) > initial:
             seen += 1
     dl.finish()
     pipe.send(("final", comm.peer_id, dl.inner_step, dl.state_hash(),

@@ -6,7 +6,7 @@ and the protocol; this module is its implementation.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +18,8 @@ from pyccl.errors import CCLError, PeerFailure
 from pyccl.peer.shared_state import SharedState, content_hash
 from pyccl.types import as_buffer
 
+from ._compress import QUANTIZE_OPTIONS, ErrorFeedback
+from ._eager import trial_step
 from ._layout import PinnedState, Slot, build_slots, dtype_name, initialize_state, make_outer_optimizer, sync_offsets
 
 log = logging.getLogger("pyccl.diloco")
@@ -34,8 +36,12 @@ class OuterStepInfo:
 
     ``peers``/``world_size`` describe the all-reduce whose average was applied
     at this step: this step's own in sync mode, the one started one outer step
-    earlier in delayed mode (empty if none was applied or this peer received
-    it through the shared state as a joiner).
+    earlier in delayed mode, the one started ``sync_delay`` inner steps
+    earlier in streaming mode with a sync delay (empty if none was applied
+    or this peer received it through the shared state as a joiner). With a
+    sync delay, an inner step where one fragment's average lands and
+    another fragment is synced returns one info for both (``fragment`` is
+    the synced one; bytes, seconds and retries are summed).
     """
 
     outer_step: int          # outer steps (fragment syncs) the group has done, this one included
@@ -52,13 +58,39 @@ class OuterStepInfo:
     retries: int             # all-reduce attempts that failed with PeerFailure and were redone
     admitted: bool           # update_topology() admitted joiners at this step
     synced: bool             # the shared state was synced at this step
+    state_tx_bytes: int = 0  # the part of tx_bytes that was the shared-state sync (a joiner's transfer)
 
 
-def _quantize_supported(comm: Any) -> bool:
-    try:
-        return "quantize" in inspect.signature(comm.all_reduce).parameters
-    except (TypeError, ValueError):
-        return False
+class _GatherSum:
+    """Handle of a 4-bit all-gather: ``wait()`` decodes every rank's bytes
+    and sums them, in rank order, into the slot's output."""
+
+    def __init__(self, handle: Any, gathered: torch.Tensor, slot: Slot) -> None:
+        self._handle = handle
+        self._gathered = gathered
+        self._slot = slot
+
+    def wait(self, timeout: float | None = None) -> Any:
+        info = self._handle.wait(timeout)
+        assert self._slot.out is not None and self._slot.ef is not None and self._slot.ef.packer is not None
+        self._slot.ef.packer.sum_gathered(self._gathered, self._slot.out)
+        return info
+
+
+def _merge(infos: list[OuterStepInfo]) -> OuterStepInfo | None:
+    if not infos:
+        return None
+    base = infos[-1]
+    if len(infos) == 1:
+        return base
+    applied = [i for i in infos if i.applied]
+    src = applied[0] if applied else base
+    return dataclasses.replace(
+        base, peers=src.peers, world_size=src.world_size, applied=bool(applied),
+        seconds=sum(i.seconds for i in infos), reduce_seconds=max(i.reduce_seconds for i in infos),
+        tx_bytes=sum(i.tx_bytes for i in infos), rx_bytes=sum(i.rx_bytes for i in infos),
+        retries=sum(i.retries for i in infos), state_tx_bytes=sum(i.state_tx_bytes for i in infos),
+    )
 
 
 class DiLoCo:
@@ -76,15 +108,47 @@ class DiLoCo:
         outer_optimizer: ``callable(list_of_tensors) -> torch.optim.Optimizer``
             building the outer optimizer over the global parameter copies;
             default SGD(lr=0.7, momentum=0.9, nesterov=True).
-        delayed: one-step-delayed DiLoCo: the all-reduce of outer step k runs
-            in the background during the next H inner steps and is applied
-            at outer step k + 1.
+        delayed: ``True`` (or ``"naive"``): one-step-delayed DiLoCo, the
+            all-reduce of outer step k runs in the background during the next
+            H inner steps and is applied at outer step k + 1. ``"eager"``:
+            the same schedule with eager updates (Kale et al., 2025): each
+            inner phase starts from a look-ahead outer step whose gradient
+            stands in for the average still in flight: the other peers' last
+            pseudo-gradients and this peer's fresh one (see ``_eager.py``).
+            ``"lookahead"``: the same, with this peer's fresh pseudo-gradient
+            alone as the stand-in. Both keep Nesterov momentum.
+            ``"overlap"``: streaming DiLoCo's overlap, with
+            ``sync_delay = H // max(2, F)`` and ``mixing="rebase"`` unless
+            given: each fragment's all-reduce hides behind the inner steps
+            until the next fragment's sync (H/2 with one fragment), the outer
+            optimizer keeps Nesterov momentum. With ``fragments=4`` it is the
+            measured choice (docs/diloco_compare.md, docs/diloco_compare_600.md).
         fragments: streaming DiLoCo: F fragments of the parameters (contiguous
             in model order, about equal size), fragment f synced at the inner
             steps where ``step % H == f * H // F``. 1 <= F <= H.
-        quantize: passed to ``comm.all_reduce(..., quantize=...)`` for the
-            float32 pseudo-gradients (``"uint8"``: about 4x fewer bytes);
-            other dtypes and the contributor counts are never quantized.
+        sync_delay: streaming DiLoCo's overlap tau, in inner steps (0 <= tau
+            < H, with ``delayed=False``): a fragment's all-reduce starts at its
+            sync step and runs while the next tau inner steps compute; its
+            average is applied tau steps later, and the fragment's local
+            parameters are then mixed with the new global ones. ``delayed``
+            is the tau = H case without mixing, so the two are exclusive.
+        mixing: alpha of streaming DiLoCo, used with ``sync_delay > 0``
+            (default 0.5, ``"rebase"`` with ``delayed="overlap"``):
+            ``local = alpha * local + (1 - alpha) * global`` when the
+            average lands (0: take the global parameters). ``"rebase"``:
+            ``local = global + (local - local at the sync)``: the progress
+            made since the sync is kept and moved onto the new global
+            parameters, and the next pseudo-gradient is measured from the
+            new global parameters, so no progress is lost or sent twice.
+        quantize: compression of the float32 pseudo-gradients: ``"uint8"``
+            (the core's quantized all-reduce, about 4x fewer bytes than
+            float32) or ``"int4"`` (4-bit codes all-gathered and summed on
+            every peer in rank order; per peer (n - 1) x N / 2 bytes instead
+            of 2 (n - 1) / n x 4N). Other dtypes and the contributor counts
+            are never quantized.
+        error_feedback: with ``quantize``: keep a per-peer residual of what
+            quantization lost and add it to the next pseudo-gradient (default
+            True; a joiner starts with a zero residual).
 
     Loop: ``loss.backward(); dl.step()``. ``dl.step()`` runs the inner
     optimizer (and ``zero_grad``), counts the inner step and, when a fragment
@@ -98,8 +162,9 @@ class DiLoCo:
     (a bfloat16 model gets a bfloat16 outer step). Errors other than
     ``PeerFailure`` propagate: ``CCLError`` when this peer lost the group or
     a joiner's state transfer failed (every holder died: close the
-    Communicator and join again), ``MismatchError`` when a quantized
-    all-reduce met NaN or Inf (training diverged).
+    Communicator and join again), ``MismatchError`` (``"uint8"``) or
+    ``ValueError`` (``"int4"``) when a quantized pseudo-gradient held NaN or
+    Inf (training diverged).
     """
 
     def __init__(
@@ -109,9 +174,12 @@ class DiLoCo:
         comm: Any,
         sync_every: int,
         outer_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
-        delayed: bool = False,
+        delayed: bool | str = False,
         fragments: int = 1,
         quantize: str | None = None,
+        sync_delay: int = 0,
+        mixing: float | str | None = None,
+        error_feedback: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -121,14 +189,38 @@ class DiLoCo:
             raise ValueError(f"sync_every must be a positive integer, got {sync_every!r}")
         if not isinstance(fragments, int) or not 1 <= fragments <= sync_every:
             raise ValueError(f"fragments must be an integer between 1 and sync_every ({sync_every}), got {fragments!r}")
+        if delayed in (False, None):
+            mode = "sync"
+        elif delayed is True or delayed == "naive":
+            mode = "naive"
+        elif delayed in ("eager", "lookahead"):
+            mode = "eager"
+        elif delayed == "overlap":
+            if sync_every < 2:
+                raise ValueError("delayed='overlap' needs sync_every >= 2")
+            mode = "sync"
+            sync_delay = sync_delay or max(1, sync_every // max(2, fragments))
+            mixing = "rebase" if mixing is None else mixing
+        else:
+            raise ValueError(f"delayed must be False, True, 'naive', 'eager', 'lookahead' or 'overlap', "
+                             f"got {delayed!r}")
+        if not isinstance(sync_delay, int) or not 0 <= sync_delay < sync_every:
+            raise ValueError(f"sync_delay must be an integer in [0, sync_every), got {sync_delay!r}")
+        if sync_delay and mode != "sync":
+            raise ValueError("sync_delay is streaming DiLoCo's overlap of tau < H inner steps; delayed=True is the "
+                             "tau = H case (applied at the fragment's next sync): pass one or the other")
+        if mixing is None:
+            mixing = 0.5
+        if mixing != "rebase" and not (isinstance(mixing, (int, float)) and 0.0 <= float(mixing) <= 1.0):
+            raise ValueError(f"mixing must be in [0, 1] or 'rebase', got {mixing!r}")
+        if sync_delay:
+            mode = "stream"
         self._qkw: dict[str, Any] = {}
         if quantize is not None:
-            if not _quantize_supported(comm):
-                raise NotImplementedError(
-                    f"quantize={quantize!r} needs Communicator.all_reduce(..., quantize=...), which this build of "
-                    "pyccl does not have yet; use quantize=None"
-                )
-            self._qkw = {"quantize": quantize}
+            if quantize not in QUANTIZE_OPTIONS:
+                raise ValueError(f"quantize must be None or one of {QUANTIZE_OPTIONS}, got {quantize!r}")
+            if quantize == "uint8":
+                self._qkw = {"quantize": quantize}
         if getattr(comm, "world_size", 0) < 1:
             raise CCLError("connect() the Communicator before creating DiLoCo")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -144,11 +236,23 @@ class DiLoCo:
         self.inner_optimizer = inner_optimizer
         self.comm = comm
         self.sync_every = sync_every
-        self.delayed = bool(delayed)
+        self.mode = mode                  # "sync", "naive", "eager" or "stream"
+        self.delayed = mode in ("naive", "eager")  # the one-step-delayed schedule
+        self._own_proxy = delayed == "lookahead"  # the look-ahead uses this peer's pseudo-gradient alone
         self.fragments = fragments
         self.quantize = quantize
-        self.slots: list[list[Slot]] = build_slots(named, fragments, self.delayed)
+        self.sync_delay = sync_delay
+        self.rebase = mixing == "rebase" and mode == "stream"
+        self.mixing = 0.0 if mixing == "rebase" else float(mixing)
+        self.error_feedback = bool(error_feedback)
+        self._overlapped = mode != "sync"
+        self.slots: list[list[Slot]] = build_slots(named, fragments, self._overlapped, eager=mode == "eager",
+                                                   rebase=self.rebase)
         self._all_slots = [s for fr in self.slots for s in fr]
+        if quantize is not None:
+            for s in self._all_slots:
+                if s.dtype == torch.float32:
+                    s.ef = ErrorFeedback(quantize, s.numel, feedback=self.error_feedback)
         by_name = {name: view for s in self._all_slots for name, view in zip(s.names, s.glob.views)}
         self._names = [n for n, _ in named]
         self._global = [by_name[n] for n in self._names]  # model order
@@ -165,10 +269,10 @@ class DiLoCo:
             tensors[f"diloco.{key}"] = flat.flat
         self._count_in = torch.zeros(fragments, dtype=torch.float32)
         self._pending_count = torch.zeros(fragments, dtype=torch.float32)
-        if self.delayed:
-            # Sums of fragments other than 0 are complete but not yet applied
-            # when the state is synced (at fragment 0's outer step): a joiner
-            # needs them to apply them at their fragment's next outer step.
+        if self._overlapped:
+            # Sums of fragments other than 0 can be complete but not yet
+            # applied when the state is synced (at fragment 0's outer step): a
+            # joiner needs them to apply them when they are due, as the members do.
             tensors["diloco.pending_count"] = self._pending_count
             for s in self._all_slots:
                 if s.fragment > 0:
@@ -178,6 +282,10 @@ class DiLoCo:
         self._hash_keys = [k for k in self.state.keys() if ".pending" not in k]
         offsets = sync_offsets(sync_every, fragments)
         self._due = {off: f for f, off in enumerate(offsets)}
+        self._land: dict[int, list[int]] = {}
+        if mode == "stream":
+            for f, off in enumerate(offsets):
+                self._land.setdefault((off + sync_delay) % sync_every, []).append(f)
         self._handles: dict[int, list[Any]] = {}
         self._settled: dict[int, list[Any]] = {}
         self._finished = False
@@ -188,21 +296,25 @@ class DiLoCo:
     # ------------------------------------------------------------ public API
 
     def step(self) -> OuterStepInfo | None:
-        """``inner_optimizer.step()``, ``zero_grad()``, and the outer step of
-        the fragment that is due at this inner step, if any."""
+        """``inner_optimizer.step()``, ``zero_grad()``, and the outer-step work
+        due at this inner step: a fragment's outer step and, with a sync
+        delay, the landing of a fragment's average."""
         if self._finished:
             raise CCLError("DiLoCo.finish() was called; create a new DiLoCo to train on")
         self.inner_optimizer.step()
         self.inner_optimizer.zero_grad(set_to_none=True)
         self.inner_step += 1
-        f = self._due.get(self.inner_step % self.sync_every)
-        if f is None:
-            return None
-        return self._outer(f)
+        r = self.inner_step % self.sync_every
+        infos = [self._land_fragment(g) for g in self._land.get(r, ())]
+        f = self._due.get(r)
+        if f is not None:
+            infos.append(self._outer(f))
+        return _merge(infos)
 
     def finish(self) -> None:
-        """End training: apply the averages still in flight (delayed mode) and
-        load the global parameters into the model, identically on every peer.
+        """End training: apply the averages still in flight (delayed and
+        streaming modes) and load the global parameters into the model,
+        identically on every peer.
 
         A collective: every peer calls it at the same inner step (ideally a
         multiple of ``sync_every``: local progress since a fragment's last
@@ -210,12 +322,12 @@ class DiLoCo:
         """
         if self._finished:
             return
-        if self.delayed:
+        if self._overlapped:
             for f in range(self.fragments):
                 self._settle(f)
                 self._apply_pending(f)
         for f in range(self.fragments):
-            self._reset_local(f)
+            self._reset_local(f, from_start=False)
         self._finished = True
 
     def close(self) -> None:
@@ -233,6 +345,10 @@ class DiLoCo:
     def global_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """The global (outer) parameters in model order: views of the shared state."""
         return list(zip(self._names, self._global))
+
+    def residuals(self) -> list[torch.Tensor]:
+        """The error-feedback residuals of the float32 slots (local to this peer; empty without quantize)."""
+        return [s.ef.residual for s in self._all_slots if s.ef is not None]
 
     def state_hash(self) -> int:
         """One 64-bit hash of the global parameters, the outer optimizer state
@@ -256,6 +372,10 @@ class DiLoCo:
     def _count_tag(self, f: int) -> int:
         return TAG_BASE + (1 << 16) + f
 
+    @staticmethod
+    def _int4(s: Slot) -> bool:
+        return s.ef is not None and s.ef.packer is not None
+
     def _join(self) -> OuterStepInfo:
         """Enter the group's program at an outer-step boundary: admit anyone
         waiting, take the group's shared state, start from it."""
@@ -264,8 +384,8 @@ class DiLoCo:
         sync = self.comm.sync_shared_state(self.state)
         self._load_counters()
         for f in range(self.fragments):
-            self._reset_local(f)
-        if self.delayed and self.inner_step > 0:
+            self._reset_local(f, from_start=False)
+        if self._overlapped and self.inner_step > 0:
             # The members started fragment 0's all-reduce right after this
             # sync; this peer has no pseudo-gradient for it, so it takes part
             # with zeros and a contributor count of 0.
@@ -275,7 +395,7 @@ class DiLoCo:
                      self.comm.peer_id, self.inner_step, self.state.revision, sync.rx_bytes)
         return OuterStepInfo(self.outer_step, 0, self.inner_step, self.state.revision, self.comm.world_size,
                              self.comm.peers, False, time.perf_counter() - t0, 0.0, sync.tx_bytes, sync.rx_bytes,
-                             0, admitted, True)
+                             0, admitted, True, sync.tx_bytes)
 
     def _load_counters(self) -> None:
         self.inner_step = int(self._counters[0])
@@ -283,23 +403,39 @@ class DiLoCo:
 
     def _outer(self, f: int) -> OuterStepInfo:
         t0 = time.perf_counter()
-        if not self.delayed:
+        infos: list[Any] = []
+        retries = 0
+        applied = False
+        if self.mode == "sync":
             self._compute_pg(f)
+            self._compress(f)
             infos, retries = self._reduce_now(f)
             self._apply(f)
             applied = True
-        else:
+        elif self.delayed:
             infos, retries = self._settle(f)
-            self._compute_pg(f)  # against the start point, before the update below moves it
+            if self.mode == "eager":
+                self._proxy_begin(f)   # uses the previous input, before _compute_pg overwrites it
+            self._compute_pg(f)        # against the start point, before the update below moves it
+            if self.mode == "eager":
+                self._proxy_end(f)
             applied = self._apply_pending(f)
+        else:  # stream: the average lands sync_delay steps later (_land_fragment)
+            self._compute_pg(f)
+            if self.rebase:
+                with torch.no_grad():
+                    for s in self.slots[f]:
+                        assert s.anchor is not None
+                        torch.cat([p.detach().reshape(-1) for p in s.local], out=s.anchor)
         self.outer_step += 1
         self._counters[0] = self.inner_step
         self._counters[1] = self.outer_step
         admitted = synced = False
+        state_tx = 0
         tx = sum(i.tx_bytes for i in infos)
         rx = sum(i.rx_bytes for i in infos)
         if f == 0:
-            if self.delayed:
+            if self._overlapped:
                 # update_topology() and the sync wait for this peer's
                 # in-flight ops anyway; settle them here so that a failed one
                 # is redone now, while its participants are all still here,
@@ -317,24 +453,100 @@ class DiLoCo:
                 self._load_counters()
             tx += sync.tx_bytes
             rx += sync.rx_bytes
+            state_tx = sync.tx_bytes
             synced = True
-        if self.delayed:
+        if self._overlapped:
+            self._compress(f)
             self._launch(f, contribute=True)
-        self._reset_local(f)
+        if self.mode == "eager":
+            slots = self.slots[f]
+            trial_step(self.outer_optimizer, self._pinned, f, slots, [s.proxy for s in slots],  # type: ignore[misc]
+                       [s.start for s in slots])  # type: ignore[misc]
+        if self.mode != "stream":
+            self._reset_local(f, from_start=True)
         peers = infos[0].peers if infos else ()
         return OuterStepInfo(
             outer_step=self.outer_step, fragment=f, inner_step=self.inner_step, revision=self.state.revision,
             world_size=infos[0].world_size if infos else self.comm.world_size, peers=peers, applied=applied,
             seconds=time.perf_counter() - t0, reduce_seconds=max((i.seconds for i in infos), default=0.0),
-            tx_bytes=tx, rx_bytes=rx, retries=retries, admitted=admitted, synced=synced,
+            tx_bytes=tx, rx_bytes=rx, retries=retries, admitted=admitted, synced=synced, state_tx_bytes=state_tx,
+        )
+
+    def _land_fragment(self, f: int) -> OuterStepInfo:
+        """Streaming with a sync delay: fragment f's average arrives; apply it
+        and mix the fragment's local parameters with the new global ones."""
+        t0 = time.perf_counter()
+        infos, retries = self._settle(f)
+        applied = self._apply_pending(f)
+        if applied:
+            self._mix_local(f)
+        return OuterStepInfo(
+            outer_step=self.outer_step, fragment=f, inner_step=self.inner_step, revision=self.state.revision,
+            world_size=infos[0].world_size if infos else self.comm.world_size,
+            peers=infos[0].peers if infos else (), applied=applied, seconds=time.perf_counter() - t0,
+            reduce_seconds=max((i.seconds for i in infos), default=0.0), tx_bytes=sum(i.tx_bytes for i in infos),
+            rx_bytes=sum(i.rx_bytes for i in infos), retries=retries, admitted=False, synced=False,
         )
 
     def _compute_pg(self, f: int) -> None:
-        """pseudo-gradient = global - local, into each slot's flat buffer."""
+        """pseudo-gradient = start point - local, into each slot's flat buffer
+        (the start point is the global parameters, or eager mode's look-ahead)."""
         with torch.no_grad():
             for s in self.slots[f]:
                 torch.cat([p.detach().reshape(-1) for p in s.local], out=s.pg)
-                torch.sub(s.glob.flat, s.pg, out=s.pg)
+                start = s.start if s.start is not None else s.glob.flat
+                torch.sub(start, s.pg, out=s.pg)
+
+    def _compress(self, f: int) -> None:
+        """Error feedback (and 4-bit packing) of fragment f's float32 pseudo-gradients, once per outer step."""
+        with torch.no_grad():
+            for s in self.slots[f]:
+                if s.ef is not None:
+                    s.ef.prepare(s.pg)
+
+    def _proxy_begin(self, f: int) -> None:
+        """Eager: proxy = sum of the previous step - this peer's own part of it."""
+        mine = float(self._count_in[f])
+        with torch.no_grad():
+            for s in self.slots[f]:
+                assert s.proxy is not None and s.out is not None
+                if float(self._pending_count[f]) > 0 and not self._own_proxy:
+                    torch.sub(s.out, s.pg, alpha=mine, out=s.proxy)
+                else:
+                    s.proxy.zero_()
+
+    def _proxy_end(self, f: int) -> None:
+        """Eager: proxy = (others' previous + my fresh pseudo-gradient) / their number."""
+        c = float(self._pending_count[f])
+        n = (c - float(self._count_in[f]) + 1.0) if c > 0 and not self._own_proxy else 1.0
+        with torch.no_grad():
+            for s in self.slots[f]:
+                assert s.proxy is not None
+                s.proxy.add_(s.pg)
+                if n != 1.0:
+                    s.proxy.div_(n)
+
+    def _reduce_sync(self, s: Slot, avg: bool) -> Any:
+        """One slot's blocking reduce: in place into ``pg`` (avg) or into ``out`` (sum)."""
+        into = s.pg if avg else s.out
+        assert into is not None
+        if self._int4(s):
+            gathered = torch.empty(self.comm.world_size * s.ef.packer.nbytes, dtype=torch.uint8)
+            info = self.comm.all_gather(s.ef.packed, gathered, tag=self._tag(s))
+            ranks = s.ef.packer.sum_gathered(gathered, into)
+            if avg:
+                into.div_(float(ranks))
+            return info
+        if avg:
+            return self.comm.all_reduce(s.pg, op="avg", tag=self._tag(s), **self._q(s))
+        return self.comm.all_reduce(s.pg, out=s.out, op="sum", tag=self._tag(s), **self._q(s))
+
+    def _reduce_async(self, s: Slot) -> Any:
+        if self._int4(s):
+            gathered = torch.empty(self.comm.world_size * s.ef.packer.nbytes, dtype=torch.uint8)
+            h = self.comm.all_gather_async(s.ef.packed, gathered, tag=self._tag(s))
+            return _GatherSum(h, gathered, s)
+        return self.comm.all_reduce_async(s.pg, out=s.out, op="sum", tag=self._tag(s), **self._q(s))
 
     def _reduce_now(self, f: int) -> tuple[list[Any], int]:
         """Sync mode: average each slot in place; on PeerFailure (input
@@ -343,7 +555,7 @@ class DiLoCo:
         for s in self.slots[f]:
             while True:
                 try:
-                    infos.append(self.comm.all_reduce(s.pg, op="avg", tag=self._tag(s), **self._q(s)))
+                    infos.append(self._reduce_sync(s, avg=True))
                     break
                 except PeerFailure as exc:
                     retries += 1
@@ -352,22 +564,24 @@ class DiLoCo:
         return infos, retries
 
     def _launch(self, f: int, contribute: bool) -> None:
-        """Delayed mode: start the background sums of fragment f and of its
+        """Overlapped modes: start the background sums of fragment f and of its
         contributor count (1 per peer that has a pseudo-gradient, 0 for a joiner)."""
         self._count_in[f] = 1.0 if contribute else 0.0
         if not contribute:
             for s in self.slots[f]:
-                s.pg.zero_()
-        hs = [self.comm.all_reduce_async(s.pg, out=s.out, op="sum", tag=self._tag(s), **self._q(s))
-              for s in self.slots[f]]
+                if s.ef is not None:
+                    s.ef.contribute_nothing(s.pg)
+                else:
+                    s.pg.zero_()
+        hs = [self._reduce_async(s) for s in self.slots[f]]
         hs.append(self.comm.all_reduce_async(self._count_in[f:f + 1], out=self._pending_count[f:f + 1], op="sum",
                                              tag=self._count_tag(f)))
         self._handles[f] = hs
         self._settled.pop(f, None)
 
     def _settle(self, f: int) -> tuple[list[Any], int]:
-        """Delayed mode: wait for fragment f's background all-reduces. If any
-        failed, or they did not all run over the same peers, redo them all
+        """Overlapped modes: wait for fragment f's background all-reduces. If
+        any failed, or they did not all run over the same peers, redo them all
         (out of place, so the inputs are intact) until they succeed together."""
         hs = self._handles.pop(f, None)
         if hs is None:
@@ -383,8 +597,7 @@ class DiLoCo:
             retries += 1
             log.info("background all-reduce of fragment %d failed; redoing it over %d peers", f, self.comm.world_size)
             try:
-                infos = [self.comm.all_reduce(s.pg, out=s.out, op="sum", tag=self._tag(s), **self._q(s))
-                         for s in self.slots[f]]
+                infos = [self._reduce_sync(s, avg=False) for s in self.slots[f]]
                 infos.append(self.comm.all_reduce(self._count_in[f:f + 1], out=self._pending_count[f:f + 1],
                                                   op="sum", tag=self._count_tag(f)))
                 failed = False
@@ -393,7 +606,7 @@ class DiLoCo:
         return infos, retries
 
     def _apply_pending(self, f: int) -> bool:
-        """Delayed mode: average = sum / contributors, applied to fragment f."""
+        """Overlapped modes: average = sum / contributors, applied to fragment f."""
         c = float(self._pending_count[f])
         if c <= 0:
             return False
@@ -420,14 +633,39 @@ class DiLoCo:
                     v.grad = None
         self._pinned.repin()
 
-    def _reset_local(self, f: int) -> None:
+    def _reset_local(self, f: int, from_start: bool) -> None:
+        """local <- the global parameters (eager mode with ``from_start``: this peer's look-ahead start point)."""
         with torch.no_grad():
             for s in self.slots[f]:
-                for p, v in zip(s.local, s.glob.views):
+                if s.start is not None and not from_start:
+                    s.start.copy_(s.glob.flat)
+                if s.anchor is not None:
+                    s.anchor.copy_(s.glob.flat)
+                src = s.glob.views if s.start is None else s.glob.views_of(s.start)
+                for p, v in zip(s.local, src):
                     p.copy_(v)
+
+    def _mix_local(self, f: int) -> None:
+        """Streaming: local <- mixing * local + (1 - mixing) * global (mixing 0:
+        a copy); rebase: local <- (local - anchor) + global, start <- global."""
+        a = self.mixing
+        with torch.no_grad():
+            if self.rebase:
+                for s in self.slots[f]:
+                    assert s.anchor is not None and s.start is not None
+                    for p, v, anc in zip(s.local, s.glob.views, s.glob.views_of(s.anchor)):
+                        p.sub_(anc).add_(v)
+                    s.start.copy_(s.glob.flat)
+                return
+            for s in self.slots[f]:
+                for p, v in zip(s.local, s.glob.views):
+                    if a == 0.0:
+                        p.copy_(v)
+                    else:
+                        p.mul_(a).add_(v, alpha=1.0 - a)
 
     def __repr__(self) -> str:
         n = sum(s.numel for s in self._all_slots)
-        return (f"DiLoCo(params={n}, sync_every={self.sync_every}, fragments={self.fragments}, "
-                f"delayed={self.delayed}, quantize={self.quantize!r}, inner_step={self.inner_step}, "
+        return (f"DiLoCo(params={n}, sync_every={self.sync_every}, fragments={self.fragments}, mode={self.mode!r}, "
+                f"sync_delay={self.sync_delay}, quantize={self.quantize!r}, inner_step={self.inner_step}, "
                 f"revision={self.state.revision})")

@@ -9,7 +9,7 @@ SharedState keys. That is what lets peers reduce and sync them blindly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -74,16 +74,26 @@ class Slot:
     local: list[torch.Tensor]      # the model's own parameters
     glob: Flat                     # the global (outer) parameters
     pg: torch.Tensor               # pseudo-gradient, global - local; the all-reduce input
-    out: torch.Tensor | None = None            # delayed mode: the all-reduce output (a sum)
+    out: torch.Tensor | None = None            # overlapped modes: the all-reduce output (a sum)
     grads: list[torch.Tensor] = field(default_factory=list)  # .grad views handed to the outer optimizer
+    start: torch.Tensor | None = None          # eager mode: this peer's local start point (flat)
+    proxy: torch.Tensor | None = None          # eager mode: the stand-in for the in-flight average
+    anchor: torch.Tensor | None = None         # rebase: the local parameters at the fragment's last sync
+    ef: Any = None                             # quantize: the ErrorFeedback of a float32 slot
 
     @property
     def numel(self) -> int:
         return int(self.glob.flat.numel())
 
 
-def build_slots(named: Sequence[tuple[str, torch.Tensor]], fragments: int, delayed: bool) -> list[list[Slot]]:
-    """Slots per fragment; inside a fragment one slot per dtype, in order of first appearance."""
+def build_slots(named: Sequence[tuple[str, torch.Tensor]], fragments: int, overlapped: bool,
+                eager: bool = False, rebase: bool = False) -> list[list[Slot]]:
+    """Slots per fragment; inside a fragment one slot per dtype, in order of first appearance.
+
+    ``overlapped`` (delayed or streaming with a sync delay): the all-reduce
+    runs out of place into ``out``, which the outer optimizer then reads;
+    ``eager`` adds the local start point and the proxy buffers, ``rebase``
+    the start point and the anchor."""
     groups = partition([int(p.numel()) for _, p in named], fragments)
     out: list[list[Slot]] = []
     index = 0
@@ -100,11 +110,17 @@ def build_slots(named: Sequence[tuple[str, torch.Tensor]], fragments: int, delay
                     v.copy_(p)
             pg = torch.zeros_like(glob.flat)
             slot = Slot(index, f, dt, [named[i][0] for i in members], params, glob, pg)
-            if delayed:
+            if overlapped:
                 slot.out = torch.zeros_like(glob.flat)
                 slot.grads = glob.views_of(slot.out)
             else:
                 slot.grads = glob.views_of(pg)
+            if eager or rebase:
+                slot.start = glob.flat.clone()
+            if eager:
+                slot.proxy = torch.zeros_like(glob.flat)
+            if rebase:
+                slot.anchor = glob.flat.clone()
             slots.append(slot)
             index += 1
         out.append(slots)
