@@ -51,10 +51,10 @@ CTX = mp.get_context("spawn")
 
 def peer_main(master: str, n: int, connections: int, data_port: int, advertise: Any, params: int, mode: dict,
               sync_every: int, inner_s: float, outer: int, pipe: Any) -> None:
-    import torch
-
     import pyccl
     from pyccl.diloco import DiLoCo
+
+    import torch
 
     try:
         torch.set_num_threads(1)

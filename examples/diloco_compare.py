@@ -76,6 +76,7 @@ def bench_mode(method: str, sync_every: int, cfg: Any) -> dict[str, Any] | None:
 
 def run_bench(methods: list[str], cfg: Any, say: Any) -> dict[str, dict[str, float]]:
     import uvloop
+
     from diloco import one_row  # benchmarks/diloco.py
 
     ns = _ap.Namespace(delay=0.025, bandwidth=10_000_000, sync_every=cfg.sync_every, inner_ms=50.0, outer=2)

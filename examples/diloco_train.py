@@ -75,9 +75,10 @@ class Config:
 
 
 def build_model(vocab: int, cfg: Config) -> Any:
-    import torch
     import torch.nn as nn
     import torch.nn.functional as F
+
+    import torch
 
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -166,9 +167,9 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def peer_main(pipe: Any, method: str, master: str, cfg: Config, seed: int, go: Any = None) -> None:
-    import torch
-
     import pyccl
+
+    import torch
 
     try:
         import ctypes
@@ -259,10 +260,10 @@ def _eval_global(dl: Any, model: Any, corpus: Corpus) -> float:
 
 def _train_ddp(pipe: Any, comm: Any, model: Any, inner: Any, corpus: Corpus, gen: Any, cfg: Config) -> None:
     """The baseline: average gradients every step, identical AdamW steps."""
-    import torch
-
     import pyccl
     from pyccl.diloco import initialize_optimizer_state
+
+    import torch
 
     initialize_optimizer_state(inner)  # AdamW state must exist before the first sync
     named = list(model.named_parameters())
@@ -351,11 +352,11 @@ def run_method(method: str, cfg: Config, say: Any) -> dict[str, Any]:
                 seed = pipes[r]
                 try:
                     msg: Any = r.recv()  # type: ignore[union-attr,call-arg]
-                except (EOFError, OSError):
+                except (EOFError, OSError) as exc:
                     del pipes[r]
                     if seed != victim and seed not in finals:
                         raise RuntimeError(f"{method}: peer {seed} exited without finishing "
-                                           f"(exit code {procs[seed].exitcode})")
+                                           f"(exit code {procs[seed].exitcode})") from exc
                     continue
                 kind = msg[0]
                 if kind == "loss":

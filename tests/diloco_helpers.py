@@ -15,7 +15,8 @@ import os
 import signal
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -86,9 +87,9 @@ def reference(opts: dict[str, Any], steps: int, ranks: tuple[int, ...] = (0, 1))
     (a + b) / 2 here is bit-identical to the multi-process result. Returns
     the global parameters after every outer step (not after streaming landings).
     """
-    import torch
-
     from pyccl.diloco import partition
+
+    import torch
 
     assert len(ranks) == 2
     delayed = opts.get("delayed", False)
@@ -248,7 +249,7 @@ class Peers:
         self.procs[name].join(10)
         self.pipes.pop(name, None)
 
-    def __enter__(self) -> "Peers":
+    def __enter__(self) -> Peers:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -301,9 +302,9 @@ def exact_peer(pipe: Any, master: str, rank: int, modes: list[dict[str, Any]], s
                group_base: int = 0) -> None:
     """Run every mode (DiLoCo keyword arguments) on its own peer group;
     report the global parameters after every outer step."""
-    import torch
-
     from pyccl.diloco import DiLoCo, sync_offsets
+
+    import torch
 
     torch.set_num_threads(1)
     for group, opts in enumerate(modes, start=group_base):
@@ -332,10 +333,10 @@ def churn_peer(pipe: Any, master: str, rank: int, opts: dict[str, Any], initial:
     Every peer starts from a different initialization: the first sync makes
     them identical.
     """
-    import torch
-
     import pyccl
     from pyccl.diloco import DiLoCo, sync_offsets
+
+    import torch
 
     torch.set_num_threads(1)
     deadline = time.monotonic() + limit
@@ -379,9 +380,9 @@ def make_wide_model(seed: int = 0) -> Any:
 def quant_peer(pipe: Any, master: str, rank: int, modes: list[tuple[bool, str | None]], steps: int) -> None:
     """Each (delayed, quantize) mode on its own peer group; report the global
     parameters and the all-reduce bytes sent after every outer step."""
-    import torch
-
     from pyccl.diloco import DiLoCo
+
+    import torch
 
     torch.set_num_threads(1)
     for group, (delayed, quantize) in enumerate(modes):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyccl
 import pytest
 
-import pyccl
 from diloco_helpers import H, Peers, exact_peer, reference
 
 MODES: list[dict] = [
@@ -148,7 +148,7 @@ def test_quantized_outer_all_reduce_is_bit_identical_across_peers_and_close_to_f
                     if msg[0] == "done":
                         break
                     runs.setdefault((group, name), []).append(msg[3:])
-    for group, (delayed, quantize) in enumerate(modes):
+    for group, (_delayed, _quantize) in enumerate(modes):
         a, b = runs[(group, "p0")], runs[(group, "p1")]
         assert len(a) == len(b) == 4
         for k, (x, y) in enumerate(zip(a, b)):

@@ -150,8 +150,10 @@ Tags: DiLoCo uses all-reduce tags from ``TAG_BASE`` (0x5D1C0000) up.
 
 from __future__ import annotations
 
-from ._diloco import TAG_BASE, DiLoCo, OuterStepInfo
-from ._layout import default_outer_optimizer, initialize_state as initialize_optimizer_state, partition, sync_offsets
+from ._diloco import TAG_BASE, DiLoCo
+from ._info import OuterStepInfo
+from ._layout import default_outer_optimizer, partition, sync_offsets
+from ._layout import initialize_state as initialize_optimizer_state
 
 __all__ = ["DiLoCo", "OuterStepInfo", "TAG_BASE", "default_outer_optimizer", "initialize_optimizer_state",
            "partition", "sync_offsets"]

@@ -6,21 +6,21 @@ and the protocol; this module is its implementation.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
 from pyccl.errors import CCLError, PeerFailure
 from pyccl.peer.shared_state import SharedState, content_hash
 from pyccl.types import as_buffer
 
-from ._compress import QUANTIZE_OPTIONS, ErrorFeedback
+from ._compress import ErrorFeedback
 from ._eager import trial_step
+from ._info import GatherSum, OuterStepInfo, merge
 from ._layout import PinnedState, Slot, build_slots, dtype_name, initialize_state, make_outer_optimizer, sync_offsets
+from ._options import resolve_options, trainable_parameters
 
 log = logging.getLogger("pyccl.diloco")
 
@@ -28,69 +28,6 @@ log = logging.getLogger("pyccl.diloco")
 #: buffers, TAG_BASE + 2**16 + fragment for the contributor counts of delayed
 #: mode. Keep other collectives of the same Communicator off this range.
 TAG_BASE = 0x5D1C0000
-
-
-@dataclass(frozen=True)
-class OuterStepInfo:
-    """What one outer step (of one fragment) did; returned by ``DiLoCo.step()``.
-
-    ``peers``/``world_size`` describe the all-reduce whose average was applied
-    at this step: this step's own in sync mode, the one started one outer step
-    earlier in delayed mode, the one started ``sync_delay`` inner steps
-    earlier in streaming mode with a sync delay (empty if none was applied
-    or this peer received it through the shared state as a joiner). With a
-    sync delay, an inner step where one fragment's average lands and
-    another fragment is synced returns one info for both (``fragment`` is
-    the synced one; bytes, seconds and retries are summed).
-    """
-
-    outer_step: int          # outer steps (fragment syncs) the group has done, this one included
-    fragment: int
-    inner_step: int
-    revision: int            # the shared-state revision after this step
-    world_size: int
-    peers: tuple[int, ...]
-    applied: bool            # an averaged pseudo-gradient was applied to the global parameters
-    seconds: float           # time this step blocked training (everything outside the inner optimizer)
-    reduce_seconds: float    # how long the applied all-reduce took (in the background, in delayed mode)
-    tx_bytes: int
-    rx_bytes: int
-    retries: int             # all-reduce attempts that failed with PeerFailure and were redone
-    admitted: bool           # update_topology() admitted joiners at this step
-    synced: bool             # the shared state was synced at this step
-    state_tx_bytes: int = 0  # the part of tx_bytes that was the shared-state sync (a joiner's transfer)
-
-
-class _GatherSum:
-    """Handle of a 4-bit all-gather: ``wait()`` decodes every rank's bytes
-    and sums them, in rank order, into the slot's output."""
-
-    def __init__(self, handle: Any, gathered: torch.Tensor, slot: Slot) -> None:
-        self._handle = handle
-        self._gathered = gathered
-        self._slot = slot
-
-    def wait(self, timeout: float | None = None) -> Any:
-        info = self._handle.wait(timeout)
-        assert self._slot.out is not None and self._slot.ef is not None and self._slot.ef.packer is not None
-        self._slot.ef.packer.sum_gathered(self._gathered, self._slot.out)
-        return info
-
-
-def _merge(infos: list[OuterStepInfo]) -> OuterStepInfo | None:
-    if not infos:
-        return None
-    base = infos[-1]
-    if len(infos) == 1:
-        return base
-    applied = [i for i in infos if i.applied]
-    src = applied[0] if applied else base
-    return dataclasses.replace(
-        base, peers=src.peers, world_size=src.world_size, applied=bool(applied),
-        seconds=sum(i.seconds for i in infos), reduce_seconds=max(i.reduce_seconds for i in infos),
-        tx_bytes=sum(i.tx_bytes for i in infos), rx_bytes=sum(i.rx_bytes for i in infos),
-        retries=sum(i.retries for i in infos), state_tx_bytes=sum(i.state_tx_bytes for i in infos),
-    )
 
 
 class DiLoCo:
@@ -185,65 +122,24 @@ class DiLoCo:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise TypeError(f"inner_optimizer must be a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
-        if not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(f"sync_every must be a positive integer, got {sync_every!r}")
-        if not isinstance(fragments, int) or not 1 <= fragments <= sync_every:
-            raise ValueError(f"fragments must be an integer between 1 and sync_every ({sync_every}), got {fragments!r}")
-        if delayed in (False, None):
-            mode = "sync"
-        elif delayed is True or delayed == "naive":
-            mode = "naive"
-        elif delayed in ("eager", "lookahead"):
-            mode = "eager"
-        elif delayed == "overlap":
-            if sync_every < 2:
-                raise ValueError("delayed='overlap' needs sync_every >= 2")
-            mode = "sync"
-            sync_delay = sync_delay or max(1, sync_every // max(2, fragments))
-            mixing = "rebase" if mixing is None else mixing
-        else:
-            raise ValueError(f"delayed must be False, True, 'naive', 'eager', 'lookahead' or 'overlap', "
-                             f"got {delayed!r}")
-        if not isinstance(sync_delay, int) or not 0 <= sync_delay < sync_every:
-            raise ValueError(f"sync_delay must be an integer in [0, sync_every), got {sync_delay!r}")
-        if sync_delay and mode != "sync":
-            raise ValueError("sync_delay is streaming DiLoCo's overlap of tau < H inner steps; delayed=True is the "
-                             "tau = H case (applied at the fragment's next sync): pass one or the other")
-        if mixing is None:
-            mixing = 0.5
-        if mixing != "rebase" and not (isinstance(mixing, (int, float)) and 0.0 <= float(mixing) <= 1.0):
-            raise ValueError(f"mixing must be in [0, 1] or 'rebase', got {mixing!r}")
-        if sync_delay:
-            mode = "stream"
-        self._qkw: dict[str, Any] = {}
-        if quantize is not None:
-            if quantize not in QUANTIZE_OPTIONS:
-                raise ValueError(f"quantize must be None or one of {QUANTIZE_OPTIONS}, got {quantize!r}")
-            if quantize == "uint8":
-                self._qkw = {"quantize": quantize}
+        opts = resolve_options(delayed, sync_every, fragments, sync_delay, mixing, quantize)
+        self._qkw: dict[str, Any] = {"quantize": quantize} if quantize == "uint8" else {}
         if getattr(comm, "world_size", 0) < 1:
             raise CCLError("connect() the Communicator before creating DiLoCo")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("the model has no trainable parameters")
-        for n, p in named:
-            if p.device.type != "cpu":
-                raise ValueError(f"parameter {n!r} is on {p.device}; DiLoCo works on CPU parameters")
-            if not p.is_floating_point():
-                raise ValueError(f"parameter {n!r} has dtype {p.dtype}; DiLoCo needs floating-point parameters")
-
+        named = trainable_parameters(model)
         self.model = model
         self.inner_optimizer = inner_optimizer
         self.comm = comm
         self.sync_every = sync_every
+        mode = opts.mode
         self.mode = mode                  # "sync", "naive", "eager" or "stream"
         self.delayed = mode in ("naive", "eager")  # the one-step-delayed schedule
-        self._own_proxy = delayed == "lookahead"  # the look-ahead uses this peer's pseudo-gradient alone
+        self._own_proxy = opts.own_proxy  # the look-ahead uses this peer's pseudo-gradient alone
         self.fragments = fragments
         self.quantize = quantize
-        self.sync_delay = sync_delay
-        self.rebase = mixing == "rebase" and mode == "stream"
-        self.mixing = 0.0 if mixing == "rebase" else float(mixing)
+        self.sync_delay = sync_delay = opts.sync_delay
+        self.rebase = opts.rebase
+        self.mixing = opts.mixing
         self.error_feedback = bool(error_feedback)
         self._overlapped = mode != "sync"
         self.slots: list[list[Slot]] = build_slots(named, fragments, self._overlapped, eager=mode == "eager",
@@ -309,7 +205,7 @@ class DiLoCo:
         f = self._due.get(r)
         if f is not None:
             infos.append(self._outer(f))
-        return _merge(infos)
+        return merge(infos)
 
     def finish(self) -> None:
         """End training: apply the averages still in flight (delayed and
@@ -545,7 +441,7 @@ class DiLoCo:
         if self._int4(s):
             gathered = torch.empty(self.comm.world_size * s.ef.packer.nbytes, dtype=torch.uint8)
             h = self.comm.all_gather_async(s.ef.packed, gathered, tag=self._tag(s))
-            return _GatherSum(h, gathered, s)
+            return GatherSum(h, gathered, s)
         return self.comm.all_reduce_async(s.pg, out=s.out, op="sum", tag=self._tag(s), **self._q(s))
 
     def _reduce_now(self, f: int) -> tuple[list[Any], int]:

@@ -23,7 +23,7 @@ point (``start - local``), so it holds only the inner steps' progress.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

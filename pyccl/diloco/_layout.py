@@ -8,8 +8,9 @@ SharedState keys. That is what lets peers reduce and sync them blindly.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -55,12 +56,12 @@ class Flat:
     def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype) -> None:
         sizes = [int(torch.Size(s).numel()) for s in shapes]
         self.flat = torch.zeros(sum(sizes), dtype=dtype)
-        self.views = [v.view(s) for v, s in zip(self.flat.split(sizes), shapes)] if sizes else []
+        self.views = [v.view(s) for v, s in zip(torch.split(self.flat, sizes), shapes)] if sizes else []
         self.sizes = sizes
 
     def views_of(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Views of another flat tensor ``t`` (same length) with this layout."""
-        return [v.view(x.shape) for v, x in zip(t.split(self.sizes), self.views)]
+        return [v.view(x.shape) for v, x in zip(torch.split(t, self.sizes), self.views)]
 
 
 @dataclass
@@ -154,9 +155,9 @@ def initialize_state(opt: torch.optim.Optimizer) -> None:
                 if group.get("momentum", 0) != 0:
                     st["momentum_buffer"] = torch.zeros_like(p)
             elif isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
-                from torch.optim.optimizer import _get_scalar_dtype
-
-                st["step"] = torch.zeros((), dtype=_get_scalar_dtype())
+                # torch's own default for the step counter (float32 unless the default dtype is float64)
+                st["step"] = torch.zeros((), dtype=torch.float64 if torch.get_default_dtype() == torch.float64
+                                         else torch.float32)
                 st["exp_avg"] = torch.zeros_like(p)
                 st["exp_avg_sq"] = torch.zeros_like(p)
                 if group.get("amsgrad"):
