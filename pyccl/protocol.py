@@ -12,9 +12,9 @@ Checks here are the ones a frame can fail on its own (types, ranges,
 lengths, list shapes); checks against protocol state (an epoch newer than
 the current one, a duplicate report) belong to the state machines.
 
-The field tables in docs/architecture.md ("Control protocol") are generated
-from :data:`PEER_FRAMES` and :data:`MASTER_FRAMES` (tests/test_protocol.py
-checks that they match).
+The field tables in docs/architecture.md ("Control protocol") list exactly
+the fields of :data:`PEER_FRAMES` and :data:`MASTER_FRAMES`;
+tests/test_protocol.py checks that they match.
 """
 
 from __future__ import annotations
@@ -485,12 +485,3 @@ def parse_keys(m: Mapping[str, Any], field: str = "keys") -> tuple[StateKey, ...
         prev = name
         keys.append(StateKey(name, dtype, tuple(shape), nbytes, h))
     return tuple(keys)
-
-
-def field_table(frames: Mapping[str, Any]) -> str:
-    """Markdown rows ``| type | fields |`` for docs/architecture.md."""
-    rows = []
-    for name, cls in frames.items():
-        names = [f.name for f in fields(cls)]
-        rows.append(f"| `{name}` | {', '.join(f'`{n}`' for n in names) or '(none)'} |")
-    return "\n".join(rows)

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -161,10 +161,6 @@ def store_get_str(store: Any, key: str, timeout: float) -> str:
         except (RuntimeError, dist.DistStoreError) as exc:  # timeout of one slice
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"pyccl: key {key!r} did not appear in the torch store within {timeout:.0f} s") from exc
-
-
-def option_names() -> list[str]:
-    return [f.name for f in fields(Options)]
 
 
 def random_base() -> int:
