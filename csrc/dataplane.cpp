@@ -71,9 +71,12 @@ void DataPlane::set_epoch(const net::EpochInfo& given) {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return;
     old = links_;
-    if (old) {
+    if (old && info.keep_previous_key) {
       prev_epoch_ = old->epoch();
       prev_key_ = old->info().key;
+    } else {
+      prev_epoch_ = 0;
+      prev_key_.clear();
     }
     links_ = fresh;
     cv_.notify_all();  // incoming hellos for this epoch may be waiting
@@ -275,6 +278,18 @@ void DataPlane::serve_incoming(net::Socket& sock) {
     PYCCL_LOG(Warning, "rejected data connection from " << addr << ": malformed hello (magic 0x" << std::hex
                                                         << hello.magic << std::dec << ", slot " << hello.conn_index
                                                         << "/" << hello.conn_count << ")");
+    return;
+  }
+  // A neighbour may learn of a new epoch before we do, but not of several
+  // (each needs our vote, or our expulsion), so a hello for an epoch further
+  // ahead is a guess: closed at once rather than holding a thread while we
+  // wait for an epoch that may never come. A peer that has no epoch yet (a
+  // joiner) cannot tell, and waits as before.
+  constexpr uint64_t kEpochLead = 2;
+  const uint64_t current = current_epoch();
+  if (current != 0 && hello.epoch > current + kEpochLead) {
+    refuse(addr, "a ring link for epoch " + std::to_string(hello.epoch) + ", which is not near the current " +
+                     std::to_string(current));
     return;
   }
   auto links = links_for(hello.epoch, 10.0);

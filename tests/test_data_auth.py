@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pyccl
 import pytest
-from pyccl import _core
+from pyccl import _core, wire
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,20 +29,22 @@ def test_core_hmac_matches_python() -> None:
 
 
 def _group(address: str, n: int, secret: bytes | None) -> list[pyccl.Communicator]:
-    comms = [pyccl.Communicator(address, connections=2, secret=secret).connect(timeout=10)]
-    threads = []
-    for _ in range(n - 1):
-        c = pyccl.Communicator(address, connections=2, secret=secret)
-        t = threading.Thread(target=c.connect, kwargs={"timeout": 20})
-        t.start()
-        threads.append(t)
-        comms.append(c)
-    deadline = time.monotonic() + 20
-    while comms[0].world_size < n and time.monotonic() < deadline:
-        comms[0].update_topology()
-        time.sleep(0.01)
+    """n members: each connects and votes until the group has all of them."""
+    comms = [pyccl.Communicator(address, connections=2, secret=secret) for _ in range(n)]
+
+    def join(c: pyccl.Communicator) -> None:
+        c.connect(timeout=20)
+        deadline = time.monotonic() + 20
+        while c.world_size < n and time.monotonic() < deadline:
+            if not c.update_topology():
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=join, args=(c,)) for c in comms]
     for t in threads:
-        t.join(20)
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [c.world_size for c in comms] == [n] * n
     return comms
 
 
@@ -147,6 +149,59 @@ def test_an_open_run_does_not_challenge(monkeypatch: pytest.MonkeyPatch) -> None
             assert comms[0]._epoch_key[1] == b""
             # No nonce: the port waits for a hello at once (a garbage one is just closed).
             assert _intrude(comms[1]._dp.port, b"\0" * 40, None) == b""
+        finally:
+            for c in comms:
+                c.close()
+
+
+def _with_key(port: int, opening: bytes, key: bytes) -> bytes:
+    """Connect, prove ``opening`` with ``key`` (as a member would), return every byte the port sent after its nonce."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.settimeout(5)
+        nonce = s.recv(32)
+        s.sendall(opening + hmac.new(key, b"pyccl-v1 data" + nonce + opening, hashlib.sha256).digest())
+        got = b""
+        try:
+            while chunk := s.recv(4096):
+                got += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return got
+
+
+def test_an_expelled_peer_loses_every_data_port_at_the_next_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYCCL_SECRET", raising=False)
+    with pyccl.Master(host="127.0.0.1", port=0, secret=SECRET) as master:
+        comms = _group(master.address, 3, SECRET)
+        try:
+            assert all((x == 6).all() for x in _all_reduce(comms))
+            victim, survivors = comms[2], comms[:2]
+            epoch, key = victim._epoch_key
+            port = survivors[1]._dp.port
+            req = struct.pack("<IIQQQQ", REQ_MAGIC, 0, 0, 0, 16, epoch)
+            # While a member, its key opens a state request (answered: nothing published, a 16-byte reply).
+            assert len(_with_key(port, req, key)) == 16
+            # The master expels it (an invalid frame on its control connection).
+            assert victim._control._sock is not None
+            victim._control._sock.sendall(wire.encode({"type": "vote", "round": "not a number"}))
+            deadline = time.monotonic() + 20
+            while survivors[0].world_size != 2 and time.monotonic() < deadline:
+                threads = [threading.Thread(target=c.update_topology) for c in survivors]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join(20)
+            new_epoch = survivors[0].epoch
+            assert new_epoch > epoch and survivors[1].world_size == 2
+            # It still holds the secret and the old epoch's key, but no key of
+            # the new epoch: a state request or a ring link with the old key,
+            # for the old epoch or the new one, is closed without a word.
+            for e in (epoch, new_epoch):
+                assert _with_key(port, struct.pack("<IIQQQQ", REQ_MAGIC, 0, 0, 0, 16, e), key) == b""
+                link = struct.pack("<IB3xQQQII", LINK_MAGIC, 1, e, victim.peer_id, survivors[1].peer_id, 0, 1)
+                assert _with_key(port, link, key) == b""
+            xs = _all_reduce(survivors)
+            assert all((x == 3).all() for x in xs)
         finally:
             for c in comms:
                 c.close()

@@ -49,6 +49,15 @@ def test_epoch_points_the_data_plane_at_the_ring_first() -> None:
     assert (st.world_size, st.epoch.rank if st.epoch else -1) == (3, 1)
 
 
+def test_the_previous_epochs_key_is_kept_only_while_no_member_left() -> None:
+    st = joined(me=1, ids=(1, 2, 3))
+    grow = st.prepare_epoch(epoch(2, (1, 2, 3, 4)))
+    assert grow.keep_previous_key  # a joiner: fetches planned in epoch 1 may still finish
+    st.on_epoch(epoch(2, (1, 2, 3, 4)), grow)
+    shrink = st.prepare_epoch(epoch(3, (1, 2, 4)))
+    assert not shrink.keep_previous_key  # peer 3 left or was expelled: its key of epoch 2 must stop working
+
+
 def test_epoch_without_this_peer_or_not_newer_is_rejected() -> None:
     st = joined()
     with pytest.raises(FrameError, match="does not include this peer"):

@@ -561,7 +561,7 @@ def test_stress_60s_all_faults_zero_violations(tmp_path: Path) -> None:
         "--peers", "4", "--duration", "60s", "--size", "256KiB", "--concurrency", "4", "--connections", "2",
         "--kill-rate", "0.2/s", "--hang-rate", "0.1/s", "--join-rate", "0.2/s",
         "--net-delay", "2ms", "--net-stall-rate", "0.1/s", "--net-reset-rate", "0.2/s",
-        "--heartbeat-timeout", "2s", "--pace", "10ms", "--seed", "4",
+        "--heartbeat-timeout", "2s", "--pace", "10ms", "--seed", "4", "--intruder-rate", "0.3/s",
     ]
     import importlib.util
 
@@ -575,6 +575,10 @@ def test_stress_60s_all_faults_zero_violations(tmp_path: Path) -> None:
     for kind in ("kill", "hang", "join", "net_stall", "net_reset"):
         assert kinds[kind]["injected"] >= 1, (kind, kinds)
         assert kinds[kind]["survived"] == kinds[kind]["injected"] or kind == "join", (kind, kinds)
+    intr = rep["intruders"]
+    assert len(intr["attempts"]) >= 5 and intr["leaks"] == 0, intr
+    assert all(a["rejected"] for a in intr["attempts"]), intr
+    assert sum(1 for d in intr["by_attack"].values() if d["attempts"]) >= 3, intr["by_attack"]
     t = rep["totals"]
     assert t["ops_completed"] > 200 and t["syncs_checked"] > 50 and t["op_failures_retried"] > 0
     assert rep["timeline"]["rows"], "no timeline"

@@ -40,6 +40,10 @@ struct EpochInfo {
   double link_timeout_s = 5.0;
   // The epoch's membership key (see membership_proof.h); empty in an open run.
   std::string key;
+  // Whether state fetches planned in the previous epoch may still prove
+  // themselves with its key: only when every member of it is a member of
+  // this one, so that a peer expelled (or gone) at this epoch loses access.
+  bool keep_previous_key = true;
 };
 
 class RingLinks final : public FrameSender {

@@ -542,7 +542,7 @@ class Communicator:
                     key = epoch_key(self._secret, self.peer_group, a.epoch, a.salt)
                 self._epoch_key = (a.epoch, key)
                 self._dp.set_epoch(a.epoch, a.peer_id, a.rank, a.world_size, nxt.peer_id, nxt.host, nxt.port,
-                                   a.prev_peer_id, key)
+                                   a.prev_peer_id, key, a.keep_previous_key)
             elif isinstance(a, S.AbortDataPlane):
                 if self._dp is not None:
                     self._dp.abort_through(a.through, a.reason)

@@ -94,6 +94,10 @@ class SetDataPlaneEpoch:
     next_member: P.Member
     prev_peer_id: int
     salt: bytes | None = None  # a run with a secret: derive the epoch's key from it
+    # Every member of the previous epoch is in this one: state fetches planned
+    # in it may still use its key. Otherwise a peer that left (or was
+    # expelled) at this epoch must lose access now, so the old key goes.
+    keep_previous_key: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,8 +289,9 @@ class PeerState:
             raise FrameError(f"epoch {frame.epoch} is not newer than the current epoch {self.epoch.number}")
         rank = ids.index(self.peer_id)
         n = len(ids)
+        keep = self.epoch is None or set(self.epoch.peer_ids) <= set(ids)
         return SetDataPlaneEpoch(frame.epoch, self.peer_id, rank, n, frame.members[(rank + 1) % n],
-                                 frame.members[(rank - 1) % n].peer_id, frame.salt)
+                                 frame.members[(rank - 1) % n].peer_id, frame.salt, keep)
 
     def on_epoch(self, frame: P.Epoch, plan: SetDataPlaneEpoch) -> None:
         """Publish the epoch (after :meth:`prepare_epoch`'s action ran)."""

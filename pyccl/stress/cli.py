@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-peers", type=int, default=0, help="most peer processes at once (default: 2 x --peers)")
     g.add_argument("--min-alive", type=int, default=2, help="never kill or hang below this many (default: 2)")
 
+    g = p.add_argument_group("intruders (the run gets a secret: PYCCL_SECRET, or a fresh random one)")
+    g.add_argument("--intruder-rate", type=rate, default=0.0,
+                   help="attempts per second by strangers without the secret to join, replay a handshake, or feed "
+                        "frames to the master, data ports and state servers; any that is not rejected fails the run")
+
     g = p.add_argument_group("network faults (a proxy in front of every peer's data port)")
     g.add_argument("--net-delay", type=dur, default=0.0, help="one-way delay per link, e.g. 50ms")
     g.add_argument("--net-window", type=size, default=None,
@@ -114,7 +119,8 @@ def config_from_args(args: argparse.Namespace) -> StressConfig:
     return StressConfig(
         peers=args.peers, duration=args.duration, size=args.size, dtype=args.dtype, op=args.op,
         connections=args.connections, concurrency=args.concurrency, kill_rate=args.kill_rate,
-        hang_rate=args.hang_rate, join_rate=args.join_rate, hang_duration=args.hang_duration,
+        hang_rate=args.hang_rate, join_rate=args.join_rate, intruder_rate=args.intruder_rate,
+        hang_duration=args.hang_duration,
         hang_kill_fraction=args.hang_kill_fraction, seed=args.seed, heartbeat_timeout=hb,
         stuck_slack=args.stuck_slack, sync_timeout=args.sync_timeout, max_peers=args.max_peers, min_alive=args.min_alive,
         state_size=args.state_size, pace=args.pace, cooldown=args.cooldown, net=net, report=args.report,
@@ -141,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.quiet:
         print(f"pyccl stress: {cfg.peers} peers, {cfg.duration:g} s, {cfg.concurrency} x {cfg.size} B {cfg.dtype}; "
               f"kill {cfg.kill_rate:g}/s hang {cfg.hang_rate:g}/s join {cfg.join_rate:g}/s"
+              + (f" intruders {cfg.intruder_rate:g}/s" if cfg.intruder_rate else "")
               + (f"; net delay {cfg.net.delay * 1e3:g} ms stall {cfg.net.stall_rate:g}/s reset {cfg.net.reset_rate:g}/s"
                  if cfg.net.enabled else ""), flush=True)
     result = orchestrator.run(cfg)

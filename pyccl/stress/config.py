@@ -217,6 +217,7 @@ class StressConfig:
     kill_rate: float = 0.1
     hang_rate: float = 0.02
     join_rate: float = 0.1
+    intruder_rate: float = 0.0  # intruder attempts per second (pyccl.stress.intruders)
     hang_duration: DurationRange | None = None  # None: 0.4..2.5 x heartbeat_timeout
     hang_kill_fraction: float = 0.3
     seed: int = 0
@@ -292,7 +293,7 @@ class StressConfig:
             raise ValueError(f"--connections must be in [1, 64], got {self.connections}")
         if not 1 <= self.concurrency <= 64:
             raise ValueError(f"--concurrency must be in [1, 64], got {self.concurrency}")
-        for name in ("kill_rate", "hang_rate", "join_rate"):
+        for name in ("kill_rate", "hang_rate", "join_rate", "intruder_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.net.stall_rate < 0 or self.net.reset_rate < 0:

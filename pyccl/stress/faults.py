@@ -25,6 +25,7 @@ class FaultKind(str, enum.Enum):
     JOIN = "join"              # a new peer process
     NET_STALL = "net_stall"    # every connection into one peer goes silent
     NET_RESET = "net_reset"    # one connection into one peer is reset (RST)
+    INTRUDER = "intruder"      # a stranger's attempt (pyccl.stress.intruders); not a FaultRecord
 
 
 @dataclass

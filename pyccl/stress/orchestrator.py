@@ -24,16 +24,19 @@ port is released, also when the run is interrupted.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import multiprocessing as mp
 import os
+import secrets
 import signal
 import tempfile
 import time
 from typing import Any
 
-from pyccl.stress import worker
+from pyccl.auth import resolve_secret
+from pyccl.stress import intruders, worker
 from pyccl.stress.config import StressConfig
 from pyccl.stress.faults import FaultKind, FaultRecord, FaultScheduler
 from pyccl.stress.live import LiveView, Snapshot
@@ -77,6 +80,7 @@ class Orchestrator:
         self.sched = FaultScheduler({
             FaultKind.KILL: cfg.kill_rate, FaultKind.HANG: cfg.hang_rate, FaultKind.JOIN: cfg.join_rate,
             FaultKind.NET_STALL: cfg.net.stall_rate, FaultKind.NET_RESET: cfg.net.reset_rate,
+            FaultKind.INTRUDER: cfg.intruder_rate,
         }, cfg.seed)
         self.rng = self.sched.rng
         self.ports = PortPool(cfg.seed)
@@ -91,6 +95,13 @@ class Orchestrator:
         self._bg: set[asyncio.Task[Any]] = set()
         self._ctx = mp.get_context("spawn")
         self._file_log: logging.Handler | None = None
+        # Intruders need a run to keep them out: the run's secret, or a fresh one.
+        self.secret = resolve_secret(None)
+        if self.secret is None and cfg.intruder_rate > 0:
+            self.secret = secrets.token_bytes(24)
+            self.notes.append("intruders: the run used a fresh random secret (PYCCL_SECRET was not set)")
+        self.intruders = intruders.IntruderTally()
+        self._intruder_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -159,7 +170,7 @@ class Orchestrator:
         return StressResult(
             self.cfg, self.stats, self.violations, self.watchdog.episodes, elapsed, len(self.peers),
             self.verifier.results_checked, self.verifier.syncs_checked, self.workdir, self.notes,
-            self.run_start or 0.0, ports,
+            self.run_start or 0.0, ports, self.intruders,
         )
 
     def _interrupt(self) -> None:
@@ -181,7 +192,7 @@ class Orchestrator:
     async def _start(self) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        self.master = MasterProcess(cfg.heartbeat_timeout, os.path.join(self.workdir, "master.log"))
+        self.master = MasterProcess(cfg.heartbeat_timeout, os.path.join(self.workdir, "master.log"), self.secret)
         if cfg.net.enabled:
             shape = LinkShape(cfg.net.delay, cfg.net.window, cfg.net.bandwidth)
             self.netem = NetemClient(shape, cfg.seed, os.path.join(self.workdir, "netem.log"))
@@ -297,6 +308,8 @@ class Orchestrator:
             self.server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 5.0)
+        if self._intruder_pool is not None:
+            self._intruder_pool.shutdown(wait=True, cancel_futures=True)
         if self.master is not None:
             await loop.run_in_executor(None, self.master.stop)
         if self.run_start is not None:
@@ -320,7 +333,7 @@ class Orchestrator:
             data_port=data_port, advertise=advertise, connections=cfg.connections, concurrency=cfg.concurrency,
             count=cfg.element_count, dtype=cfg.dtype, op=cfg.op, seed=cfg.seed, max_world=cfg.peer_cap,
             state_size=cfg.state_size, pace=cfg.pace, log_path=os.path.join(self.workdir, f"peer-{index}.log"),
-            connect_timeout=max(60.0, 4 * cfg.stuck_threshold), corrupt=cfg.corrupt_peer == index,
+            connect_timeout=max(60.0, 4 * cfg.stuck_threshold), corrupt=cfg.corrupt_peer == index, secret=self.secret,
         )
         proc = self._ctx.Process(target=worker.main, args=(spec,), name=f"pyccl-stress-peer-{index}", daemon=True)
         proc.start()
@@ -370,6 +383,9 @@ class Orchestrator:
 
     async def _inject(self, kind: FaultKind) -> None:
         now = self.now()
+        if kind == FaultKind.INTRUDER:
+            self._intrude()
+            return
         rec: FaultRecord | None = None
         if kind == FaultKind.KILL:
             rec = self._kill()
@@ -465,6 +481,43 @@ class Orchestrator:
             log.warning("network fault on peer #%d failed: %s", p.index, exc)
             return None
         return rec if n > 0 else None
+
+    def _intrude(self) -> None:
+        """Start one intruder attempt (it runs on the intruders' own threads, so
+        an attempt that waits for a close never delays the orchestrator)."""
+        assert self.master is not None and self.secret is not None
+        kind = self.rng.choice(list(intruders.Attack))
+        if kind.on_data_port:
+            running = [p for _, p in sorted(self.peers.items()) if p.state == PeerState.RUNNING]
+            if not running:
+                return
+            p = self.rng.choice(running)
+            target, label = ("127.0.0.1", p.data_port), f"peer #{p.index} data port {p.data_port}"
+        else:
+            host, _, port = self.master.address.rpartition(":")
+            target, label = (host, int(port)), f"master {self.master.address}"
+        if self._intruder_pool is None:
+            self._intruder_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pyccl-intruder")
+        self._task(self._attempt(kind, target, label, self.rng.getrandbits(32)))
+
+    async def _attempt(self, kind: intruders.Attack, target: tuple[str, int], label: str, seed: int) -> None:
+        assert self.secret is not None
+        t0 = self.now()
+        loop = asyncio.get_running_loop()
+        try:
+            rejected, leak, detail = await loop.run_in_executor(
+                self._intruder_pool, intruders.attack, kind, target, self.secret, seed)
+        except (OSError, ValueError) as exc:  # the attempt itself failed (e.g. the target was gone): no verdict
+            log.info("intruder %s on %s could not be made: %s", kind.value, label, exc)
+            return
+        a = intruders.Attempt(kind, t0, label, rejected, self.now() - t0, leak, detail)
+        self.intruders.add(a)
+        log.info("intruder %s on %s: %s (%.3f s) %s", kind.value, label,
+                 "rejected" if rejected else f"NOT rejected: {leak}", a.seconds, detail)
+        if leak or not rejected:
+            self.violation(Violation(
+                "intruder", self.now(), f"an intruder's {kind.value} on {label} was not rejected: "
+                f"{leak or detail}", values={"attack": kind.value}))
 
     # ------------------------------------------------------------------ view
 

@@ -22,7 +22,7 @@ __all__ = ["MasterProcess", "PortPool"]
 log = logging.getLogger("pyccl.stress")
 
 
-def _master_main(heartbeat_timeout: float, pipe: Any, log_path: str) -> None:
+def _master_main(heartbeat_timeout: float, pipe: Any, log_path: str, secret: bytes | None) -> None:
     from pyccl.stress.worker import _die_with_parent, _redirect_output
 
     _die_with_parent()
@@ -31,7 +31,8 @@ def _master_main(heartbeat_timeout: float, pipe: Any, log_path: str) -> None:
                         format="%(asctime)s master %(levelname)s %(name)s: %(message)s")
     import pyccl
 
-    master = pyccl.Master(host="127.0.0.1", port=0, heartbeat_timeout=heartbeat_timeout).start()
+    master = pyccl.Master(host="127.0.0.1", port=0, heartbeat_timeout=heartbeat_timeout,
+                          secret=secret).start()
     pipe.send(master.address)
     try:
         pipe.recv()  # any message, or EOF when the orchestrator goes away, means stop
@@ -45,10 +46,10 @@ class MasterProcess:
     """``pyccl.Master`` in a child process (its latency is on every op's critical path,
     so it gets its own interpreter and GIL)."""
 
-    def __init__(self, heartbeat_timeout: float, log_path: str) -> None:
+    def __init__(self, heartbeat_timeout: float, log_path: str, secret: bytes | None = None) -> None:
         ctx = mp.get_context("spawn")
         self._pipe, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_master_main, args=(heartbeat_timeout, child, log_path),
+        self._proc = ctx.Process(target=_master_main, args=(heartbeat_timeout, child, log_path, secret),
                                  name="pyccl-stress-master", daemon=True)
         self._proc.start()
         child.close()

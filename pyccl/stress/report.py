@@ -14,6 +14,7 @@ from typing import Any
 
 from pyccl.stress.config import StressConfig
 from pyccl.stress.faults import FaultKind
+from pyccl.stress.intruders import IntruderTally
 from pyccl.stress.stats import RunStats
 from pyccl.stress.verify import Violation
 from pyccl.stress.watchdog import StuckEpisode
@@ -35,6 +36,7 @@ class StressResult:
     notes: list[str] = field(default_factory=list)
     warmup: float = 0.0               # seconds from start until the initial group formed (t of run start)
     ports: dict[str, Any] = field(default_factory=dict)  # every port the run listened on (cleanup checks)
+    intruders: IntruderTally = field(default_factory=IntruderTally)
 
     @property
     def ok(self) -> bool:
@@ -87,6 +89,7 @@ def summary_table(r: StressResult) -> str:
                      f"{_fmt_s(d['max_recovery_s']):>14}{extra}")
     slow = s.slowest_recovery()
     lines.append("-" * 59)
+    lines += _intruder_lines(r.intruders)
     if slow is not None:
         lines.append(f"slowest recovery: {slow.recovery:.2f} s after the {slow.kind.value} of peer #{slow.target} "
                      f"at t={slow.t:.1f}s {slow.detail}".rstrip())
@@ -112,6 +115,21 @@ def summary_table(r: StressResult) -> str:
         lines.append("RESULT: OK (0 violations)")
     lines.append(f"logs: {r.workdir}")
     return "\n".join(lines)
+
+
+def _intruder_lines(t: IntruderTally) -> list[str]:
+    if not t.attempts:
+        return []
+    lines = [f"{'intruder':<18}{'attempts':>9}{'rejected':>9}{'leaks':>7}{'median':>9}{'slowest':>9}"]
+    for kind, d in t.by_attack().items():
+        if d["attempts"]:
+            lines.append(f"{kind:<18}{d['attempts']:>9}{d['rejected']:>9}{d['leaks']:>7}{_fmt_s(d['median_s']):>9}"
+                         f"{_fmt_s(d['max_s']):>9}")
+    rejected = sum(1 for a in t.attempts if a.rejected)
+    lines.append(f"intruders: {len(t.attempts)} attempts, {rejected} rejected, {len(t.leaks)} leaks "
+                 "(every result and synced state was also checked bit for bit)")
+    lines.append("-" * 59)
+    return lines
 
 
 def to_json(r: StressResult) -> dict[str, Any]:
@@ -145,6 +163,8 @@ def to_json(r: StressResult) -> dict[str, Any]:
         "faults_by_kind": s.by_kind(),
         "slowest_recovery": slow.to_json() if slow else None,
         "faults": [f.to_json() for f in s.faults],
+        "intruders": {"by_attack": r.intruders.by_attack(), "leaks": len(r.intruders.leaks),
+                      "attempts": [a.to_json() for a in r.intruders.attempts]},
         "violations": [v.to_json() for v in r.violations],
         "stuck": [dataclasses.asdict(e) for e in r.stuck],
         "timeline": {

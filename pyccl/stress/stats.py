@@ -103,6 +103,8 @@ class RunStats:
         """Per fault kind: injected, survived (recovered), slowest and median recovery."""
         out: dict[str, dict[str, Any]] = {}
         for kind in FaultKind:
+            if kind == FaultKind.INTRUDER:  # attempts are counted by the IntruderTally
+                continue
             fs = [f for f in self.faults if f.kind == kind]
             rec = sorted(f.recovery for f in fs if f.recovery is not None)
             out[kind.value] = {

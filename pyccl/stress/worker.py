@@ -69,6 +69,7 @@ class WorkerSpec:
     log_path: str
     connect_timeout: float = 60.0
     corrupt: bool = False
+    secret: bytes | None = None  # None: PYCCL_SECRET from the environment, if any
 
 
 def main(spec: WorkerSpec) -> None:
@@ -150,7 +151,7 @@ class _Peer:
         while not self.stop.is_set():
             comm = pyccl.Communicator(
                 self.spec.master, connections=self.spec.connections, name=f"stress-{self.spec.index}",
-                data_port=self.spec.data_port, advertise=self.spec.advertise,
+                data_port=self.spec.data_port, advertise=self.spec.advertise, secret=self.spec.secret,
             )
             self.peer_id = 0
             self._phase("connect", self.state.revision, 0, ())

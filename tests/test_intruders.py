@@ -1,0 +1,94 @@
+"""The intruders of ``pyccl stress --intruder-rate`` (pyccl/stress/intruders.py),
+one attempt of each attack against a real run: with a secret every one is
+rejected and the group never notices; against an open run the same checks
+see the intruder get in (so they can fail)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyccl
+import pytest
+from pyccl.stress.intruders import Attack, attack
+
+pytestmark = pytest.mark.timeout(150)
+
+SECRET = b"the run's secret, which intruders lack"
+
+
+def _group(address: str, n: int, secret: bytes | None) -> list[pyccl.Communicator]:
+    comms = [pyccl.Communicator(address, connections=2, secret=secret).connect(timeout=10)]
+    threads = []
+    for _ in range(n - 1):
+        c = pyccl.Communicator(address, connections=2, secret=secret)
+        t = threading.Thread(target=c.connect, kwargs={"timeout": 20})
+        t.start()
+        threads.append(t)
+        comms.append(c)
+    deadline = time.monotonic() + 20
+    while comms[0].world_size < n and time.monotonic() < deadline:
+        comms[0].update_topology()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(20)
+    assert all(c.world_size == n for c in comms)
+    return comms
+
+
+def _all_reduce(comms: list[pyccl.Communicator]) -> list[np.ndarray]:
+    xs = [np.full(1 << 14, float(i + 1), np.float32) for i in range(len(comms))]
+    ts = [threading.Thread(target=c.all_reduce, args=(x,)) for c, x in zip(comms, xs)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    return xs
+
+
+def _target(kind: Attack, master: pyccl.Master, comm: pyccl.Communicator) -> tuple[str, int]:
+    if kind.on_data_port:
+        return ("127.0.0.1", comm._dp.port)
+    host, _, port = master.address.rpartition(":")
+    return (host, int(port))
+
+
+def test_every_attack_is_rejected_by_a_run_with_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYCCL_SECRET", raising=False)
+    with pyccl.Master(host="127.0.0.1", port=0, secret=SECRET) as master:
+        comms = _group(master.address, 2, SECRET)
+        try:
+            assert all((x == 3).all() for x in _all_reduce(comms))
+            epoch = comms[0].epoch
+            for i, kind in enumerate(Attack):
+                rejected, leak, detail = attack(kind, _target(kind, master, comms[1]), SECRET, seed=i)
+                assert rejected and not leak, (kind, leak, detail)
+            # The group never noticed: same epoch, same members, exact results.
+            ts = [threading.Thread(target=c.update_topology) for c in comms]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(20)
+            assert [c.epoch for c in comms] == [epoch, epoch] and [c.world_size for c in comms] == [2, 2]
+            assert all((x == 3).all() for x in _all_reduce(comms))
+        finally:
+            for c in comms:
+                c.close()
+
+
+def test_the_checks_see_an_intruder_get_into_an_open_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYCCL_SECRET", raising=False)
+    with pyccl.Master(host="127.0.0.1", port=0) as master:
+        comms = _group(master.address, 2, None)
+        try:
+            rejected, leak, _ = attack(Attack.JOIN_NO_SECRET, _target(Attack.JOIN_NO_SECRET, master, comms[0]),
+                                       SECRET, seed=1)
+            assert not rejected and leak.startswith(("admitted as peer", "welcomed as peer"))
+            # An open data port serves a state request (here: "not available", a 16-byte reply header).
+            rejected, leak, _ = attack(Attack.STATE_REQUEST, _target(Attack.STATE_REQUEST, master, comms[1]),
+                                       SECRET, seed=2)
+            assert not rejected and leak == "the data port answered 16 bytes"
+        finally:
+            for c in comms:
+                c.close()
