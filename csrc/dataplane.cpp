@@ -9,6 +9,7 @@
 
 #include "collectives/gather_allreduce.h"
 #include "net/membership_proof.h"
+#include "net/wire_checks.h"
 #include "collectives/ring_driver.h"
 #include "common/log.h"
 #include "state/state_wire.h"
@@ -201,6 +202,11 @@ void DataPlane::accept_loop() {
   }
 }
 
+void DataPlane::set_hello_wait(double seconds) {
+  std::lock_guard<std::mutex> lock(mu_);
+  hello_wait_s_ = seconds;
+}
+
 void DataPlane::set_authenticate(bool on) {
   std::lock_guard<std::mutex> lock(mu_);
   authenticate_ = on;
@@ -273,11 +279,8 @@ void DataPlane::serve_incoming(net::Socket& sock) {
     state_server_.serve(sock, req);
     return;
   }
-  if (hello.magic != net::kLinkMagic || hello.version != net::kWireVersion || hello.conn_count == 0 ||
-      hello.conn_count > net::kMaxConnections || hello.conn_index >= hello.conn_count) {
-    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": malformed hello (magic 0x" << std::hex
-                                                        << hello.magic << std::dec << ", slot " << hello.conn_index
-                                                        << "/" << hello.conn_count << ")");
+  if (const std::string bad = net::link_hello_problem(hello); !bad.empty()) {
+    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": malformed hello (" << bad << ")");
     return;
   }
   // A neighbour may learn of a new epoch before we do, but not of several
@@ -292,7 +295,12 @@ void DataPlane::serve_incoming(net::Socket& sock) {
                      std::to_string(current));
     return;
   }
-  auto links = links_for(hello.epoch, 10.0);
+  double wait_s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    wait_s = hello_wait_s_;
+  }
+  auto links = links_for(hello.epoch, wait_s);
   std::string why;
   if (!links) {
     // An older epoch is ordinary churn (the neighbour had not yet heard of
@@ -340,12 +348,8 @@ void DataPlane::read_frames(net::Socket& sock, net::RingLinks& links, const std:
   for (;;) {
     net::DataHeader h;
     sock.recv_exact(&h, sizeof(h));
-    std::string bad;
-    if (h.magic != net::kDataMagic || h.version != net::kWireVersion) bad = "bad magic/version";
-    else if (h.epoch != epoch) bad = "frame for epoch " + std::to_string(h.epoch) + " on a link of epoch " + std::to_string(epoch);
-    else if (h.phase == static_cast<uint8_t>(net::Phase::Keepalive) && h.length == 0) continue;
-    else if (h.phase < static_cast<uint8_t>(net::Phase::ReduceScatter) || h.phase > static_cast<uint8_t>(net::Phase::Start) || h.phase == static_cast<uint8_t>(net::Phase::Keepalive)) bad = "unknown phase";
-    else if (h.length > net::kMaxChunkBytes) bad = "payload of " + std::to_string(h.length) + " bytes exceeds the chunk limit";
+    const std::string bad = net::data_header_problem(h, epoch);
+    if (bad.empty() && net::is_keepalive(h)) continue;
     if (!bad.empty()) {
       std::string reason = "protocol error from " + from + ": " + bad + "; closing the connection";
       PYCCL_LOG(Warning, "rejected frame: " << reason);

@@ -48,8 +48,17 @@ class DataPlane {
   // Require every incoming connection to prove membership of the current
   // (or the previous) epoch (a run with a secret; see net/membership_proof.h).
   void set_authenticate(bool on);
+  // How long a ring-link hello for an epoch we have not reached yet is held
+  // (a neighbour may learn of the epoch first). Default 10 s.
+  void set_hello_wait(double seconds);
   void abort_through(uint64_t epoch, const std::string& why);
   void close();
+
+  // Serves one accepted connection to the data port: the challenge (with
+  // authentication on), the opening frame and its proof, then a ring link's
+  // frames or a state fetch's requests. Called on the accept loop's worker
+  // threads; tests/fuzz/ feeds it one end of a socketpair.
+  void serve_incoming(net::Socket& sock);
 
   // Shared state this peer serves to fetchers (see state/state_server.h).
   state::StateServer& state_server() { return state_server_; }
@@ -63,7 +72,6 @@ class DataPlane {
 
  private:
   void accept_loop();
-  void serve_incoming(net::Socket& sock);
   std::string key_of(uint64_t epoch);
   void refuse(const std::string& addr, const std::string& why);
   void read_frames(net::Socket& sock, net::RingLinks& links, const std::string& from);
@@ -84,6 +92,7 @@ class DataPlane {
   bool closed_ = false;
   double keepalive_s_ = 1.0;
   double link_timeout_s_ = 5.0;
+  double hello_wait_s_ = 10.0;
   bool authenticate_ = false;
   uint64_t prev_epoch_ = 0;
   std::string prev_key_;                 // the epoch before the current one: fetches planned in it
