@@ -119,7 +119,9 @@ class TelemetryRouter:
             self.bad_frame(conn, f"'{frame['type']}' before 'hello'")
             return
         if isinstance(msg, protocol.PhaseReport):
-            if not self.orch.ending:
+            # A report read after the peer was killed (it was in the socket
+            # buffer) must not bring it back to the watchdog as a live peer.
+            if not self.orch.ending and p.state not in (PeerState.KILLED, PeerState.EXITED):
                 self.orch.watchdog.on_phase(p.index, msg.phase, self.orch.rel(msg.t), msg.rev, msg.epoch, msg.peer_id,
                                        msg.members)
             if msg.members:
