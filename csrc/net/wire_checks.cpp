@@ -1,9 +1,16 @@
 #include "net/wire_checks.h"
 
+#include <cstdio>
+
 namespace pyccl::net {
 
 std::string link_hello_problem(const LinkHello& hello) {
-  if (hello.magic != kLinkMagic || hello.version != kWireVersion) return "bad magic/version";
+  if (hello.magic != kLinkMagic || hello.version != kWireVersion) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "magic 0x%x, version %u", static_cast<unsigned>(hello.magic),
+                  static_cast<unsigned>(hello.version));
+    return buf;
+  }
   if (hello.conn_count == 0 || hello.conn_count > kMaxConnections)
     return "pool size " + std::to_string(hello.conn_count) + " is not in [1, " + std::to_string(kMaxConnections) + "]";
   if (hello.conn_index >= hello.conn_count)
