@@ -40,6 +40,9 @@ struct EpochInfo {
   double link_timeout_s = 5.0;
   // The epoch's membership key (see membership_proof.h); empty in an open run.
   std::string key;
+  // The next peer shares this host (the master says so): ask for
+  // shared-memory links (shm_handshake.h) instead of plain TCP.
+  bool shm = false;
 };
 
 class RingLinks final : public FrameSender {

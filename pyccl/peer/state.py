@@ -94,6 +94,7 @@ class SetDataPlaneEpoch:
     next_member: P.Member
     prev_peer_id: int
     salt: bytes | None = None  # a run with a secret: derive the epoch's key from it
+    next_same_host: bool = False  # the next member runs on this host: its links may use shared memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,8 +286,10 @@ class PeerState:
             raise FrameError(f"epoch {frame.epoch} is not newer than the current epoch {self.epoch.number}")
         rank = ids.index(self.peer_id)
         n = len(ids)
+        hosts = frame.hosts
+        same_host = hosts is not None and hosts[rank] != "" and hosts[rank] == hosts[(rank + 1) % n]
         return SetDataPlaneEpoch(frame.epoch, self.peer_id, rank, n, frame.members[(rank + 1) % n],
-                                 frame.members[(rank - 1) % n].peer_id, frame.salt)
+                                 frame.members[(rank - 1) % n].peer_id, frame.salt, same_host)
 
     def on_epoch(self, frame: P.Epoch, plan: SetDataPlaneEpoch) -> None:
         """Publish the epoch (after :meth:`prepare_epoch`'s action ran)."""
