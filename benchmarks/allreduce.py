@@ -1,12 +1,22 @@
-"""pyccl vs torch.distributed gloo: all-reduce time and bus bandwidth, side by side.
+"""pyccl vs torch.distributed gloo (and Open MPI where installed): all-reduce
+time and bus bandwidth, side by side.
 
-Both run in the same worker processes on loopback, interleaved per repetition
-(gloo, pyccl with each connection count, gloo, ...), so machine noise hits all
-of them alike. Reported: the median over repetitions of the slowest rank's
-time per op, and bus bandwidth as NCCL-tests define it:
+pyccl runs twice per connection count: with its default transport (ring
+neighbours on one host exchange bytes through shared memory; `shm` columns)
+and with PYCCL_TRANSPORT=tcp semantics (`transport="tcp"`; `tcp` columns).
+gloo and every pyccl variant run in the same worker processes on loopback,
+interleaved per repetition (gloo, shm c=1, tcp c=1, ...), so machine noise
+hits all of them alike. Reported: the median over repetitions of the slowest
+rank's time per op, and bus bandwidth as NCCL-tests define it:
 bytes / time * 2 (n - 1) / n.
 
-    python benchmarks/allreduce.py                       # full table (a few minutes)
+Open MPI (mpi4py over Debian's openmpi-bin, shared memory) cannot share
+processes with the others (mpirun starts its own), so where `mpirun` and
+mpi4py are installed it runs as a separate phase per world size, timed the
+same way (barrier, op, max over ranks, median); otherwise its column is left
+out.
+
+    python benchmarks/allreduce.py                       # full table (several minutes)
     python benchmarks/allreduce.py --world-sizes 2 --sizes 4 16MiB --reps 5
 
 Needs torch (pip install torch==2.13.0) for the gloo side.
@@ -60,6 +70,7 @@ def reps_for(nbytes: int, base: int) -> int:
 
 
 SECRET = b"benchmark run secret"
+TRANSPORTS = {"auto": "shm", "tcp": "tcp"}  # Communicator(transport=...) -> column name
 
 
 def worker(rank: int, n: int, gloo_port: int, master_addr: str, secret_addr: str | None, sizes: list[int],
@@ -73,11 +84,13 @@ def worker(rank: int, n: int, gloo_port: int, master_addr: str, secret_addr: str
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=rank, world_size=n)
     comms = {}
     for k in conns:
-        c = pyccl.Communicator(master_addr, peer_group=k, connections=k)
-        c.connect(timeout=60)
-        while c.world_size < n:
-            c.update_topology()
-        comms[k] = c
+        for transport in TRANSPORTS:
+            c = pyccl.Communicator(master_addr, peer_group=k + (1000 if transport == "tcp" else 0), connections=k,
+                                   transport=transport)
+            c.connect(timeout=60)
+            while c.world_size < n:
+                c.update_topology()
+            comms[f"{TRANSPORTS[transport]} c={k}"] = c
     secured = None
     if secret_addr is not None:  # the same group once more, through a master with a run secret
         secured = pyccl.Communicator(secret_addr, connections=conns[-1], secret=SECRET)
@@ -94,13 +107,13 @@ def worker(rank: int, n: int, gloo_port: int, master_addr: str, secret_addr: str
         out = np.empty_like(xa)
         # in-place like gloo, per connection count, plus out-of-place at the
         # largest count (shows what the in-place commit copy costs)
-        backends = ["gloo"] + [f"pyccl c={k}" for k in conns] + [f"pyccl out c={conns[-1]}"]
+        backends = ["gloo", *comms, f"out shm c={conns[-1]}"]
         if secured is not None:
-            backends.append(f"pyccl secret c={conns[-1]}")
+            backends.append(f"secret c={conns[-1]}")
         # one warm-up each (allocations, connection slow start)
         dist.all_reduce(x)
-        for k in conns:
-            comms[k].all_reduce(xa)
+        for c in comms.values():
+            c.all_reduce(xa)
         if secured is not None:
             secured.all_reduce(xa)
         for _ in range(reps_for(nbytes, base_reps)):
@@ -110,15 +123,15 @@ def worker(rank: int, n: int, gloo_port: int, master_addr: str, secret_addr: str
                 t0 = time.perf_counter()
                 if b == "gloo":
                     dist.all_reduce(x)
-                elif b.startswith("pyccl out"):
-                    comms[int(b.split("=")[1])].all_reduce(xa, out=out)
-                elif b.startswith("pyccl secret"):
+                elif b.startswith("out "):
+                    comms[b[4:]].all_reduce(xa, out=out)
+                elif b.startswith("secret"):
                     assert secured is not None
                     secured.all_reduce(xa)
                 else:
-                    comms[int(b.split("=")[1])].all_reduce(xa)
+                    comms[b].all_reduce(xa)
                 dt = time.perf_counter() - t0
-                result = out if b.startswith("pyccl out") else xa
+                result = out if b.startswith("out ") else xa
                 if not bool((result == n).all()):
                     raise SystemExit(f"{b}: wrong result at {nbytes} bytes")
                 # the op takes as long as its slowest rank

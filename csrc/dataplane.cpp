@@ -316,7 +316,10 @@ void DataPlane::serve_incoming(net::Socket& sock) {
   // the path stalled or the neighbour hung.
   sock.set_recv_timeout(links->info().link_timeout_s);
   sock.tune_for_bulk();
-  if (shm) ++shm_links_accepted_;
+  if (shm) {
+    ++shm_links_accepted_;
+    PYCCL_LOG(Debug, "ring link from " << from << " carries its bytes through shared memory");
+  }
   net::ByteStream& stream = shm ? static_cast<net::ByteStream&>(*shm) : sock;
   try {
     read_frames(stream, *links, from);
