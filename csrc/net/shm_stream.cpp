@@ -166,38 +166,60 @@ void ShmStream::sleep_until_bell(int timeout_ms) {
   if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) fail("recv", errno);
 }
 
-void ShmStream::write_bytes(const char* p, size_t n) {
+void ShmStream::publish_tail() {
+  // seq_cst store, then seq_cst load of the flag: with the reader's store
+  // of the flag then load of the tail, one of us sees the other (no lost wake-up).
+  ring_->tail.store(cursor_, std::memory_order_seq_cst);
+  if (ring_->reader_waiting.load(std::memory_order_seq_cst) != 0 &&
+      ring_->reader_waiting.exchange(0, std::memory_order_seq_cst) != 0)
+    ring_bell();
+}
+
+void ShmStream::write_iov(const iovec* iov, int iovcnt) {
   if (role_ != Role::Writer) throw SocketError("write on the reading end of a shared-memory link");
-  while (n > 0) {
-    check_open();
-    const uint64_t used = cursor_ - ring_->head.load(std::memory_order_acquire);
-    if (used > cap_) throw SocketError("the shared-memory ring's head is corrupt");
-    if (used == cap_) {
-      // Full: announce it, look again (the reader may have freed space in
-      // between), then sleep on the connection until the reader rings.
-      ring_->writer_waiting.store(1, std::memory_order_seq_cst);
-      if (cursor_ - ring_->head.load(std::memory_order_seq_cst) < cap_) {
-        ring_->writer_waiting.store(0, std::memory_order_relaxed);
-      } else {
-        sleep_until_bell(wait_ms_);
+  // A frame (header + payload) is published as one piece when it fits, so
+  // a waiting reader is woken once per frame, not once for the header and
+  // again for the payload; a big payload is published every kPiece bytes so
+  // that the reader copies out while the rest is copied in.
+  uint64_t published = cursor_;
+  for (int i = 0; i < iovcnt; ++i) {
+    const char* p = static_cast<const char*>(iov[i].iov_base);
+    size_t n = iov[i].iov_len;
+    while (n > 0) {
+      check_open();
+      const uint64_t used = cursor_ - ring_->head.load(std::memory_order_acquire);
+      if (used > cap_) throw SocketError("the shared-memory ring's head is corrupt");
+      if (used == cap_) {
+        if (published != cursor_) {
+          publish_tail();
+          published = cursor_;
+          continue;
+        }
+        // Full: announce it, look again (the reader may have freed space in
+        // between), then sleep on the connection until the reader rings.
+        ring_->writer_waiting.store(1, std::memory_order_seq_cst);
+        if (cursor_ - ring_->head.load(std::memory_order_seq_cst) < cap_) {
+          ring_->writer_waiting.store(0, std::memory_order_relaxed);
+        } else {
+          sleep_until_bell(wait_ms_);
+        }
+        continue;
       }
-      continue;
+      const size_t k = std::min({n, static_cast<size_t>(cap_ - used), kPiece});
+      const size_t off = cursor_ % cap_;
+      const size_t first = std::min(k, static_cast<size_t>(cap_ - off));
+      std::memcpy(data_ + off, p, first);
+      std::memcpy(data_, p + first, k - first);
+      cursor_ += k;
+      p += k;
+      n -= k;
+      if (cursor_ - published >= kPiece) {
+        publish_tail();
+        published = cursor_;
+      }
     }
-    const size_t k = std::min({n, static_cast<size_t>(cap_ - used), kPiece});
-    const size_t off = cursor_ % cap_;
-    const size_t first = std::min(k, static_cast<size_t>(cap_ - off));
-    std::memcpy(data_ + off, p, first);
-    std::memcpy(data_, p + first, k - first);
-    cursor_ += k;
-    p += k;
-    n -= k;
-    // seq_cst store, then seq_cst load of the flag: with the reader's store
-    // of the flag then load of the tail, one of us sees the other (no lost wake-up).
-    ring_->tail.store(cursor_, std::memory_order_seq_cst);
-    if (ring_->reader_waiting.load(std::memory_order_seq_cst) != 0 &&
-        ring_->reader_waiting.exchange(0, std::memory_order_seq_cst) != 0)
-      ring_bell();
   }
+  if (published != cursor_) publish_tail();
 }
 
 void ShmStream::read_bytes(char* dst, size_t n) {
@@ -232,11 +254,12 @@ void ShmStream::read_bytes(char* dst, size_t n) {
   }
 }
 
-void ShmStream::send_all(const void* data, size_t n) { write_bytes(static_cast<const char*>(data), n); }
-
-void ShmStream::sendv_all(iovec* iov, int iovcnt) {
-  for (int i = 0; i < iovcnt; ++i) write_bytes(static_cast<const char*>(iov[i].iov_base), iov[i].iov_len);
+void ShmStream::send_all(const void* data, size_t n) {
+  const iovec iov{const_cast<void*>(data), n};
+  write_iov(&iov, 1);
 }
+
+void ShmStream::sendv_all(iovec* iov, int iovcnt) { write_iov(iov, iovcnt); }
 
 void ShmStream::recv_exact(void* data, size_t n) { read_bytes(static_cast<char*>(data), n); }
 

@@ -88,7 +88,8 @@ class ShmStream final : public ByteStream {
   void shutdown_both() override;
 
  private:
-  void write_bytes(const char* p, size_t n);
+  void write_iov(const iovec* iov, int iovcnt);
+  void publish_tail();
   void read_bytes(char* dst, size_t n);  // dst == nullptr: skip
   void sleep_until_bell(int timeout_ms);
   void ring_bell();
