@@ -49,6 +49,18 @@ def test_epoch_points_the_data_plane_at_the_ring_first() -> None:
     assert (st.world_size, st.epoch.rank if st.epoch else -1) == (3, 1)
 
 
+def test_shared_memory_only_towards_a_next_member_on_this_host() -> None:
+    e = P.Epoch(1, members(1, 2, 3), (), 0, "admit", "", None, ("A", "A", "B"))
+    for me, want in ((1, True), (2, False), (3, False)):  # 1 -> 2 same host; 2 -> 3 and 3 -> 1 cross
+        st = PeerState()
+        st.peer_id = me
+        assert st.prepare_epoch(e).next_same_host is want, me
+    st = PeerState()
+    st.peer_id = 1
+    assert not st.prepare_epoch(P.Epoch(1, members(1, 2), (), 0, "admit", "", None, ("", ""))).next_same_host
+    assert not st.prepare_epoch(epoch(1, (1, 2))).next_same_host  # no host ids at all
+
+
 def test_epoch_without_this_peer_or_not_newer_is_rejected() -> None:
     st = joined()
     with pytest.raises(FrameError, match="does not include this peer"):
