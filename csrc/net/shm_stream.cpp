@@ -4,7 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
+#include <sys/time.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -123,11 +123,20 @@ ShmStream::ShmStream(int borrowed_fd, ShmRegion region, Role role, double wait_t
       ring_(region_.header()),
       data_(region_.data()),
       cap_(region_.capacity()),
-      role_(role),
-      wait_ms_(role == Role::Reader ? std::max(1, static_cast<int>(wait_timeout_s * 1000)) : -1) {
+      role_(role) {
   // Doorbells are single bytes that must leave at once, never wait for Nagle.
   int one = 1;
   ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  // A reader waits for data at most wait_timeout_s (keepalives come every
+  // keepalive interval); a writer waits for space as long as it takes (the
+  // reader may be waiting for its own op to start), until an abort.
+  timeval tv{};
+  if (role == Role::Reader) {
+    tv.tv_sec = static_cast<time_t>(wait_timeout_s);
+    tv.tv_usec = static_cast<suseconds_t>((wait_timeout_s - static_cast<double>(tv.tv_sec)) * 1e6);
+    if (tv.tv_sec == 0 && tv.tv_usec == 0) tv.tv_usec = 1000;
+  }
+  ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 }
 
 void ShmStream::check_open() const {
@@ -152,18 +161,20 @@ void ShmStream::ring_bell() {
   }
 }
 
-void ShmStream::sleep_until_bell(int timeout_ms) {
-  pollfd p{fd_, POLLIN, 0};
-  int r;
-  do {
-    r = ::poll(&p, 1, timeout_ms);
-  } while (r < 0 && errno == EINTR);
-  if (r < 0) fail("poll", errno);
-  if (r == 0) throw SocketError("receive timed out", SocketError::Kind::Timeout);
+void ShmStream::sleep_until_bell() {
+  // One blocking recv (bounded by SO_RCVTIMEO, set in the constructor): it
+  // returns the doorbells, 0 when the neighbour's end closed (it died) or the
+  // link was shut down, or a timeout.
   char bells[256];
-  const ssize_t k = ::recv(fd_, bells, sizeof(bells), MSG_DONTWAIT);
+  ssize_t k;
+  do {
+    k = ::recv(fd_, bells, sizeof(bells), 0);
+  } while (k < 0 && errno == EINTR);
   if (k == 0) throw SocketError("connection closed by peer", SocketError::Kind::Closed);
-  if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) fail("recv", errno);
+  if (k < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) throw SocketError("receive timed out", SocketError::Kind::Timeout);
+    fail("recv", errno);
+  }
 }
 
 void ShmStream::publish_tail() {
@@ -201,7 +212,7 @@ void ShmStream::write_iov(const iovec* iov, int iovcnt) {
         if (cursor_ - ring_->head.load(std::memory_order_seq_cst) < cap_) {
           ring_->writer_waiting.store(0, std::memory_order_relaxed);
         } else {
-          sleep_until_bell(wait_ms_);
+          sleep_until_bell();
         }
         continue;
       }
@@ -233,7 +244,7 @@ void ShmStream::read_bytes(char* dst, size_t n) {
       if (ring_->tail.load(std::memory_order_seq_cst) != cursor_) {
         ring_->reader_waiting.store(0, std::memory_order_relaxed);
       } else {
-        sleep_until_bell(wait_ms_);
+        sleep_until_bell();
       }
       continue;
     }

@@ -5,10 +5,10 @@
 // Why the TCP connection stays: a process that is SIGKILLed or SIGSTOPped
 // never posts a futex or a semaphore, so nobody may sleep on one. Instead a
 // side that finds the ring empty (reader) or full (writer) announces it in
-// the ring's header and sleeps in poll() on the connection; the other side
+// the ring's header and sleeps in recv() on the connection; the other side
 // sends one byte when it sees the announcement. A dead neighbour's kernel
-// closes the connection (poll wakes, EOF), a hung one stops sending
-// keepalives (the reader's poll times out after the link timeout), and an
+// closes the connection (recv wakes, EOF), a hung one stops sending
+// keepalives (the reader's recv times out after the link timeout), and an
 // abort wakes everyone with shutdown(): exactly the TCP link's failure
 // model. The ring itself is anonymous memory (memfd) handed over a Unix
 // socket (shm_handshake.h), so no name is left in /dev/shm whatever dies.
@@ -91,7 +91,7 @@ class ShmStream final : public ByteStream {
   void write_iov(const iovec* iov, int iovcnt);
   void publish_tail();
   void read_bytes(char* dst, size_t n);  // dst == nullptr: skip
-  void sleep_until_bell(int timeout_ms);
+  void sleep_until_bell();
   void ring_bell();
   void check_open() const;
 
@@ -102,7 +102,6 @@ class ShmStream final : public ByteStream {
   char* const data_;
   const uint64_t cap_;
   const Role role_;
-  const int wait_ms_;
   uint64_t cursor_ = 0;  // writer: tail; reader: head
   std::atomic<bool> closed_{false};
 };
