@@ -64,11 +64,13 @@ PYBIND11_MODULE(_core, m) {
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("port", &DataPlane::port)
       .def_property_readonly("connections", &DataPlane::connections)
+      .def_property_readonly("shm_links_accepted", &DataPlane::shm_links_accepted,
+                             "Incoming ring links set up over shared memory so far.")
       .def(
           "set_epoch",
           [](DataPlane& d, uint64_t epoch, uint64_t my_id, int rank, int world_size, uint64_t next_id,
              const std::string& next_host, uint16_t next_port, uint64_t prev_id, const py::bytes& key,
-             bool keep_previous_key) {
+             bool keep_previous_key, bool shm) {
             net::EpochInfo info;
             info.epoch = epoch;
             info.my_id = my_id;
@@ -80,12 +82,13 @@ PYBIND11_MODULE(_core, m) {
             info.prev_id = prev_id;
             info.key = key;
             info.keep_previous_key = keep_previous_key;
+            info.shm = shm;
             py::gil_scoped_release release;
             d.set_epoch(info);
           },
           py::arg("epoch"), py::arg("my_id"), py::arg("rank"), py::arg("world_size"), py::arg("next_id"),
           py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"), py::arg("key") = py::bytes(),
-          py::arg("keep_previous_key") = true)
+          py::arg("keep_previous_key") = true, py::arg("shm") = false)
       .def("set_authenticate", &DataPlane::set_authenticate, py::arg("on"),
            "Require a proof of epoch membership on every incoming connection (a run with a secret).")
       .def("set_link_timeouts", &DataPlane::set_link_timeouts, py::arg("keepalive_s"), py::arg("link_timeout_s"),

@@ -10,6 +10,7 @@
 #include "collectives/gather_allreduce.h"
 #include "net/membership_proof.h"
 #include "net/wire_checks.h"
+#include "net/shm_handshake.h"
 #include "collectives/ring_driver.h"
 #include "common/log.h"
 #include "state/state_wire.h"
@@ -315,6 +316,17 @@ void DataPlane::serve_incoming(net::Socket& sock) {
     refuse(addr, "a ring link without a valid proof of membership of epoch " + std::to_string(hello.epoch));
     return;
   }
+  // Same host: the bytes move through a ring in shared memory, this
+  // connection stays as its doorbell and liveness channel (shm_stream.h).
+  std::unique_ptr<net::ShmStream> shm;
+  if ((hello.reserved[0] & net::kLinkWantsShm) != 0) {
+    try {
+      shm = net::accept_shm(sock, 10.0, links->info().link_timeout_s);
+    } catch (const net::SocketError& e) {
+      PYCCL_LOG(Warning, "rejected data connection from " << addr << ": no shared-memory ring (" << e.what() << ")");
+      return;
+    }
+  }
   if (!links->attach_incoming(sock, hello, why)) {
     if (links->broken())  // the epoch ended while the hello waited: churn, not an attack
       PYCCL_LOG(Info, "ignored data connection from " << addr << ": " << why);
@@ -327,8 +339,13 @@ void DataPlane::serve_incoming(net::Socket& sock) {
   // the path stalled or the neighbour hung.
   sock.set_recv_timeout(links->info().link_timeout_s);
   sock.tune_for_bulk();
+  if (shm) {
+    ++shm_links_accepted_;
+    PYCCL_LOG(Debug, "ring link from " << from << " carries its bytes through shared memory");
+  }
+  net::ByteStream& stream = shm ? static_cast<net::ByteStream&>(*shm) : sock;
   try {
-    read_frames(sock, *links, from);
+    read_frames(stream, *links, from);
   } catch (const net::SocketError& e) {
     if (!links->broken()) {
       const std::string what = e.what();
@@ -343,7 +360,7 @@ void DataPlane::serve_incoming(net::Socket& sock) {
   links->detach_incoming(sock);
 }
 
-void DataPlane::read_frames(net::Socket& sock, net::RingLinks& links, const std::string& from) {
+void DataPlane::read_frames(net::ByteStream& sock, net::RingLinks& links, const std::string& from) {
   const uint64_t epoch = links.epoch();
   for (;;) {
     net::DataHeader h;

@@ -39,6 +39,8 @@ class DataPlane {
   DataPlane& operator=(const DataPlane&) = delete;
 
   uint16_t port() const { return port_; }
+  // Incoming ring links set up over shared memory so far (tests, diagnostics).
+  uint64_t shm_links_accepted() const { return shm_links_accepted_.load(); }
   int connections() const { return connections_; }
 
   // Keepalive interval and silence timeout of data links (the master's
@@ -74,7 +76,7 @@ class DataPlane {
   void accept_loop();
   std::string key_of(uint64_t epoch);
   void refuse(const std::string& addr, const std::string& why);
-  void read_frames(net::Socket& sock, net::RingLinks& links, const std::string& from);
+  void read_frames(net::ByteStream& sock, net::RingLinks& links, const std::string& from);
   std::shared_ptr<net::RingLinks> links_for(uint64_t epoch, double timeout_s);
   uint64_t current_epoch();
   void on_link_broken(uint64_t epoch, const std::string& reason);
@@ -83,6 +85,7 @@ class DataPlane {
   const int connections_;
   net::Socket listener_;
   uint16_t port_ = 0;
+  std::atomic<uint64_t> shm_links_accepted_{0};
   OpRegistry registry_;
   state::StateServer state_server_;
 

@@ -42,6 +42,7 @@ from pyccl.wire import (
 PROTOCOL_VERSION = 1
 MAX_PEER_GROUP = (1 << 31) - 1
 MAX_HOST_LEN = 255
+MAX_HOST_ID_LEN = 64  # hello "host_id": which machine (and network namespace) a peer runs on
 MAX_NAME_LEN = 128
 MAX_REASON_LEN = 1024
 MAX_KIND_LEN = 32
@@ -116,6 +117,17 @@ def _members(m: Mapping[str, Any], field: str, what: str) -> tuple[Member, ...]:
     return tuple(out)
 
 
+def _host_ids(m: Mapping[str, Any], n: int) -> tuple[str, ...] | None:
+    """The optional ``hosts`` list of an ``epoch`` frame: one host id per member."""
+    if m.get("hosts") is None:
+        return None
+    ids = get_list(m, "hosts", MAX_MEMBERS)
+    if len(ids) != n or not all(isinstance(h, str) and len(h) <= MAX_HOST_ID_LEN for h in ids):
+        raise FrameError(f"'{m.get('type')}' field 'hosts' must list one host id (str <= {MAX_HOST_ID_LEN}) "
+                         "per member")
+    return tuple(ids)
+
+
 def _plain(v: Any) -> Any:
     """Tuples (of NamedTuples) become lists, as msgpack sends them."""
     if isinstance(v, tuple):
@@ -138,6 +150,7 @@ class Hello(_Frame):
     beat: bool = False  # ask for the master's heartbeats (frozen-master detection)
     order: int | None = None  # ring-order key (torch: the rank)
     nonce: bytes | None = None  # the peer's challenge to the master (see pyccl.auth)
+    host_id: str = ""  # same non-empty id: same host, ring links may use shared memory
     version: int = PROTOCOL_VERSION
 
     @classmethod
@@ -157,6 +170,7 @@ class Hello(_Frame):
             beat=m.get("beat") is True,
             order=get_int(m, "order", 0, MAX_PEER_GROUP) if m.get("order") is not None else None,
             nonce=_blob(m, "nonce", NONCE_BYTES) if m.get("nonce") is not None else None,
+            host_id=get_str(m, "host_id", MAX_HOST_ID_LEN, optional=True),
         )
 
 
@@ -324,6 +338,7 @@ class Epoch(_Frame):
     kind: str
     reason: str
     salt: bytes | None = None  # a run with a secret: the epoch key's salt (see pyccl.auth)
+    hosts: tuple[str, ...] | None = None  # members' host ids, in ring order (absent: none gave one)
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Epoch:
@@ -333,7 +348,8 @@ class Epoch(_Frame):
         return cls(get_int(m, "epoch"), members, tuple(get_pairs(m, "fence", MAX_FENCE_ENTRIES)),
                    get_int(m, "next_round"), get_str(m, "kind", MAX_KIND_LEN),
                    get_str(m, "reason", MAX_REASON_LEN, optional=True),
-                   _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None)
+                   _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None,
+                   _host_ids(m, len(members)))
 
 
 @dataclass(frozen=True, slots=True)

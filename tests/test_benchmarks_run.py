@@ -20,6 +20,7 @@ CASES = {
     "auth_latency": ["--reps", "1"],
     "allreduce": ["--world-sizes", "2", "--sizes", "4", "64KiB", "--connections", "1", "--reps", "1"],
     "quantized": ["--world-size", "2", "--size", "1MiB", "--reps", "1"],
+    "profile_allreduce": ["--world-size", "2", "--size", "1MiB", "--seconds", "0.5"],
     "shared_state": ["--sizes", "1MiB", "--holders", "1", "--reps", "1"],
     "wan_connections": ["--size", "1MiB", "--connections", "1", "--delay", "5ms", "--reps", "1", "--no-reference"],
     "torch_backend": ["--quick"],

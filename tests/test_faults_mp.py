@@ -7,6 +7,8 @@ peers in spawned children:
   PeerFailure within 2 s, inputs untouched, world_size 3, exact retry.
 * SIGSTOP of one of 3 peers: the others fail within heartbeat_timeout + 1 s
   and carry on without it.
+* both over shared memory (peers on one host, the default) and over TCP
+  (PYCCL_TRANSPORT=tcp), within the same bounds.
 * a peer connecting while 3 others loop update_topology + all_reduce is
   admitted at their next update_topology and takes part from the next op.
 * 8 concurrent all_reduce_async ops with distinct tags.
@@ -92,14 +94,31 @@ def sigkill_peer(idx: int, q: Any, address: str, n: int, victim: int) -> None:
     res = x if inplace else out
     failure.update(
         peer_id=comm.peer_id, retry_digest=digest(res), retry_ws=info.world_size, retry_peers=tuple(info.peers),
-        retry_epoch=info.epoch,
+        retry_epoch=info.epoch, shm=comm._dp.shm_links_accepted, rings=current_rings(2),
     )
     q.put(("result", idx, failure))
     comm.close()
 
 
+def current_rings(most: int) -> int:
+    """Shared-memory rings this process still maps, once the links of past
+    epochs are gone (their threads exit within moments of the epoch change)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with open("/proc/self/maps") as f:
+            rings = sum("memfd:pyccl-ring" in line for line in f)
+        if rings <= most or time.monotonic() > deadline:
+            return rings
+        time.sleep(0.05)
+
+
+TRANSPORTS = ["auto", "tcp"]  # auto: these peers share a host, their links use shared memory
+
+
 @pytest.mark.timeout(120)
-def test_sigkill_mid_all_reduce() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sigkill_mid_all_reduce(transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYCCL_TRANSPORT", transport)  # the spawned peers inherit it
     n, victim = 4, 3
     survivors = [0, 1, 2]
     with running_master() as master, PeerProcs() as procs:
@@ -139,6 +158,8 @@ def test_sigkill_mid_all_reduce() -> None:
         assert r["retry_ws"] == 3 and sorted(r["retry_peers"]) == sorted(ids[s] for s in survivors), r
         assert r["retry_digest"] == expected, f"peer {i}: retry is not the survivors' exact sum"
         assert "retry" in r["msg"] or "changed" in r["msg"], r["msg"]
+        # auto: shared memory was used; a ring of each current link (1 in, 1 out) and no more stays mapped
+        assert (r["shm"] > 0) == (transport == "auto") and r["rings"] <= 2, r
     # The kill hit mid-op: the op running when it came is the one that failed.
     assert failed_ops == {k}, (failed_ops, k)
     assert len({res[i]["retry_epoch"] for i in survivors}) == 1
@@ -180,7 +201,7 @@ def sigstop_peer(idx: int, q: Any, address: str, n: int, victim: int, resumed: A
     if survivor:  # retry, then carry on
         info = reduce_or_hang(comm, x, out=out, timeout=30)
         report.update(peer_id=comm.peer_id, retry_ws=info.world_size, retry_peers=tuple(info.peers),
-                      retry_digest=digest(out))
+                      retry_digest=digest(out), shm=comm._dp.shm_links_accepted)
         q.put(("result", idx, report))
         # After the stopped peer has been resumed, the group still runs without it.
         assert resumed.wait(60), "the test never resumed the stopped peer"
@@ -203,7 +224,9 @@ def sigstop_peer(idx: int, q: Any, address: str, n: int, victim: int, resumed: A
 
 
 @pytest.mark.timeout(120)
-def test_sigstop_peer_is_declared_dead_after_heartbeat_timeout() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sigstop_peer_is_declared_dead_after_heartbeat_timeout(transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYCCL_TRANSPORT", transport)
     n, victim = 3, 2
     survivors = [0, 1]
     resumed = CTX.Event()
@@ -240,6 +263,7 @@ def test_sigstop_peer_is_declared_dead_after_heartbeat_timeout() -> None:
         assert r["unchanged"] and r["world_size"] == 2, r
         assert r["retry_ws"] == 2 and sorted(r["retry_peers"]) == sorted([ids[0], ids[1]]), r
         assert r["retry_digest"] == expected
+        assert (r["shm"] > 0) == (transport == "auto"), r
         assert later[i] == [(2, 3.0)] * 3, later[i]
     # The resumed peer finds out it was expelled instead of hanging or
     # completing anything with the group.

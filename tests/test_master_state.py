@@ -163,6 +163,27 @@ def test_first_peer_admitted_immediately():
     assert h.info().phase is GroupPhase.RUNNING
 
 
+def test_epoch_frames_carry_the_members_host_ids_in_ring_order():
+    h = Harness()
+    a = h.hello(host_id="host-a")
+    epoch = h.take(a)[1]
+    assert epoch["hosts"] == ["host-a"]
+    b = h.hello(host_id="host-b")
+    c = h.hello()  # no host id: TCP for its links
+    h.take(b), h.take(c)
+    h.send(a, {"type": "vote", "round": 0})
+    h.send(a, {"type": "drained", "epoch": 1, "next_seq": []})
+    epoch = [f for f in h.take(a) if f["type"] == "epoch"][-1]
+    assert [m[0] for m in epoch["members"]] == [1, 2, 3]
+    assert epoch["hosts"] == ["host-a", "host-b", ""]
+
+
+def test_no_hosts_field_when_no_member_gave_a_host_id():
+    h = Harness()
+    a = h.hello()
+    assert "hosts" not in h.take(a)[1]
+
+
 def test_peer_ids_increase_from_one_across_groups():
     h = Harness()
     conns = [h.hello(group=g % 2) for g in range(4)]

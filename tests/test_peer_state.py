@@ -58,6 +58,18 @@ def test_the_previous_epochs_key_is_kept_only_while_no_member_left() -> None:
     assert not shrink.keep_previous_key  # peer 3 left or was expelled: its key of epoch 2 must stop working
 
 
+def test_shared_memory_only_towards_a_next_member_on_this_host() -> None:
+    e = P.Epoch(1, members(1, 2, 3), (), 0, "admit", "", None, ("A", "A", "B"))
+    for me, want in ((1, True), (2, False), (3, False)):  # 1 -> 2 same host; 2 -> 3 and 3 -> 1 cross
+        st = PeerState()
+        st.peer_id = me
+        assert st.prepare_epoch(e).next_same_host is want, me
+    st = PeerState()
+    st.peer_id = 1
+    assert not st.prepare_epoch(P.Epoch(1, members(1, 2), (), 0, "admit", "", None, ("", ""))).next_same_host
+    assert not st.prepare_epoch(epoch(1, (1, 2))).next_same_host  # no host ids at all
+
+
 def test_epoch_without_this_peer_or_not_newer_is_rejected() -> None:
     st = joined()
     with pytest.raises(FrameError, match="does not include this peer"):

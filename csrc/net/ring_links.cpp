@@ -1,6 +1,7 @@
 #include "net/ring_links.h"
 
 #include "net/membership_proof.h"
+#include "net/shm_handshake.h"
 
 #include <sys/socket.h>
 
@@ -43,13 +44,17 @@ void RingLinks::connect_all() {
       hello.to_peer = info_.next_id;
       hello.conn_index = static_cast<uint32_t>(i);
       hello.conn_count = static_cast<uint32_t>(connections_);
+      if (info_.shm) hello.reserved[0] = kLinkWantsShm;
       if (info_.key.empty()) {
         s.send_all(&hello, sizeof(hello));
       } else {
         s.set_recv_timeout(info_.link_timeout_s);
         send_opening(s, info_.key, &hello, sizeof(hello));
       }
-      auto conn = std::make_unique<SendConn>(std::move(s), desc, info_.epoch, info_.keepalive_s,
+      std::unique_ptr<ByteStream> stream;
+      if (info_.shm) stream = initiate_shm(std::move(s), shm_ring_bytes(), info_.link_timeout_s);
+      else stream = std::make_unique<Socket>(std::move(s));
+      auto conn = std::make_unique<SendConn>(std::move(stream), desc, info_.epoch, info_.keepalive_s,
                                              [this](const std::string& why) { report_broken(why); });
       std::lock_guard<std::mutex> lock(mu_);
       if (broken_) {

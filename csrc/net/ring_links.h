@@ -44,6 +44,9 @@ struct EpochInfo {
   // themselves with its key: only when every member of it is a member of
   // this one, so that a peer expelled (or gone) at this epoch loses access.
   bool keep_previous_key = true;
+  // The next peer shares this host (the master says so): ask for
+  // shared-memory links (shm_handshake.h) instead of plain TCP.
+  bool shm = false;
 };
 
 class RingLinks final : public FrameSender {

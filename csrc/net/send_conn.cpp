@@ -13,8 +13,8 @@ int64_t now_ns() {
 }
 }  // namespace
 
-SendConn::SendConn(Socket sock, std::string peer_desc, uint64_t epoch, double keepalive_s, BrokenFn on_broken)
-    : sock_(std::move(sock)),
+SendConn::SendConn(std::unique_ptr<ByteStream> stream, std::string peer_desc, uint64_t epoch, double keepalive_s, BrokenFn on_broken)
+    : stream_(std::move(stream)),
       peer_desc_(std::move(peer_desc)),
       epoch_(epoch),
       keepalive_(keepalive_s),
@@ -63,7 +63,7 @@ bool SendConn::write_frame(const Job& job) {
   iovec iov[2] = {{const_cast<DataHeader*>(&job.header), sizeof(DataHeader)},
                   {const_cast<void*>(job.payload), job.header.length}};
   try {
-    sock_.sendv_all(iov, job.header.length ? 2 : 1);
+    stream_->sendv_all(iov, job.header.length ? 2 : 1);
     last_write_ns_ = now_ns();
     return true;
   } catch (const SocketError& e) {
@@ -90,7 +90,7 @@ void SendConn::write_keepalive() {
   h.phase = static_cast<uint8_t>(Phase::Keepalive);
   h.epoch = epoch_;
   try {
-    sock_.send_all(&h, sizeof(h));
+    stream_->send_all(&h, sizeof(h));
     last_write_ns_ = now_ns();
   } catch (const SocketError& e) {
     report_failure(e.what());
@@ -134,7 +134,7 @@ void SendConn::shutdown() {
     stopping_ = true;
     cv_.notify_all();
   }
-  sock_.shutdown_both();
+  stream_->shutdown_both();
 }
 
 void SendConn::join() {

@@ -1,4 +1,5 @@
-// One outgoing TCP connection of a pool, with its own sender thread.
+// One outgoing connection of a pool (a TCP socket, or a shared-memory ring
+// with its TCP doorbell: see byte_stream.h), with its own sender thread.
 //
 // Large frames are queued and written by the sender thread, so K connections
 // transmit in parallel while the ring driver keeps reducing. Small frames
@@ -16,6 +17,7 @@
 #include <string>
 #include <thread>
 
+#include "net/byte_stream.h"
 #include "net/frame_endpoint.h"
 #include "net/socket.h"
 #include "net/wire_format.h"
@@ -26,7 +28,7 @@ class SendConn {
  public:
   using BrokenFn = std::function<void(const std::string& reason)>;
 
-  SendConn(Socket sock, std::string peer_desc, uint64_t epoch, double keepalive_s, BrokenFn on_broken);
+  SendConn(std::unique_ptr<ByteStream> stream, std::string peer_desc, uint64_t epoch, double keepalive_s, BrokenFn on_broken);
   ~SendConn();
   SendConn(const SendConn&) = delete;
   SendConn& operator=(const SendConn&) = delete;
@@ -53,7 +55,7 @@ class SendConn {
   void write_keepalive();
   void report_failure(const std::string& what);
 
-  Socket sock_;
+  std::unique_ptr<ByteStream> stream_;
   const std::string peer_desc_;
   const uint64_t epoch_;
   const std::chrono::duration<double> keepalive_;

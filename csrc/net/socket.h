@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <string>
 
+#include "net/byte_stream.h"
+
 namespace pyccl::net {
 
 // Thrown for any socket-level failure; what() names the operation and errno.
@@ -27,11 +29,11 @@ class SocketError : public std::exception {
   Kind kind_;
 };
 
-class Socket {
+class Socket final : public ByteStream {
  public:
   Socket() = default;
   explicit Socket(int fd) : fd_(fd) {}
-  ~Socket() { close(); }
+  ~Socket() override { close(); }
   Socket(const Socket&) = delete;
   Socket& operator=(const Socket&) = delete;
   Socket(Socket&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
@@ -41,7 +43,7 @@ class Socket {
   bool valid() const { return fd_ >= 0; }
   void close();
   // Wake any thread blocked on this socket; safe to call from another thread.
-  void shutdown_both();
+  void shutdown_both() override;
 
   // Tuning for bulk transfer: TCP_NODELAY and large kernel buffers.
   void tune_for_bulk();
@@ -49,11 +51,11 @@ class Socket {
   void set_send_timeout(double seconds);
 
   // Blocking helpers; throw SocketError on error and on EOF.
-  void send_all(const void* data, size_t n);
-  void sendv_all(struct iovec* iov, int iovcnt);
-  void recv_exact(void* data, size_t n);
+  void send_all(const void* data, size_t n) override;
+  void sendv_all(struct iovec* iov, int iovcnt) override;
+  void recv_exact(void* data, size_t n) override;
   // Read and drop n bytes (used to skip the payload of a frame we reject).
-  void discard(size_t n);
+  void discard(size_t n) override;
 
   std::string peer_name() const;
 

@@ -204,8 +204,10 @@ class Epochs:
 
     def send_epoch(self, group: Group, kind: str, reason: str, fence: list[tuple[int, int]], next_round: int,
                     out: list[Action]) -> None:
+        # Host ids let ring neighbours on one machine use shared memory.
+        hosts = tuple(m.host_id for m in group.members)
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
-                        kind, reason, self.salt())
+                        kind, reason, self.salt(), hosts if any(hosts) else None)
         out.extend([Send(m.conn_id, frame) for m in group.members])
         log.info("group %d committed epoch %d (%s): ring %s, fence %s",
                  group.gid, group.epoch, kind, [m.peer_id for m in group.members], fence)

@@ -97,6 +97,7 @@ class Peer:
         "waiting_round",
         "hello",
         "challenge",
+        "host_id",
     )
 
     def __init__(self, conn_id: int, addr: str) -> None:
@@ -114,6 +115,7 @@ class Peer:
         self.waiting_round: int | None = None  # voted this ADMIT round, not answered yet
         self.hello: P.Hello | None = None  # CHALLENGED: the hello to act on once the proof is in
         self.challenge: bytes = b""  # CHALLENGED: the master's nonce
+        self.host_id = ""  # from the hello: which machine; passed on in epoch frames
 
     def label(self) -> str:
         if not self.peer_id:

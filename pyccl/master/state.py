@@ -310,6 +310,7 @@ class MasterState:
         peer.peer_id = self._next_peer_id
         self._next_peer_id += 1
         peer.data_host, peer.data_port, peer.name = frame.data_host, frame.data_port, frame.name
+        peer.host_id = frame.host_id
         group = self._groups.get(gid)
         if group is None:
             group = self._epochs.new_group(gid)

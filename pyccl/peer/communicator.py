@@ -47,6 +47,7 @@ from pyccl.peer.ops import (
     pair_call,
 )
 from pyccl.peer.shared_state import STRATEGIES, SharedState, SyncInfo, content_hash, fetch_planned
+from pyccl.peer.transport import host_id, resolve_transport
 from pyccl.types import ReduceOp
 
 log = logging.getLogger("pyccl.comm")
@@ -77,6 +78,9 @@ class Communicator:
             a mismatch raises :class:`~pyccl.AuthenticationError` at once.
         tls_ca: CA bundle (PEM) to verify a master that serves its control
             port over TLS (default: ``PYCCL_TLS_CA``; neither: plain TCP).
+        transport: ``"auto"`` (default: ``PYCCL_TRANSPORT``, else auto):
+            ring neighbours on the same host exchange bytes through shared
+            memory, others over TCP; ``"tcp"``: TCP for every link.
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -94,6 +98,7 @@ class Communicator:
         order: int | None = None,
         secret: str | bytes | None = None,
         tls_ca: str | None = None,
+        transport: str | None = None,
     ) -> None:
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be between 1 and 64, got {connections}")
@@ -106,6 +111,7 @@ class Communicator:
         self.data_port = data_port
         self.advertise = advertise
         self.order = order
+        self.transport = resolve_transport(transport)
         self._secret = resolve_secret(secret)
         self._control = ControlClient(master, tls_ca if tls_ca is not None else os.environ.get("PYCCL_TLS_CA") or None)
         self._dp: Any = None
@@ -184,7 +190,8 @@ class Communicator:
             self._dp = _core.DataPlane(local_ip, self.data_port, self.connections)
             adv_host, adv_port = self.advertise or (local_ip, self._dp.port)
             hello = P.Hello(self.peer_group, adv_host, adv_port, self.name[:P.MAX_NAME_LEN], beat=True,
-                            order=self.order, nonce=new_nonce())
+                            order=self.order, nonce=new_nonce(),
+                            host_id=host_id() if self.transport == "auto" else "")
             welcome = self._control.handshake(hello, max(0.1, deadline - time.monotonic()), self._secret)
             with self._cv:
                 self._state.welcome(welcome)
@@ -542,7 +549,8 @@ class Communicator:
                     key = epoch_key(self._secret, self.peer_group, a.epoch, a.salt)
                 self._epoch_key = (a.epoch, key)
                 self._dp.set_epoch(a.epoch, a.peer_id, a.rank, a.world_size, nxt.peer_id, nxt.host, nxt.port,
-                                   a.prev_peer_id, key, a.keep_previous_key)
+                                   a.prev_peer_id, key, keep_previous_key=a.keep_previous_key,
+                                   shm=a.next_same_host)
             elif isinstance(a, S.AbortDataPlane):
                 if self._dp is not None:
                     self._dp.abort_through(a.through, a.reason)

@@ -98,6 +98,7 @@ class SetDataPlaneEpoch:
     # in it may still use its key. Otherwise a peer that left (or was
     # expelled) at this epoch must lose access now, so the old key goes.
     keep_previous_key: bool = True
+    next_same_host: bool = False  # the next member runs on this host: its links may use shared memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,8 +291,11 @@ class PeerState:
         rank = ids.index(self.peer_id)
         n = len(ids)
         keep = self.epoch is None or set(self.epoch.peer_ids) <= set(ids)
+        hosts = frame.hosts
+        same_host = hosts is not None and hosts[rank] != "" and hosts[rank] == hosts[(rank + 1) % n]
         return SetDataPlaneEpoch(frame.epoch, self.peer_id, rank, n, frame.members[(rank + 1) % n],
-                                 frame.members[(rank - 1) % n].peer_id, frame.salt, keep)
+                                 frame.members[(rank - 1) % n].peer_id, frame.salt, keep_previous_key=keep,
+                                 next_same_host=same_host)
 
     def on_epoch(self, frame: P.Epoch, plan: SetDataPlaneEpoch) -> None:
         """Publish the epoch (after :meth:`prepare_epoch`'s action ran)."""

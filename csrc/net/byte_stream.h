@@ -1,0 +1,30 @@
+// What a ring link needs of the channel its frames travel on.
+//
+// A link carries a byte stream: DataHeader + payload, in order. Over TCP the
+// stream is the socket itself; between peers on one host it is a ring
+// buffer in shared memory whose TCP connection only rings doorbells and
+// tells a dead or hung neighbour (shm_stream.h). SendConn and the reader
+// loop see only this interface, so framing, validation and liveness are the
+// same code for both.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstddef>
+
+namespace pyccl::net {
+
+class ByteStream {
+ public:
+  virtual ~ByteStream() = default;
+  // Blocking; throw SocketError on error, on EOF and on timeout.
+  virtual void send_all(const void* data, size_t n) = 0;
+  virtual void sendv_all(struct iovec* iov, int iovcnt) = 0;
+  virtual void recv_exact(void* data, size_t n) = 0;
+  // Read and drop n bytes (the payload of a frame the reader rejects).
+  virtual void discard(size_t n) = 0;
+  // Wake any thread blocked on the stream; safe from any thread.
+  virtual void shutdown_both() = 0;
+};
+
+}  // namespace pyccl::net
