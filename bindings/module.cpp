@@ -83,6 +83,27 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("epoch"), py::arg("my_id"), py::arg("rank"), py::arg("world_size"), py::arg("next_id"),
           py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"), py::arg("key") = py::bytes())
+      .def("set_source_host", &DataPlane::set_source_host, py::arg("host"),
+           "Bind outgoing data connections (links, probes) to this local address.")
+      .def(
+          "probe",
+          [](DataPlane& d, const std::string& host, uint16_t port, int connections, int pings, double seconds,
+             uint64_t max_bytes) {
+            net::ProbeReport r;
+            {
+              py::gil_scoped_release release;
+              try {
+                r = d.probe(host, port, connections, pings, seconds, max_bytes);
+              } catch (const net::SocketError& e) {
+                py::gil_scoped_acquire acquire;
+                throw std::runtime_error(std::string("link probe to ") + host + ":" + std::to_string(port) +
+                                         " failed: " + e.what());
+              }
+            }
+            return py::make_tuple(r.rtt_s, r.bandwidth, r.bytes);
+          },
+          py::arg("host"), py::arg("port"), py::arg("connections"), py::arg("pings"), py::arg("seconds"),
+          py::arg("max_bytes"), "Measure the path to a data port: (rtt seconds, bytes/s, bytes sent).")
       .def("set_authenticate", &DataPlane::set_authenticate, py::arg("on"),
            "Require a proof of epoch membership on every incoming connection (a run with a secret).")
       .def("set_link_timeouts", &DataPlane::set_link_timeouts, py::arg("keepalive_s"), py::arg("link_timeout_s"),

@@ -60,6 +60,7 @@ void DataPlane::set_epoch(const net::EpochInfo& given) {
     std::lock_guard<std::mutex> lock(mu_);
     info.keepalive_s = keepalive_s_;
     info.link_timeout_s = link_timeout_s_;
+    info.source_host = source_host_;
   }
   auto fresh = std::make_shared<net::RingLinks>(
       info, connections_, [this](uint64_t epoch, const std::string& why) { on_link_broken(epoch, why); });
@@ -203,6 +204,32 @@ void DataPlane::set_authenticate(bool on) {
   authenticate_ = on;
 }
 
+void DataPlane::set_source_host(const std::string& host) {
+  std::lock_guard<std::mutex> lock(mu_);
+  source_host_ = host;
+}
+
+net::ProbeReport DataPlane::probe(const std::string& host, uint16_t port, int connections, int pings, double seconds,
+                                  uint64_t max_bytes) {
+  net::ProbeOptions opt;
+  opt.host = host;
+  opt.port = port;
+  opt.connections = connections;
+  opt.pings = pings;
+  opt.seconds = seconds;
+  opt.max_bytes = max_bytes;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    opt.source_host = source_host_;
+    if (links_) {
+      opt.epoch = links_->epoch();
+      opt.my_id = links_->info().my_id;
+      opt.key = links_->info().key;
+    }
+  }
+  return net::probe_path(opt);
+}
+
 std::string DataPlane::key_of(uint64_t epoch) {
   std::lock_guard<std::mutex> lock(mu_);
   if (links_ && links_->epoch() == epoch) return links_->info().key;
@@ -268,6 +295,20 @@ void DataPlane::serve_incoming(net::Socket& sock) {
       return;
     }
     state_server_.serve(sock, req);
+    return;
+  }
+  if (hello.magic == net::kProbeMagic) {
+    net::ProbeRequest req;
+    std::memcpy(static_cast<void*>(&req), &hello, sizeof(req));
+    if (authenticate && !net::proof_ok(key_of(req.epoch), nonce, &hello, sizeof(hello), proof)) {
+      refuse(addr, "a link probe without a valid proof of membership of epoch " + std::to_string(req.epoch));
+      return;
+    }
+    try {
+      serve_probe(sock, req);
+    } catch (const net::SocketError& e) {
+      PYCCL_LOG(Info, "link probe from " << addr << " ended early: " << e.what());
+    }
     return;
   }
   if (hello.magic != net::kLinkMagic || hello.version != net::kWireVersion || hello.conn_count == 0 ||

@@ -19,6 +19,7 @@
 #include "collectives/op_registry.h"
 #include "common/status.h"
 #include "kernels/dtype.h"
+#include "net/probe.h"
 #include "net/ring_links.h"
 #include "net/socket.h"
 #include "state/state_server.h"
@@ -48,6 +49,12 @@ class DataPlane {
   // Require every incoming connection to prove membership of the current
   // (or the previous) epoch (a run with a secret; see net/membership_proof.h).
   void set_authenticate(bool on);
+  // Bind outgoing connections (links, probes) to this local address ("": any).
+  void set_source_host(const std::string& host);
+  // Measures the path to another peer's data port (net/probe.h); the
+  // current epoch's key proves membership in a run with a secret.
+  net::ProbeReport probe(const std::string& host, uint16_t port, int connections, int pings, double seconds,
+                         uint64_t max_bytes);
   void abort_through(uint64_t epoch, const std::string& why);
   void close();
 
@@ -85,6 +92,7 @@ class DataPlane {
   double keepalive_s_ = 1.0;
   double link_timeout_s_ = 5.0;
   bool authenticate_ = false;
+  std::string source_host_;
   uint64_t prev_epoch_ = 0;
   std::string prev_key_;                 // the epoch before the current one: fetches planned in it
   std::set<std::string> refused_from_;   // sources whose refusal was logged (once each)

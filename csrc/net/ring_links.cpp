@@ -36,7 +36,7 @@ void RingLinks::connect_all() {
   std::string last_error;
   for (int i = 0; i < connections_ && !broken_;) {
     try {
-      Socket s = connect_tcp(info_.next_host, info_.next_port, 1.0);
+      Socket s = connect_tcp(info_.next_host, info_.next_port, 1.0, info_.source_host);
       LinkHello hello;
       hello.epoch = info_.epoch;
       hello.from_peer = info_.my_id;

@@ -40,6 +40,8 @@ struct EpochInfo {
   double link_timeout_s = 5.0;
   // The epoch's membership key (see membership_proof.h); empty in an open run.
   std::string key;
+  // Local address outgoing links are bound to ("": the kernel's choice).
+  std::string source_host;
 };
 
 class RingLinks final : public FrameSender {

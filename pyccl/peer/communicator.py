@@ -77,6 +77,15 @@ class Communicator:
             a mismatch raises :class:`~pyccl.AuthenticationError` at once.
         tls_ca: CA bundle (PEM) to verify a master that serves its control
             port over TLS (default: ``PYCCL_TLS_CA``; neither: plain TCP).
+        region: where this peer runs (e.g. ``"eu-west"``, at most 64
+            characters). ``optimize_topology()`` places a joiner next to its
+            region and uses it where links were not measured. Default: none
+            (regions are told apart by measurement).
+        data_host: the local address of this peer's data plane: it listens
+            there and sends its data connections from there (default: the
+            address it reaches the master from, sending from any address).
+            Peers on one host with distinct loopback addresses (127.0.1.x)
+            are told apart by the link emulator this way.
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -94,6 +103,8 @@ class Communicator:
         order: int | None = None,
         secret: str | bytes | None = None,
         tls_ca: str | None = None,
+        region: str | None = None,
+        data_host: str | None = None,
     ) -> None:
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be between 1 and 64, got {connections}")
@@ -106,6 +117,10 @@ class Communicator:
         self.data_port = data_port
         self.advertise = advertise
         self.order = order
+        if region is not None and not 0 < len(region) <= P.MAX_REGION_LEN:
+            raise ValueError(f"region must be 1..{P.MAX_REGION_LEN} characters, got {region!r}")
+        self.region = region
+        self.data_host = data_host
         self._secret = resolve_secret(secret)
         self._control = ControlClient(master, tls_ca if tls_ca is not None else os.environ.get("PYCCL_TLS_CA") or None)
         self._dp: Any = None
@@ -181,8 +196,10 @@ class Communicator:
         deadline = time.monotonic() + timeout
         local_ip = self._control.open(timeout)
         try:
-            self._dp = _core.DataPlane(local_ip, self.data_port, self.connections)
-            adv_host, adv_port = self.advertise or (local_ip, self._dp.port)
+            self._dp = _core.DataPlane(self.data_host or local_ip, self.data_port, self.connections)
+            if self.data_host:
+                self._dp.set_source_host(self.data_host)
+            adv_host, adv_port = self.advertise or (self.data_host or local_ip, self._dp.port)
             hello = P.Hello(self.peer_group, adv_host, adv_port, self.name[:P.MAX_NAME_LEN], beat=True,
                             order=self.order, nonce=new_nonce())
             welcome = self._control.handshake(hello, max(0.1, deadline - time.monotonic()), self._secret)
