@@ -57,6 +57,8 @@ MAX_STATE_KEYS = 1 << 16
 MAX_KEY_NAME_LEN = 256
 MAX_DTYPE_LEN = 16
 MAX_DIMS = 32
+MAX_REGION_LEN = 64
+MAX_LINK_REPORTS = 4096
 
 
 def clip_reason(reason: str) -> str:
@@ -72,6 +74,14 @@ class StateKey(NamedTuple):
     shape: tuple[int, ...]
     nbytes: int
     hash: int
+
+
+class LinkReport(NamedTuple):
+    """One measured link in a ``vote`` of ``optimize_topology()``: from the voter to ``peer_id``."""
+
+    peer_id: int
+    rtt: float  # seconds, smallest echo
+    bandwidth: float  # bytes/s over the voter's connections to it
 
 
 class Member(NamedTuple):
@@ -138,6 +148,7 @@ class Hello(_Frame):
     beat: bool = False  # ask for the master's heartbeats (frozen-master detection)
     order: int | None = None  # ring-order key (torch: the rank)
     nonce: bytes | None = None  # the peer's challenge to the master (see pyccl.auth)
+    region: str | None = None  # where the peer runs (Communicator(region=...)); issue 13
     version: int = PROTOCOL_VERSION
 
     @classmethod
@@ -157,6 +168,7 @@ class Hello(_Frame):
             beat=m.get("beat") is True,
             order=get_int(m, "order", 0, MAX_PEER_GROUP) if m.get("order") is not None else None,
             nonce=_blob(m, "nonce", NONCE_BYTES) if m.get("nonce") is not None else None,
+            region=get_str(m, "region", MAX_REGION_LEN) if m.get("region") is not None else None,
         )
 
 
@@ -199,14 +211,29 @@ class Bye(_Frame):
 
 @dataclass(frozen=True, slots=True)
 class Vote(_Frame):
-    """``update_topology()``: the member's vote in round ``round``."""
+    """``update_topology()``: the member's vote in round ``round``;
+    ``optimize_topology()`` adds ``links``, what it measured."""
 
     TYPE: ClassVar[str] = "vote"
     round: int
+    links: tuple[LinkReport, ...] | None = None
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Vote:
-        return cls(get_int(m, "round"))
+        return cls(get_int(m, "round"), _links(m) if m.get("links") is not None else None)
+
+
+def _links(m: Mapping[str, Any]) -> tuple[LinkReport, ...]:
+    """A list of ``[peer_id, rtt, bandwidth]`` entries (finite, non-negative numbers)."""
+    out = []
+    for e in get_list(m, "links", MAX_LINK_REPORTS):
+        ok = isinstance(e, (list, tuple)) and len(e) == 3 and is_int(e[0], 1)
+        nums = e[1:] if ok else []
+        if not ok or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1e15
+                             for x in nums):
+            raise FrameError(f"'vote' links entry {clip(e, 60)} is not [peer_id, rtt, bandwidth]")
+        out.append(LinkReport(e[0], float(e[1]), float(e[2])))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ EXACT_LIMIT = 13
 BW_TOLERANCE = 0.15
 RESTARTS = 6  # heuristic tour searches per bottleneck candidate, at most
 
-Matrix = Sequence[Sequence[float]]
+Matrix = Sequence[Sequence[float]] | np.ndarray
 
 
 def ring_time(order: Sequence[int], bw: Matrix, lat: Matrix, nbytes: float) -> float:
@@ -74,7 +74,7 @@ def _grouped(bw: Matrix) -> np.ndarray:
         for j in range(n):
             if i != j:
                 out[i, j] = rep[float(arr[i, j])]
-    return out
+    return np.asarray(out, dtype=np.float64)
 
 
 def _held_karp(w: np.ndarray) -> tuple[float, list[int]]:
@@ -275,17 +275,19 @@ def fill(n: int, measured: Mapping[tuple[int, int], tuple[float, float]],
         worst_bw, worst_lat = 1.0, 0.0
     by_region: dict[tuple[str, str], list[tuple[float, float]]] = {}
     if regions is not None:
-        for (a, b), v in measured.items():
-            ra, rb = regions[a], regions[b]
-            if ra is not None and rb is not None:
-                by_region.setdefault((ra, rb), []).append(v)
+        for (a, b), m in measured.items():
+            ka, kb = regions[a], regions[b]
+            if ka is not None and kb is not None:
+                by_region.setdefault((ka, kb), []).append(m)
     for a in range(n):
         for b in range(n):
             if a == b:
                 continue
             v = measured.get((a, b)) or measured.get((b, a))
-            if v is None and regions is not None and regions[a] is not None and regions[b] is not None:
-                pool = by_region.get((regions[a], regions[b])) or by_region.get((regions[b], regions[a]))  # type: ignore[arg-type]
+            ra: str | None = regions[a] if regions is not None else None
+            rb: str | None = regions[b] if regions is not None else None
+            if v is None and ra is not None and rb is not None:
+                pool = by_region.get((ra, rb)) or by_region.get((rb, ra))
                 if pool:
                     v = (float(np.median([p[0] for p in pool])), float(np.median([p[1] for p in pool])))
             if v is None:

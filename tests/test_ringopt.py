@@ -6,7 +6,6 @@ import itertools
 import random
 
 import pytest
-
 from pyccl import ringopt as R
 
 

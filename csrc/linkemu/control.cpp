@@ -64,8 +64,8 @@ Command parse_command(const std::string& line) {
     return SourceCmd{w[1], w[2]};
   }
   if (verb == "link") {
-    arity(w, 6, 6, "link <src> <dst> <delay-s> <rate> <window>");
-    return LinkCmd{w[1], w[2], params(w, 3)};
+    arity(w, 6, 7, "link <src> <dst> <delay-s> <rate> <window> [<shared>]");
+    return LinkCmd{w[1], w[2], params(w, 3), w.size() == 7 ? w[6] : std::string()};
   }
   if (verb == "default") {
     arity(w, 4, 4, "default <delay-s> <rate> <window>");

@@ -5,7 +5,8 @@
 //
 //   open <peer> <upstream-host> <upstream-port> [<listen-host>]  -> ok <port>
 //   source <ip> <peer>          connections from <ip> come from <peer>
-//   link <src> <dst> <delay-s> <rate-B/s> <window-bytes>   (0: unlimited / default)
+//   link <src> <dst> <delay-s> <rate-B/s> <window-bytes> [<shared>]   (0: unlimited / default;
+//                               pairs naming the same <shared> share one rate: a region-to-region pipe)
 //   default <delay-s> <rate-B/s> <window-bytes>             links with an unknown end
 //   uplink <peer> <rate-B/s>    shared by all of <peer>'s outgoing links
 //   stall <port> <seconds|forever>                           -> ok <connections>
@@ -34,6 +35,7 @@ struct SourceCmd {
 struct LinkCmd {
   std::string src, dst;
   LinkParams params;
+  std::string shared;
 };
 struct DefaultCmd {
   LinkParams params;

@@ -59,7 +59,7 @@ std::string Emulator::execute(const Command& cmd) {
             return std::string("ok");
           },
           [&](const LinkCmd& c) {
-            geo_.set_link(c.src, c.dst, c.params);
+            geo_.set_link(c.src, c.dst, c.params, c.shared);
             return std::string("ok");
           },
           [&](const DefaultCmd& c) {

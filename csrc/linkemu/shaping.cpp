@@ -38,10 +38,12 @@ void Geography::set_source(const std::string& ip, const std::string& peer) {
   sources_[ip] = peer;
 }
 
-void Geography::set_link(const std::string& src, const std::string& dst, const LinkParams& p) {
+void Geography::set_link(const std::string& src, const std::string& dst, const LinkParams& p,
+                         const std::string& shared) {
   std::lock_guard<std::mutex> lock(mu_);
-  links_[{src, dst}] = p;
-  link_clocks_.erase({src, dst});  // new connections get a clock at the new rate
+  links_[{src, dst}] = {p, shared};
+  // New connections get a clock at the new rate.
+  link_clocks_.erase(shared.empty() ? src + ">" + dst : "=" + shared);
 }
 
 void Geography::set_uplink(const std::string& peer, double rate) {
@@ -60,11 +62,12 @@ Path Geography::path(const std::string& src, const std::string& dst) {
   std::lock_guard<std::mutex> lock(mu_);
   Path p;
   auto it = links_.find({src, dst});
-  p.link = it == links_.end() ? default_ : it->second;
+  p.link = it == links_.end() ? default_ : it->second.first;
+  const std::string shared = it == links_.end() ? std::string() : it->second.second;
   if (p.link.rate > 0) {
-    // Connections of one ordered pair share one clock; links with an unknown
-    // end share the default's clock per (src, dst) names as given ("" included).
-    auto& clock = link_clocks_[{src, dst}];
+    // Connections of one ordered pair share one clock (links with an unknown
+    // end: per (src, dst) names as given, "" included); named pairs share theirs.
+    auto& clock = link_clocks_[shared.empty() ? src + ">" + dst : "=" + shared];
     if (!clock) clock = std::make_shared<RateClock>(p.link.rate);
     p.rate = clock;
   }

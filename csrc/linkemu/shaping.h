@@ -2,8 +2,9 @@
 //
 // A path is an ordered pair of peers (source -> destination). Bytes that
 // enter it first wait for the source peer's uplink (shared by all of its
-// outgoing links), then for the link's own rate (shared by all connections
-// of that ordered pair), then travel for the one-way delay. Both rates are
+// outgoing links), then for the link's rate (shared by all connections of
+// that ordered pair, or by every pair given the same shared-rate name: the
+// WAN pipe between two regions), then travel for the one-way delay. Both rates are
 // virtual clocks (the time the last byte finished serialising), so pacing
 // costs a multiply and a lock, never a sleep: the delay line holds the
 // bytes until their due time.
@@ -55,7 +56,8 @@ class Geography {
  public:
   void set_default(const LinkParams& p);
   void set_source(const std::string& ip, const std::string& peer);
-  void set_link(const std::string& src, const std::string& dst, const LinkParams& p);
+  // `shared`: pairs with the same non-empty name share one rate clock.
+  void set_link(const std::string& src, const std::string& dst, const LinkParams& p, const std::string& shared = "");
   void set_uplink(const std::string& peer, double rate);
   std::string peer_of(const std::string& ip) const;
   Path path(const std::string& src, const std::string& dst);
@@ -64,8 +66,8 @@ class Geography {
   mutable std::mutex mu_;
   LinkParams default_;
   std::map<std::string, std::string> sources_;
-  std::map<std::pair<std::string, std::string>, LinkParams> links_;
-  std::map<std::pair<std::string, std::string>, std::shared_ptr<RateClock>> link_clocks_;
+  std::map<std::pair<std::string, std::string>, std::pair<LinkParams, std::string>> links_;
+  std::map<std::string, std::shared_ptr<RateClock>> link_clocks_;  // by pair ("src>dst") or shared name
   std::map<std::string, double> uplink_rates_;
   std::map<std::string, std::shared_ptr<RateClock>> uplink_clocks_;
 };

@@ -32,6 +32,7 @@ from pyccl import _core
 from pyccl import protocol as P
 from pyccl.auth import epoch_key, new_nonce, resolve_secret
 from pyccl.errors import CCLError, LostCause, Timeout
+from pyccl.peer import probing
 from pyccl.peer import state as S
 from pyccl.peer.control import ControlClient
 from pyccl.peer.ops import (
@@ -201,7 +202,7 @@ class Communicator:
                 self._dp.set_source_host(self.data_host)
             adv_host, adv_port = self.advertise or (self.data_host or local_ip, self._dp.port)
             hello = P.Hello(self.peer_group, adv_host, adv_port, self.name[:P.MAX_NAME_LEN], beat=True,
-                            order=self.order, nonce=new_nonce())
+                            order=self.order, nonce=new_nonce(), region=self.region)
             welcome = self._control.handshake(hello, max(0.1, deadline - time.monotonic()), self._secret)
             with self._cv:
                 self._state.welcome(welcome)
@@ -286,6 +287,34 @@ class Communicator:
             k = self._state.vote()
         log.debug("peer %d votes round %d", self.peer_id, k)
         self._control.send(P.Vote(k))
+        with self._cv:
+            self._cv.wait_for(lambda: self._state.round_known(k))
+            return self._state.take_round_result(k)
+
+    def optimize_topology(self, seconds: float = 0.25, max_bytes: int = 32 << 20, max_targets: int = 16) -> bool:
+        """Measure the links to the other members and let the master reorder the ring.
+
+        Collective: every member calls it at the same point of its program
+        (it takes the place of an ``update_topology()`` call and also admits
+        waiting peers). Each member probes its links (see
+        :mod:`pyccl.peer.probing`: at most ``max_targets`` probes of at most
+        ``max_bytes`` and about ``max(seconds, 4 RTT)`` each), reports them
+        with its vote, and the master commits the ring order with the least
+        estimated all-reduce time at the next epoch (:mod:`pyccl.ringopt`).
+        Later joiners are placed where they cost least. Returns True if the
+        ring or the membership changed.
+        """
+        self._check_connected()
+        with self._cv:
+            self._cv.wait_for(self._state.quiet)
+            k = self._state.vote()
+            view = self._state.epoch
+        links: tuple[P.LinkReport, ...] = ()
+        if view is not None and view.world_size > 1:
+            links = probing.measure(self._dp, view.members, self.peer_id, view.number, self.connections, seconds,
+                                    max_bytes, max_targets)
+        log.debug("peer %d votes round %d with %d measured links", self.peer_id, k, len(links))
+        self._control.send(P.Vote(k, links))
         with self._cv:
             self._cv.wait_for(lambda: self._state.round_known(k))
             return self._state.take_round_result(k)

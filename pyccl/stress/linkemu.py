@@ -90,7 +90,7 @@ class LinkEmulator:
 
     def __init__(self, threads: int = 2, seed: int = 0, log_path: str | None = None) -> None:
         self._lock = threading.Lock()
-        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen([find_binary(), "--threads", str(threads), "--seed", str(seed)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                       text=True, bufsize=1)
@@ -129,8 +129,9 @@ class LinkEmulator:
     def source(self, ip: str, peer: str) -> None:
         self.request(f"source {ip} {peer}")
 
-    def link(self, src: str, dst: str, params: LinkParams) -> None:
-        self.request(f"link {src} {dst} {params.words()}")
+    def link(self, src: str, dst: str, params: LinkParams, shared: str = "") -> None:
+        """Shape src -> dst; pairs naming the same ``shared`` share one rate (a region-to-region pipe)."""
+        self.request(f"link {src} {dst} {params.words()}" + (f" {shared}" if shared else ""))
 
     def default(self, params: LinkParams) -> None:
         self.request(f"default {params.words()}")

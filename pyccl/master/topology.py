@@ -1,0 +1,74 @@
+"""Ring order from measured links, on the master (pure).
+
+``optimize_topology()`` rounds carry every member's measurements of its
+links (``vote`` with ``links``); once all members voted, :func:`plan` turns
+them into the ring order the next epoch commits (:mod:`pyccl.ringopt`
+solves it). Measurements are kept per group (:attr:`Group.links`, newest
+wins), so later admissions place a joiner where it costs least
+(:func:`place_joiners`): its links are estimated from its region's measured
+links (``Communicator(region=...)``); a joiner with no region goes to the end,
+as without measurements. Groups whose peers gave ``order`` keys (the torch
+backend: ring position == rank) keep that order: there is nothing to optimise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pyccl import protocol as P
+from pyccl import ringopt
+from pyccl.master.model import Peer
+
+__all__ = ["REFERENCE_BYTES", "record", "plan", "place_joiners"]
+
+# The all-reduce size the ring is optimised for: large enough that
+# bandwidth, not latency, decides between rings that differ in both.
+REFERENCE_BYTES = 64 << 20
+
+Links = dict[tuple[int, int], tuple[float, float]]  # (from id, to id) -> (bytes/s, one-way s)
+
+
+def record(links: Links, voter: int, reports: Sequence[P.LinkReport]) -> None:
+    """Fold one voter's measurements into the group's links (newest wins)."""
+    for r in reports:
+        if r.peer_id != voter and r.bandwidth > 0:
+            links[(voter, r.peer_id)] = (r.bandwidth, r.rtt / 2)
+
+
+def _matrices(peers: Sequence[Peer], links: Links) -> tuple[list[list[float]], list[list[float]]]:
+    index = {p.peer_id: i for i, p in enumerate(peers)}
+    measured = {(index[a], index[b]): v for (a, b), v in links.items() if a in index and b in index}
+    return ringopt.fill(len(peers), measured, [p.region for p in peers])
+
+
+def plan(members: Sequence[Peer], links: Links) -> list[Peer]:
+    """The members in the ring order of least estimated all-reduce time; the
+    current first member stays first (a ring has no start; rank 0 stays put)."""
+    if len(members) < 3 or any(p.order is not None for p in members):
+        return list(members)
+    bw, lat = _matrices(members, links)
+    order = ringopt.solve(bw, lat, REFERENCE_BYTES)
+    return [members[i] for i in order]
+
+
+def place_joiners(members: list[Peer], joiners: Sequence[Peer], links: Links) -> list[Peer]:
+    """``members`` with each joiner inserted where the estimated ring time is least
+    (in arrival order); joiners without a region, or with nothing measured, go last."""
+    ring = list(members)
+    if any(p.order is not None for p in ring) or not links:
+        return ring + [j for j in joiners if j not in ring]
+    for j in joiners:
+        if j in ring:
+            continue
+        if j.region is None or len(ring) < 2:
+            ring.append(j)
+            continue
+        peers = [*ring, j]
+        bw, lat = _matrices(peers, links)
+
+        def cost(order: Sequence[int], bw: list[list[float]] = bw, lat: list[list[float]] = lat) -> float:
+            return ringopt.ring_time(order, bw, lat, REFERENCE_BYTES)
+
+        order = ringopt.insert_cheapest(list(range(len(ring))), len(ring), cost)
+        ring = [peers[i] for i in order]
+    return ring

@@ -1,0 +1,60 @@
+"""Link measurement for ``Communicator.optimize_topology()`` (peer side).
+
+Each member measures its *outgoing* links (to the data ports the master
+published, so probes cross the same paths as the ring) with the data
+plane's probe (``csrc/net/probe.*``): the smallest of a few echoes gives the
+RTT, then every one of the peer's ``connections`` streams for ``seconds``
+(at least 4 RTTs) and the receiver reports what arrived per second. Cost per
+member: at most ``max_targets`` probes, each at most ``max_bytes`` and
+about ``max(seconds, 4 RTT)`` plus an RTT of set-up, one after another; all
+members probe at once, peer i's r-th probe going to ring position i + r,
+so that in each step every peer is probed by about one other.
+
+With ``n - 1 <= max_targets`` every ordered pair is measured (n (n-1)
+probes). Beyond, each member measures its two ring neighbours and a sample
+of the others, drawn from (epoch, its id) so the choice is reproducible;
+the master fills the gaps (``pyccl.ringopt.fill``): the reverse direction,
+else the two regions' median, else the slowest link seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from pyccl import protocol as P
+
+__all__ = ["targets", "measure"]
+
+log = logging.getLogger("pyccl.peer")
+
+
+def targets(members: Sequence[P.Member], me: int, epoch: int, max_targets: int) -> list[P.Member]:
+    """Whom member ``me`` (a peer id) probes, in order."""
+    ids = [m.peer_id for m in members]
+    n, i = len(members), ids.index(me)
+    by_offset = [members[(i + r) % n] for r in range(1, n)]
+    if len(by_offset) <= max_targets:
+        return by_offset
+    keep = {by_offset[0].peer_id, by_offset[-1].peer_id}  # ring neighbours
+    rest = [m for m in by_offset if m.peer_id not in keep]
+    picked = random.Random(epoch * 1_000_003 + me).sample(rest, max(0, max_targets - len(keep)))
+    chosen = keep | {m.peer_id for m in picked}
+    return [m for m in by_offset if m.peer_id in chosen]
+
+
+def measure(dp: Any, members: Sequence[P.Member], me: int, epoch: int, connections: int, seconds: float,
+            max_bytes: int, max_targets: int) -> tuple[P.LinkReport, ...]:
+    """Probe this member's links; a probe that fails (a peer died meanwhile) is left out."""
+    out = []
+    for m in targets(members, me, epoch, max_targets):
+        try:
+            rtt, bandwidth, sent = dp.probe(m.host, m.port, connections, 5, seconds, max_bytes)
+        except RuntimeError as exc:
+            log.info("peer %d: probing peer %d failed: %s", me, m.peer_id, exc)
+            continue
+        log.debug("peer %d -> %d: rtt %.2f ms, %.1f MB/s (%d bytes)", me, m.peer_id, rtt * 1e3, bandwidth / 1e6, sent)
+        out.append(P.LinkReport(m.peer_id, rtt, bandwidth))
+    return tuple(out)
