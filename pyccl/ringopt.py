@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["EXACT_LIMIT", "BW_TOLERANCE", "ring_time", "solve", "fill", "insert_cheapest", "crossings"]
+__all__ = ["EXACT_LIMIT", "BW_TOLERANCE", "ring_time", "solve", "fill", "insert_cheapest", "crossings", "rtt_regions"]
 
 EXACT_LIMIT = 13
 BW_TOLERANCE = 0.15
@@ -44,13 +45,20 @@ RESTARTS = 6  # heuristic tour searches per bottleneck candidate, at most
 Matrix = Sequence[Sequence[float]] | np.ndarray
 
 
-def ring_time(order: Sequence[int], bw: Matrix, lat: Matrix, nbytes: float) -> float:
-    """Estimated all-reduce time of ``nbytes`` over ring ``order``."""
+def ring_time(order: Sequence[int], bw: Matrix, lat: Matrix, nbytes: float,
+              regions: Sequence[Hashable] | None = None) -> float:
+    """Estimated all-reduce time of ``nbytes`` over ring ``order``. With
+    ``regions``, ring links from one region to another share that pipe: each
+    gets the measured bandwidth divided by how many ring links use it."""
     n = len(order)
     if n < 2:
         return 0.0
     edges = [(order[i], order[(i + 1) % n]) for i in range(n)]
-    slowest = min(bw[a][b] for a, b in edges)
+    if regions is None:
+        slowest = min(bw[a][b] for a, b in edges)
+    else:
+        users = Counter((regions[a], regions[b]) for a, b in edges if regions[a] != regions[b])
+        slowest = min(bw[a][b] / users.get((regions[a], regions[b]), 1) for a, b in edges)
     total_lat = sum(lat[a][b] for a, b in edges)
     return 2 * (n - 1) / n * (nbytes / max(slowest, 1e-9) + total_lat)
 
@@ -179,23 +187,62 @@ def insert_cheapest(order: list[int], node: int, cost: object) -> list[int]:
     return min(cands, key=lambda o: cost(o))
 
 
-def solve(bw: Matrix, lat: Matrix, nbytes: float = 64 << 20, exact_limit: int = EXACT_LIMIT) -> list[int]:
+def solve(bw: Matrix, lat: Matrix, nbytes: float = 64 << 20, exact_limit: int = EXACT_LIMIT,
+          regions: Sequence[Hashable] | None = None) -> list[int]:
     """The ring order (a permutation of range(n), starting with 0) with the least
     estimated all-reduce time; ``bw[a][b]`` in bytes/s and ``lat[a][b]`` one-way
-    seconds from a to b (diagonals ignored)."""
+    seconds from a to b (diagonals ignored).
+
+    With ``regions`` (a label per peer) links between two regions are taken
+    to share one pipe (:func:`ring_time`), which per-link measurements
+    cannot show: the ring solved per link competes with the best ring that
+    visits each region in one run (latency between regions made prohibitive
+    for the search), and the one faster under sharing wins."""
     n = len(bw)
-    if n <= 3:
-        if n < 3:
-            return list(range(n))
-        a, b = [0, 1, 2], [0, 2, 1]
-        g = _grouped(bw)
-        return a if ring_time(a, g, lat, nbytes) <= ring_time(b, g, lat, nbytes) else b
     g = _grouped(bw)
     latm = np.array(lat, dtype=np.float64)
-    if n <= exact_limit:
-        return _solve_exact(g, latm, nbytes)
+    if n <= 3:
+        cands = [[0, 1, 2], [0, 2, 1]] if n == 3 else [list(range(n))]
+        return min(cands, key=lambda o: ring_time(o, g, latm, nbytes, regions))
 
-    return _solve_heuristic(g, latm, nbytes)
+    def core(latency: np.ndarray) -> list[int]:
+        if n <= exact_limit:
+            return _solve_exact(g, latency, nbytes)
+        return _solve_heuristic(g, latency, nbytes)
+
+    cands = [core(latm)]
+    if regions is not None and len(set(regions)) > 1:
+        differ = np.array([[regions[i] != regions[j] for j in range(n)] for i in range(n)], dtype=np.float64)
+        cands.append(core(latm + 1e3 * (float(latm.max()) + 1.0) * differ))
+    return min(cands, key=lambda o: ring_time(o, g, latm, nbytes, regions))
+
+
+def rtt_regions(lat: Matrix, gap: float = 3.0) -> list[int]:
+    """Regions told apart by latency: peers closer than the widest gap (a ratio of
+    at least ``gap``) in the sorted one-way latencies are in one region
+    (single linkage). One region (all 0) when no such gap exists."""
+    arr = np.array(lat, dtype=np.float64)
+    n = arr.shape[0]
+    sym = (arr + arr.T) / 2
+    values = sorted(v for v in set(sym[~np.eye(n, dtype=bool)].tolist()) if v > 0)
+    ratios = [(values[i + 1] / values[i], i) for i in range(len(values) - 1)]
+    if not ratios or max(ratios)[0] < gap:
+        return [0] * n
+    i = max(ratios)[1]
+    threshold = math.sqrt(values[i] * values[i + 1])
+    label = list(range(n))
+
+    def root(x: int) -> int:
+        while label[x] != x:
+            x = label[x]
+        return x
+
+    for a in range(n):
+        for b in range(n):
+            if a != b and sym[a, b] <= threshold:
+                label[root(b)] = root(a)
+    roots: dict[int, int] = {}
+    return [roots.setdefault(root(a), len(roots)) for a in range(n)]
 
 
 def _cycle_sum(order: Sequence[int], w: np.ndarray) -> float:

@@ -91,3 +91,43 @@ def test_insert_cheapest_places_a_joiner_next_to_its_region() -> None:
     g = R._grouped(bw)
     placed = R.insert_cheapest(without, last, lambda o: R.ring_time(o, g, lat, 64 << 20))
     assert R.crossings(placed, regions) == 2
+
+
+def geo(regions: list[str], rng: random.Random) -> tuple[list[list[float]], list[list[float]]]:
+    n = len(regions)
+    bw = [[(500e6 if regions[i] == regions[j] else 40e6) * rng.uniform(0.95, 1.05) for j in range(n)]
+          for i in range(n)]
+    lat = [[(0.001 if regions[i] == regions[j] else 0.040) * rng.uniform(0.98, 1.02) for j in range(n)]
+           for i in range(n)]
+    return bw, lat
+
+
+@pytest.mark.parametrize("regions", [list("ababab"), list("abcabc"), list("aabbcc"), list("abcdabcd")])
+def test_shared_pipes_between_regions_match_brute_force(regions: list[str]) -> None:
+    rng = random.Random(len(regions))
+    bw, lat = geo(regions, rng)
+    order = R.solve(bw, lat, 64 << 20, regions=regions)
+    g = R._grouped(bw)
+    n = len(regions)
+    best = min(R.ring_time([0, *p], g, lat, 64 << 20, regions) for p in itertools.permutations(range(1, n)))
+    assert R.ring_time(order, g, lat, 64 << 20, regions) == pytest.approx(best, rel=1e-9)
+    assert R.crossings(order, regions) == len(set(regions))
+
+
+def test_join_order_is_slower_under_shared_pipes() -> None:
+    regions = list("abababababab")
+    bw, lat = geo(regions, random.Random(5))
+    g = R._grouped(bw)
+    join = list(range(12))
+    best = R.solve(bw, lat, 64 << 20, regions=regions)
+    assert R.crossings(best, regions) == 2
+    assert R.ring_time(join, g, lat, 64 << 20, regions) > 5 * R.ring_time(best, g, lat, 64 << 20, regions)
+
+
+def test_rtt_regions_finds_the_latency_clusters() -> None:
+    regions = list("abcabcab")
+    _, lat = geo(regions, random.Random(9))
+    labels = R.rtt_regions(lat)
+    assert len(set(labels)) == 3
+    assert all((labels[i] == labels[j]) == (regions[i] == regions[j]) for i in range(8) for j in range(8))
+    assert R.rtt_regions([[0, 0.001, 0.0012], [0.001, 0, 0.0011], [0.0012, 0.0011, 0]]) == [0, 0, 0]

@@ -24,6 +24,9 @@ __all__ = ["REFERENCE_BYTES", "record", "plan", "place_joiners"]
 # The all-reduce size the ring is optimised for: large enough that
 # bandwidth, not latency, decides between rings that differ in both.
 REFERENCE_BYTES = 64 << 20
+# A new ring must be estimated this much faster than the current one: rings
+# that tie (or differ by measurement noise) are not worth an epoch change.
+MIN_GAIN = 0.05
 
 Links = dict[tuple[int, int], tuple[float, float]]  # (from id, to id) -> (bytes/s, one-way s)
 
@@ -43,12 +46,26 @@ def _matrices(peers: Sequence[Peer], links: Links) -> tuple[list[list[float]], l
 
 def plan(members: Sequence[Peer], links: Links) -> list[Peer]:
     """The members in the ring order of least estimated all-reduce time; the
-    current first member stays first (a ring has no start; rank 0 stays put)."""
+    current first member stays first (a ring has no start; rank 0 stays put).
+    The current order stays unless the new one is MIN_GAIN faster."""
     if len(members) < 3 or any(p.order is not None for p in members):
         return list(members)
     bw, lat = _matrices(members, links)
-    order = ringopt.solve(bw, lat, REFERENCE_BYTES)
+    regions = _regions(members, lat)
+    order = ringopt.solve(bw, lat, REFERENCE_BYTES, regions=regions)
+    current = list(range(len(members)))
+    if ringopt.ring_time(order, bw, lat, REFERENCE_BYTES, regions) > (1 - MIN_GAIN) * ringopt.ring_time(
+            current, bw, lat, REFERENCE_BYTES, regions):
+        return list(members)
     return [members[i] for i in order]
+
+
+def _regions(peers: Sequence[Peer], lat: list[list[float]]) -> list[str] | list[int]:
+    """The peers' given regions, or (if any lacks one) clusters of measured latency."""
+    given = [p.region for p in peers]
+    if all(r is not None for r in given):
+        return [r for r in given if r is not None]
+    return ringopt.rtt_regions(lat)
 
 
 def place_joiners(members: list[Peer], joiners: Sequence[Peer], links: Links) -> list[Peer]:
@@ -65,9 +82,11 @@ def place_joiners(members: list[Peer], joiners: Sequence[Peer], links: Links) ->
             continue
         peers = [*ring, j]
         bw, lat = _matrices(peers, links)
+        regions = [p.region for p in peers]
 
-        def cost(order: Sequence[int], bw: list[list[float]] = bw, lat: list[list[float]] = lat) -> float:
-            return ringopt.ring_time(order, bw, lat, REFERENCE_BYTES)
+        def cost(order: Sequence[int], bw: list[list[float]] = bw, lat: list[list[float]] = lat,
+                 regions: list[str | None] = regions) -> float:
+            return ringopt.ring_time(order, bw, lat, REFERENCE_BYTES, regions)
 
         order = ringopt.insert_cheapest(list(range(len(ring))), len(ring), cost)
         ring = [peers[i] for i in order]
