@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from test_master_state import Harness, last_epoch
 
 pytestmark = pytest.mark.timeout(30)
