@@ -68,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a stall lasts: 2s, 1s..15s or forever (default: 1s..3 x heartbeat timeout)")
     g.add_argument("--net-reset-rate", type=rate, default=0.0, help="connection resets (RST) per second")
     g.add_argument("--net-proxy", action="store_true", help="use the proxy even without network faults")
+    g.add_argument("--net-emulator", choices=("compiled", "python"), default="compiled",
+                   help="compiled: pyccl-linkemu (default); python: the asyncio proxy (slower)")
+    g.add_argument("--geography", metavar="FILE", default=None,
+                   help="regions and the links inside and between them (JSON; see pyccl.stress.geography); "
+                        "peers are placed in the regions in turn")
 
     g = p.add_argument_group("checks")
     g.add_argument("--heartbeat-timeout", type=dur, default=5.0, help="the master's (default: 5s)")
@@ -109,8 +114,21 @@ def config_from_args(args: argparse.Namespace) -> StressConfig:
     net = NetConfig(
         delay=args.net_delay, window=args.net_window, bandwidth=args.net_bandwidth,
         stall_rate=args.net_stall_rate, stall_duration=stall, reset_rate=args.net_reset_rate,
-        force_proxy=args.net_proxy,
+        force_proxy=args.net_proxy, emulator=args.net_emulator, geography=args.geography,
     )
+    if net.enabled and net.emulator == "compiled":
+        from pyccl.stress.linkemu import EmulatorError, find_binary
+
+        try:
+            find_binary()
+        except EmulatorError as exc:
+            raise ValueError(f"{exc} (or use --net-emulator python)") from exc
+    if net.geography:
+        from pyccl.stress.geography import Geography
+
+        if net.emulator != "compiled":
+            raise ValueError("--geography needs the compiled emulator (--net-emulator compiled)")
+        Geography.load(net.geography)  # a bad file is a usage error now, not a failed run later
     return StressConfig(
         peers=args.peers, duration=args.duration, size=args.size, dtype=args.dtype, op=args.op,
         connections=args.connections, concurrency=args.concurrency, kill_rate=args.kill_rate,

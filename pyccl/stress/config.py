@@ -179,6 +179,11 @@ class NetConfig:
         stall_duration: how long a stall lasts.
         reset_rate: connection resets per second (TCP RST to both ends).
         force_proxy: put the proxy in place even with no emulation set.
+        emulator: ``"compiled"`` (``pyccl-linkemu``, the default) or
+            ``"python"`` (the asyncio proxy, about 0.6 GB/s).
+        geography: a geography file (regions, links inside and between
+            them; see :mod:`pyccl.stress.geography`): needs the compiled
+            emulator, and replaces delay/window/bandwidth.
     """
 
     delay: float = 0.0
@@ -188,13 +193,15 @@ class NetConfig:
     stall_duration: DurationRange = DurationRange(1.0, 1.0)
     reset_rate: float = 0.0
     force_proxy: bool = False
+    emulator: str = "compiled"
+    geography: str | None = None
 
     @property
     def enabled(self) -> bool:
         """True when links go through the proxy."""
         return bool(
             self.force_proxy or self.delay > 0 or self.window or self.bandwidth or self.stall_rate > 0
-            or self.reset_rate > 0
+            or self.reset_rate > 0 or self.geography
         )
 
 

@@ -8,9 +8,8 @@ address (each peer binds its data connections to its own loopback address,
 ``Communicator(data_host=...)``), its destination from the proxy it reached.
 
 :class:`LinkEmulator` is the blocking client (one request at a time, a line
-each way); :class:`CompiledNetem` wraps it with the asynchronous interface of
-:class:`~pyccl.stress.netem.NetemClient`, so ``pyccl stress`` and the
-benchmarks use either. The binary is looked up in ``PYCCL_LINKEMU``, next to
+each way); :class:`pyccl.stress.emunet.CompiledNetem` gives it the
+asynchronous interface ``pyccl stress`` drives. The binary is looked up in ``PYCCL_LINKEMU``, next to
 the installed package (``pip install .`` puts it there), then on ``PATH``.
 """
 
@@ -24,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LinkParams", "LinkEmulator", "CompiledNetem", "EmulatorError", "find_binary"]
+__all__ = ["LinkParams", "LinkEmulator", "EmulatorError", "find_binary"]
 
 log = logging.getLogger("pyccl.stress.linkemu")
 
@@ -177,50 +176,3 @@ class LinkEmulator:
                 self._proc.stdout.close()
             if self._log is not subprocess.DEVNULL:
                 self._log.close()  # type: ignore[union-attr]
-
-
-class CompiledNetem:
-    """:class:`~pyccl.stress.netem.NetemClient`'s interface over :class:`LinkEmulator`.
-
-    Every proxy shapes its links with ``default`` unless ``geography`` (a
-    callable run once the emulator is up) sets per-pair links.
-    """
-
-    def __init__(self, default: LinkParams, seed: int = 0, log_path: str | None = None, threads: int = 2) -> None:
-        self.default_params = default
-        self.seed = seed
-        self.log_path = log_path
-        self.threads = threads
-        self.emu: LinkEmulator | None = None
-
-    async def start(self, timeout: float = 60.0) -> None:
-        self.emu = LinkEmulator(self.threads, self.seed, self.log_path)
-        self.emu.default(self.default_params)
-
-    def _e(self) -> LinkEmulator:
-        if self.emu is None:
-            raise EmulatorError("the link emulator is not running")
-        return self.emu
-
-    async def open(self, upstream_port: int, name: str = "") -> int:
-        return self._e().open(upstream_port, name or f"p{upstream_port}")
-
-    async def stall(self, port: int, duration: float | None) -> int:
-        return self._e().stall(port, duration)
-
-    async def reset(self, port: int, all_connections: bool = False) -> int:
-        return self._e().reset(port, all_connections)
-
-    async def refuse(self, port: int) -> None:
-        self._e().refuse(port)
-
-    async def close_proxy(self, port: int) -> None:
-        self._e().close_proxy(port)
-
-    async def stats(self) -> dict[int, list[int]]:
-        return self._e().stats()
-
-    async def close(self) -> None:
-        if self.emu is not None:
-            self.emu.close()
-            self.emu = None

@@ -69,6 +69,8 @@ class WorkerSpec:
     log_path: str
     connect_timeout: float = 60.0
     corrupt: bool = False
+    data_host: str | None = None  # own loopback address (a geography run)
+    region: str | None = None
 
 
 def main(spec: WorkerSpec) -> None:
@@ -150,7 +152,8 @@ class _Peer:
         while not self.stop.is_set():
             comm = pyccl.Communicator(
                 self.spec.master, connections=self.spec.connections, name=f"stress-{self.spec.index}",
-                data_port=self.spec.data_port, advertise=self.spec.advertise,
+                data_port=self.spec.data_port, advertise=self.spec.advertise, data_host=self.spec.data_host,
+                region=self.spec.region,
             )
             self.peer_id = 0
             self._phase("connect", self.state.revision, 0, ())
