@@ -21,14 +21,15 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @contextlib.contextmanager
-def emulated(params: LinkParams = LinkParams(), host: str = "127.0.0.1") -> Iterator[tuple[LinkEmulator, socket.socket, int]]:
+def emulated(params: LinkParams | None = None,
+             host: str = "127.0.0.1") -> Iterator[tuple[LinkEmulator, socket.socket, int]]:
     """An emulator with one proxy in front of a listening socket on ``host``."""
     emu = LinkEmulator(threads=2)
     srv = socket.socket()
     srv.bind((host, 0))
     srv.listen(16)
     try:
-        emu.default(params)
+        emu.default(params or LinkParams())
         port = emu.open(srv.getsockname()[1], "dst", upstream_host=host)
         yield emu, srv, port
     finally:
