@@ -1,16 +1,18 @@
 // Link probes: how fast and how far is the path to another peer's data port?
 //
 // `comm.optimize_topology()` measures the links between members with these.
-// A probe opens `connections` connections to the peer's advertised data
-// address (so it crosses the same network path, proxies and emulators as the
-// ring would), each starting with a ProbeRequest (the same size as a
-// LinkHello; with the epoch's membership proof in a run with a secret).
-// On the first connection it times `pings` 8-byte echoes (RTT = the
-// smallest); then every connection streams bytes for `seconds` (or until
-// `max_bytes` in all) and half-closes; the acceptor counts what arrived and
-// the time from its first to its last byte, and answers with a ProbeResult.
-// Throughput is measured where the bytes land, so the start-up of the path
-// (one delay) does not count against it.
+// A probe connects to the peer's advertised data address (so it crosses the
+// same network path, proxies and emulators as the ring would); every
+// connection starts with a ProbeRequest (the same size as a LinkHello; with
+// the epoch's membership proof in a run with a secret). A first connection
+// times `pings` 8-byte echoes (RTT = the smallest). Then `connections`
+// connections stream at once; the acceptor counts what arrives after the
+// first read for `measure_us` (at least 4 RTTs), answers with a
+// ProbeResult (bytes, seconds) at once and discards the rest until the
+// sender, having seen the answer, resets the connection. Throughput is
+// measured where the bytes land, so neither the start-up of the path nor
+// the bytes still queued in socket buffers count, and the probe costs
+// about `measure_us` plus an RTT, not the time to drain those buffers.
 #pragma once
 
 #include <cstdint>
@@ -28,11 +30,11 @@ inline constexpr uint64_t kMaxProbeBytes = 1ull << 30;
 struct ProbeRequest {
   uint32_t magic = kProbeMagic;
   uint16_t version = 1;
-  uint16_t pings = 0;       // echoes before the bulk phase (first connection only)
+  uint16_t pings = 0;       // > 0: an echo connection (no bulk phase)
   uint64_t epoch = 0;       // names the membership key of the proof
   uint64_t from_peer = 0;
   uint64_t max_bytes = 0;   // the acceptor stops counting (and closes) past this
-  uint64_t reserved = 0;
+  uint64_t measure_us = 0;  // bulk: answer this long after the first read
 };
 struct ProbeResult {
   uint64_t bytes = 0;

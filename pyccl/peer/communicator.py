@@ -291,7 +291,7 @@ class Communicator:
             self._cv.wait_for(lambda: self._state.round_known(k))
             return self._state.take_round_result(k)
 
-    def optimize_topology(self, seconds: float = 0.25, max_bytes: int = 32 << 20, max_targets: int = 16) -> bool:
+    def optimize_topology(self, seconds: float = 0.25, max_bytes: int = 16 << 20, max_targets: int = 16) -> bool:
         """Measure the links to the other members and let the master reorder the ring.
 
         Collective: every member calls it at the same point of its program

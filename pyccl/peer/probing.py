@@ -51,7 +51,7 @@ def measure(dp: Any, members: Sequence[P.Member], me: int, epoch: int, connectio
     out = []
     for m in targets(members, me, epoch, max_targets):
         try:
-            rtt, bandwidth, sent = dp.probe(m.host, m.port, connections, 5, seconds, max_bytes)
+            rtt, bandwidth, sent = dp.probe(m.host, m.port, connections, 3, seconds, max_bytes)
         except RuntimeError as exc:
             log.info("peer %d: probing peer %d failed: %s", me, m.peer_id, exc)
             continue
