@@ -67,7 +67,8 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "set_epoch",
           [](DataPlane& d, uint64_t epoch, uint64_t my_id, int rank, int world_size, uint64_t next_id,
-             const std::string& next_host, uint16_t next_port, uint64_t prev_id, const py::bytes& key) {
+             const std::string& next_host, uint16_t next_port, uint64_t prev_id, const py::bytes& key,
+             int connections) {
             net::EpochInfo info;
             info.epoch = epoch;
             info.my_id = my_id;
@@ -78,11 +79,15 @@ PYBIND11_MODULE(_core, m) {
             info.next_port = next_port;
             info.prev_id = prev_id;
             info.key = key;
+            info.connections = connections;
             py::gil_scoped_release release;
             d.set_epoch(info);
           },
           py::arg("epoch"), py::arg("my_id"), py::arg("rank"), py::arg("world_size"), py::arg("next_id"),
-          py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"), py::arg("key") = py::bytes())
+          py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"), py::arg("key") = py::bytes(),
+          py::arg("connections") = 0)
+      .def("link_connections", &DataPlane::link_connections, py::call_guard<py::gil_scoped_release>(),
+           "Outgoing connections of the current epoch's link.")
       .def("set_source_host", &DataPlane::set_source_host, py::arg("host"),
            "Bind outgoing data connections (links, probes) to this local address.")
       .def(

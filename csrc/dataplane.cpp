@@ -62,8 +62,10 @@ void DataPlane::set_epoch(const net::EpochInfo& given) {
     info.link_timeout_s = link_timeout_s_;
     info.source_host = source_host_;
   }
+  const int k = info.connections > 0 ? std::clamp(info.connections, 1, static_cast<int>(net::kMaxConnections))
+                                     : connections_;
   auto fresh = std::make_shared<net::RingLinks>(
-      info, connections_, [this](uint64_t epoch, const std::string& why) { on_link_broken(epoch, why); });
+      info, k, [this](uint64_t epoch, const std::string& why) { on_link_broken(epoch, why); });
   // The registry moves first: a reader attached to the new links may look up
   // an op of the new epoch the moment the links are published.
   registry_.begin_epoch(info.epoch);
@@ -202,6 +204,11 @@ void DataPlane::accept_loop() {
 void DataPlane::set_authenticate(bool on) {
   std::lock_guard<std::mutex> lock(mu_);
   authenticate_ = on;
+}
+
+int DataPlane::link_connections() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return links_ ? links_->connections() : 0;
 }
 
 void DataPlane::set_source_host(const std::string& host) {

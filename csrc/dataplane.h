@@ -41,6 +41,8 @@ class DataPlane {
 
   uint16_t port() const { return port_; }
   int connections() const { return connections_; }
+  // Outgoing connections of the current epoch's link (0 before the first epoch).
+  int link_connections();
 
   // Keepalive interval and silence timeout of data links (the master's
   // heartbeat interval and timeout); applies from the next epoch on.

@@ -217,10 +217,12 @@ class Vote(_Frame):
     TYPE: ClassVar[str] = "vote"
     round: int
     links: tuple[LinkReport, ...] | None = None
+    relink: bool | None = None  # with links: start a new epoch even if the order stays (new pool sizes)
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Vote:
-        return cls(get_int(m, "round"), _links(m) if m.get("links") is not None else None)
+        return cls(get_int(m, "round"), _links(m) if m.get("links") is not None else None,
+                   get_bool(m, "relink") if m.get("relink") is not None else None)
 
 
 def _links(m: Mapping[str, Any]) -> tuple[LinkReport, ...]:

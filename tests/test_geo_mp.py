@@ -126,3 +126,45 @@ def test_optimized_ring_crosses_regions_twice_and_survives_joins_and_kills() -> 
             assert crossings(ring, region_of) == 2, (ring, region_of)
         finally:
             emu.close()
+
+
+def _auto_peer(idx: int, q, master: str, ip: str, port: int, adv: int, n: int) -> None:
+    import pyccl
+
+    comm = pyccl.Communicator(master, connections="auto", data_port=port, data_host=ip,
+                              advertise=("127.0.0.1", adv))
+    comm.connect(timeout=60)
+    comm.wait_for_world(n, 60)
+    comm.all_reduce(np.zeros(4, np.float32))
+    before = comm.link_connections
+    comm.optimize_topology(seconds=0.2, max_bytes=8 << 20)
+    x = np.full(1 << 20, comm.peer_id, np.float32)
+    info = comm.all_reduce(x)
+    assert np.all(x == sum(info.peers))
+    q.put(("auto", idx, (before, comm.link_connections)))
+    comm.all_reduce(np.zeros(4, np.float32))
+    comm.close()
+
+
+@pytest.mark.timeout(120)
+def test_auto_connections_follow_the_measured_window_limit() -> None:
+    """Links of 64 KiB windows at 10 ms (6.5 MB/s per connection) capped at 26 MB/s
+    per pair: about 4 connections carry it; 1 would be a quarter, 16 no faster."""
+    import pyccl
+
+    n = 3
+    emu = linkemu.LinkEmulator(threads=2)
+    with pyccl.Master(host="127.0.0.1", port=0) as master, PeerProcs() as procs:
+        try:
+            emu.default(linkemu.LinkParams(delay=0.01, rate=26e6, window=64 << 10))
+            for i in range(n):
+                ip = peer_ip(i)
+                port = free_port(ip)
+                adv = emu.open(port, f"p{i}", upstream_host=ip)
+                procs.start(i, _auto_peer, master.address, ip, port, adv, n)
+            got = procs.gather("auto", range(n), 100)
+            for before, after in got.values():
+                assert before == 4  # the starting pool
+                assert 3 <= after <= 6, got
+        finally:
+            emu.close()

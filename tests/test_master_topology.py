@@ -120,3 +120,16 @@ def test_bad_links_expel_the_voter() -> None:
     h.send(conns[1], {"type": "vote", "round": h.st._conns[conns[1]].next_round,
                       "links": [[h.pid(conns[0]), float("nan"), 1.0]]})
     assert conns[1] in h.closed
+
+
+def test_relink_commits_a_new_epoch_with_the_same_order() -> None:
+    h, conns, region, _ = setup(3)
+    members = h.info().members
+    epoch = h.info().epoch
+    for i, c in enumerate(conns):
+        h.send(c, {"type": "vote", "round": h.st._conns[c].next_round, "links": links_of(h, c, conns, region),
+                   "relink": i == 1})
+    for c in conns:
+        h.drained(c)
+    ep = last_epoch(h.take(conns[0]))
+    assert ep["epoch"] == epoch + 1 and tuple(m[0] for m in ep["members"]) == members

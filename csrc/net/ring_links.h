@@ -42,6 +42,9 @@ struct EpochInfo {
   std::string key;
   // Local address outgoing links are bound to ("": the kernel's choice).
   std::string source_host;
+  // Outgoing connections of this epoch (0: the data plane's default);
+  // Communicator(connections="auto") picks it per successor.
+  int connections = 0;
 };
 
 class RingLinks final : public FrameSender {
@@ -52,6 +55,7 @@ class RingLinks final : public FrameSender {
   ~RingLinks() override;
 
   const EpochInfo& info() const { return info_; }
+  int connections() const { return connections_; }
   uint64_t epoch() const { return info_.epoch; }
 
   // Blocks until every outgoing connection is up; fails if the link broke.

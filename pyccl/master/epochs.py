@@ -167,7 +167,7 @@ class Epochs:
         answered changed=False) when the ring would not change."""
         joiners = [p for p in rnd.joiners if p.phase is PeerPhase.PENDING]
         ring = topology.place_joiners(topology.plan(group.members, group.links), joiners, group.links)
-        if ring == group.members:
+        if ring == group.members and not rnd.relink:
             rnd.result = False
             done = P.RoundDone(k, False)
             for m in group.members:

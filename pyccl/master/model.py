@@ -129,7 +129,7 @@ class Peer:
 
 
 class Round:
-    __slots__ = ("decision", "joiners", "result", "order")
+    __slots__ = ("decision", "joiners", "result", "order", "relink")
 
     def __init__(self, decision: RoundDecision, joiners: list[Peer]) -> None:
         self.decision = decision
@@ -140,6 +140,7 @@ class Round:
         # changes, its epoch commits).
         self.result: bool | None = None if decision is not RoundDecision.NO_CHANGE else False
         self.order: list[Peer] | None = None  # OPTIMIZE: the planned ring (members, then joiners placed)
+        self.relink = False  # OPTIMIZE: a voter asked for new links even if the order stays
 
 
 class DrainRecord:

@@ -346,6 +346,7 @@ class MasterState:
             rnd = self._epochs.decide_round(group, k, optimize=frame.links is not None)
         if frame.links is not None and rnd.result is None and rnd.decision is RoundDecision.OPTIMIZE:
             topology.record(group.links, peer.peer_id, frame.links)
+            rnd.relink = rnd.relink or bool(frame.relink)
         peer.next_round = k + 1
         if rnd.result is not None:
             out.append(Send(peer.conn_id, P.RoundDone(k, rnd.result)))

@@ -61,8 +61,10 @@ class Communicator:
     Args:
         master: ``"host:port"`` of the master.
         peer_group: peers with the same group number reduce together.
-        connections: TCP connections per ring neighbour; every collective is
-            striped over all of them.
+        connections: TCP connections per ring neighbour (1..64); every
+            collective is striped over all of them. ``"auto"``: 4 until
+            ``optimize_topology()`` measured the links, then per successor
+            the fewest that carry 90% of what 16 do.
         name: free-form label shown in the master's logs.
         data_port: port of this peer's data listener (0: any free port).
         advertise: ``(host, port)`` the other peers should connect to instead
@@ -78,15 +80,10 @@ class Communicator:
             a mismatch raises :class:`~pyccl.AuthenticationError` at once.
         tls_ca: CA bundle (PEM) to verify a master that serves its control
             port over TLS (default: ``PYCCL_TLS_CA``; neither: plain TCP).
-        region: where this peer runs (e.g. ``"eu-west"``, at most 64
-            characters). ``optimize_topology()`` places a joiner next to its
-            region and uses it where links were not measured. Default: none
-            (regions are told apart by measurement).
-        data_host: the local address of this peer's data plane: it listens
-            there and sends its data connections from there (default: the
-            address it reaches the master from, sending from any address).
-            Peers on one host with distinct loopback addresses (127.0.1.x)
-            are told apart by the link emulator this way.
+        region: where this peer runs (e.g. ``"eu-west"``, <= 64 characters);
+            ``optimize_topology()`` uses it (default: regions are measured).
+        data_host: the address the data plane listens on and sends from
+            (default: the one that reaches the master; any source).
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -97,7 +94,7 @@ class Communicator:
         self,
         master: str,
         peer_group: int = 0,
-        connections: int = 4,
+        connections: int | str = 4,
         name: str = "",
         data_port: int = 0,
         advertise: tuple[str, int] | None = None,
@@ -107,8 +104,11 @@ class Communicator:
         region: str | None = None,
         data_host: str | None = None,
     ) -> None:
-        if not 1 <= connections <= 64:
-            raise ValueError(f"connections must be between 1 and 64, got {connections}")
+        self._auto = connections == "auto"
+        if self._auto:
+            connections = 4
+        if not isinstance(connections, int) or not 1 <= connections <= 64:
+            raise ValueError(f"connections must be between 1 and 64 or 'auto', got {connections!r}")
         if not 0 <= peer_group < 2**31:
             raise ValueError(f"peer_group must be in [0, 2**31), got {peer_group}")
         self.master_address = master
@@ -134,6 +134,7 @@ class Communicator:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._listeners: list[Callable[[], None]] = []
         self._epoch_key: tuple[int, bytes] = (0, b"")  # the current epoch's membership key
+        self._link_counts: dict[int, int] = {}  # connections="auto": peer id -> connections towards it
 
     # ---------------------------------------------------------------- state
 
@@ -170,6 +171,11 @@ class Communicator:
         otherwise): what this peer proves membership with on data ports, and
         the torch backend on its side channel."""
         return self._epoch_key[1]
+
+    @property
+    def link_connections(self) -> int:
+        """Connections to the ring successor in this epoch (``connections="auto"`` tunes it)."""
+        return int(self._dp.link_connections()) if self._dp is not None else 0
 
     @property
     def closed(self) -> bool:
@@ -292,29 +298,25 @@ class Communicator:
             return self._state.take_round_result(k)
 
     def optimize_topology(self, seconds: float = 0.25, max_bytes: int = 16 << 20, max_targets: int = 16) -> bool:
-        """Measure the links to the other members and let the master reorder the ring.
-
-        Collective: every member calls it at the same point of its program
-        (it takes the place of an ``update_topology()`` call and also admits
-        waiting peers). Each member probes its links (see
-        :mod:`pyccl.peer.probing`: at most ``max_targets`` probes of at most
-        ``max_bytes`` and about ``max(seconds, 4 RTT)`` each), reports them
-        with its vote, and the master commits the ring order with the least
-        estimated all-reduce time at the next epoch (:mod:`pyccl.ringopt`).
-        Later joiners are placed where they cost least. Returns True if the
-        ring or the membership changed.
-        """
+        """Collective: measure the links to the other members; the master reorders the
+        ring at the next epoch. Called like ``update_topology()`` (it also admits
+        waiting peers); probes: :mod:`pyccl.peer.probing`, order: :mod:`pyccl.ringopt`.
+        Returns True if the ring or the membership changed."""
         self._check_connected()
         with self._cv:
             self._cv.wait_for(self._state.quiet)
             k = self._state.vote()
             view = self._state.epoch
         links: tuple[P.LinkReport, ...] = ()
+        relink = False
         if view is not None and view.world_size > 1:
-            links = probing.measure(self._dp, view.members, self.peer_id, view.number, self.connections, seconds,
-                                    max_bytes, max_targets)
+            links, counts = probing.measure(self._dp, view.members, self.peer_id, view.number, self.connections,
+                                            seconds, max_bytes, max_targets, self._auto)
+            # Before the vote: the next epoch's links use them; a changed count asks for one.
+            relink = any(self._link_counts.get(p) != c for p, c in counts.items())
+            self._link_counts.update(counts)
         log.debug("peer %d votes round %d with %d measured links", self.peer_id, k, len(links))
-        self._control.send(P.Vote(k, links))
+        self._control.send(P.Vote(k, links, relink or None))
         with self._cv:
             self._cv.wait_for(lambda: self._state.round_known(k))
             return self._state.take_round_result(k)
@@ -588,7 +590,7 @@ class Communicator:
                     key = epoch_key(self._secret, self.peer_group, a.epoch, a.salt)
                 self._epoch_key = (a.epoch, key)
                 self._dp.set_epoch(a.epoch, a.peer_id, a.rank, a.world_size, nxt.peer_id, nxt.host, nxt.port,
-                                   a.prev_peer_id, key)
+                                   a.prev_peer_id, key, self._link_counts.get(nxt.peer_id, 0))
             elif isinstance(a, S.AbortDataPlane):
                 if self._dp is not None:
                     self._dp.abort_through(a.through, a.reason)

@@ -15,18 +15,28 @@ probes). Beyond, each member measures its two ring neighbours and a sample
 of the others, drawn from (epoch, its id) so the choice is reproducible;
 the master fills the gaps (``pyccl.ringopt.fill``): the reverse direction,
 else the two regions' median, else the slowest link seen.
+
+``connections="auto"``: each target is probed twice, with one connection
+(``b1``) and with ``AUTO_MAX`` (``bk``). Once a path is window-limited, k
+connections carry about k x b1; once the link or the CPU is the limit,
+more connections add nothing. The peer then uses
+:func:`choose_connections` connections towards that peer: the fewest that
+reach 90% of ``bk``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
 
 from pyccl import protocol as P
 
-__all__ = ["targets", "measure"]
+__all__ = ["AUTO_MAX", "targets", "measure", "choose_connections"]
+
+AUTO_MAX = 16  # connections of the "many" probe in connections="auto"
 
 log = logging.getLogger("pyccl.peer")
 
@@ -45,16 +55,32 @@ def targets(members: Sequence[P.Member], me: int, epoch: int, max_targets: int) 
     return [m for m in by_offset if m.peer_id in chosen]
 
 
+def choose_connections(b1: float, bk: float, k_max: int = AUTO_MAX) -> int:
+    """The fewest connections that carry 90% of ``bk`` (bytes/s with ``k_max``)
+    when each carries ``b1`` (bytes/s with one alone)."""
+    if b1 <= 0 or not math.isfinite(b1):
+        return k_max
+    return max(1, min(k_max, math.ceil(0.9 * bk / b1 - 1e-9)))
+
+
 def measure(dp: Any, members: Sequence[P.Member], me: int, epoch: int, connections: int, seconds: float,
-            max_bytes: int, max_targets: int) -> tuple[P.LinkReport, ...]:
-    """Probe this member's links; a probe that fails (a peer died meanwhile) is left out."""
+            max_bytes: int, max_targets: int, auto: bool = False) -> tuple[tuple[P.LinkReport, ...], dict[int, int]]:
+    """Probe this member's links; a probe that fails (a peer died meanwhile) is
+    left out. Returns the reports and, with ``auto``, the connections to use
+    towards each peer probed."""
     out = []
+    counts: dict[int, int] = {}
     for m in targets(members, me, epoch, max_targets):
         try:
-            rtt, bandwidth, sent = dp.probe(m.host, m.port, connections, 3, seconds, max_bytes)
+            if auto:
+                _, b1, _ = dp.probe(m.host, m.port, 1, 3, seconds, max_bytes)
+                rtt, bandwidth, sent = dp.probe(m.host, m.port, AUTO_MAX, 1, seconds, max_bytes)
+                counts[m.peer_id] = choose_connections(b1, bandwidth)
+            else:
+                rtt, bandwidth, sent = dp.probe(m.host, m.port, connections, 3, seconds, max_bytes)
         except RuntimeError as exc:
             log.info("peer %d: probing peer %d failed: %s", me, m.peer_id, exc)
             continue
         log.debug("peer %d -> %d: rtt %.2f ms, %.1f MB/s (%d bytes)", me, m.peer_id, rtt * 1e3, bandwidth / 1e6, sent)
         out.append(P.LinkReport(m.peer_id, rtt, bandwidth))
-    return tuple(out)
+    return tuple(out), counts
