@@ -93,12 +93,12 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "probe",
           [](DataPlane& d, const std::string& host, uint16_t port, int connections, int pings, double seconds,
-             uint64_t max_bytes) {
+             uint64_t max_bytes, double timeout_s) {
             net::ProbeReport r;
             {
               py::gil_scoped_release release;
               try {
-                r = d.probe(host, port, connections, pings, seconds, max_bytes);
+                r = d.probe(host, port, connections, pings, seconds, max_bytes, timeout_s);
               } catch (const net::SocketError& e) {
                 py::gil_scoped_acquire acquire;
                 throw std::runtime_error(std::string("link probe to ") + host + ":" + std::to_string(port) +
@@ -108,7 +108,7 @@ PYBIND11_MODULE(_core, m) {
             return py::make_tuple(r.rtt_s, r.bandwidth, r.bytes);
           },
           py::arg("host"), py::arg("port"), py::arg("connections"), py::arg("pings"), py::arg("seconds"),
-          py::arg("max_bytes"), "Measure the path to a data port: (rtt seconds, bytes/s, bytes sent).")
+          py::arg("max_bytes"), py::arg("timeout_s") = 10.0, "Measure the path to a data port: (rtt seconds, bytes/s, bytes sent).")
       .def("set_authenticate", &DataPlane::set_authenticate, py::arg("on"),
            "Require a proof of epoch membership on every incoming connection (a run with a secret).")
       .def("set_link_timeouts", &DataPlane::set_link_timeouts, py::arg("keepalive_s"), py::arg("link_timeout_s"),

@@ -217,8 +217,9 @@ void DataPlane::set_source_host(const std::string& host) {
 }
 
 net::ProbeReport DataPlane::probe(const std::string& host, uint16_t port, int connections, int pings, double seconds,
-                                  uint64_t max_bytes) {
+                                  uint64_t max_bytes, double timeout_s) {
   net::ProbeOptions opt;
+  opt.timeout_s = timeout_s;
   opt.host = host;
   opt.port = port;
   opt.connections = connections;

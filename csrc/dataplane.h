@@ -56,7 +56,7 @@ class DataPlane {
   // Measures the path to another peer's data port (net/probe.h); the
   // current epoch's key proves membership in a run with a secret.
   net::ProbeReport probe(const std::string& host, uint16_t port, int connections, int pings, double seconds,
-                         uint64_t max_bytes);
+                         uint64_t max_bytes, double timeout_s);
   void abort_through(uint64_t epoch, const std::string& why);
   void close();
 

@@ -23,8 +23,9 @@ start with index 0 (a ring has no start).
 
 :func:`fill` completes a partly measured matrix (peers sample pairs when n is
 large): a missing a -> b takes b -> a if measured, else the median of
-measured pairs between the two peers' regions, else the slowest measured
-link (pessimistic).
+measured pairs between the two peers' regions, else (nothing measured
+between those regions) the fastest measured link inside one region and the
+slowest between two, else the slowest (pessimistic).
 """
 
 from __future__ import annotations
@@ -318,8 +319,10 @@ def fill(n: int, measured: Mapping[tuple[int, int], tuple[float, float]],
     if measured:
         worst_bw = min(v[0] for v in measured.values())
         worst_lat = max(v[1] for v in measured.values())
+        best_bw = max(v[0] for v in measured.values())
+        best_lat = min(v[1] for v in measured.values())
     else:
-        worst_bw, worst_lat = 1.0, 0.0
+        worst_bw, worst_lat, best_bw, best_lat = 1.0, 0.0, 1.0, 0.0
     by_region: dict[tuple[str, str], list[tuple[float, float]]] = {}
     if regions is not None:
         for (a, b), m in measured.items():
@@ -337,6 +340,8 @@ def fill(n: int, measured: Mapping[tuple[int, int], tuple[float, float]],
                 pool = by_region.get((ra, rb)) or by_region.get((rb, ra))
                 if pool:
                     v = (float(np.median([p[0] for p in pool])), float(np.median([p[1] for p in pool])))
+                elif ra == rb:
+                    v = (best_bw, best_lat)  # one region, never measured inside: as good as the best link
             if v is None:
                 v = (worst_bw, worst_lat)
             bw[a][b], lat[a][b] = v

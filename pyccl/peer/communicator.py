@@ -311,7 +311,8 @@ class Communicator:
         relink = False
         if view is not None and view.world_size > 1:
             links, counts = probing.measure(self._dp, view.members, self.peer_id, view.number, self.connections,
-                                            seconds, max_bytes, max_targets, self._auto)
+                                            seconds, max_bytes, max_targets, self._auto,
+                                            self._control.heartbeat_timeout, partial(self._epoch_moved, view.number))
             # Before the vote: the next epoch's links use them; a changed count asks for one.
             relink = any(self._link_counts.get(p) != c for p, c in counts.items())
             self._link_counts.update(counts)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyccl import protocol as P
@@ -64,20 +64,24 @@ def choose_connections(b1: float, bk: float, k_max: int = AUTO_MAX) -> int:
 
 
 def measure(dp: Any, members: Sequence[P.Member], me: int, epoch: int, connections: int, seconds: float,
-            max_bytes: int, max_targets: int, auto: bool = False) -> tuple[tuple[P.LinkReport, ...], dict[int, int]]:
-    """Probe this member's links; a probe that fails (a peer died meanwhile) is
-    left out. Returns the reports and, with ``auto``, the connections to use
-    towards each peer probed."""
+            max_bytes: int, max_targets: int, auto: bool = False, timeout: float = 10.0,
+            moved: Callable[[], bool] = lambda: False) -> tuple[tuple[P.LinkReport, ...], dict[int, int]]:
+    """Probe this member's links; a probe that fails (a peer died or hangs:
+    each probe gives up after ``timeout``) is left out, and probing stops
+    once ``moved()`` says the epoch is over. Returns the reports and, with
+    ``auto``, the connections to use towards each peer probed."""
     out = []
     counts: dict[int, int] = {}
     for m in targets(members, me, epoch, max_targets):
+        if moved():
+            break
         try:
             if auto:
-                _, b1, _ = dp.probe(m.host, m.port, 1, 3, seconds, max_bytes)
-                rtt, bandwidth, sent = dp.probe(m.host, m.port, AUTO_MAX, 1, seconds, max_bytes)
+                _, b1, _ = dp.probe(m.host, m.port, 1, 3, seconds, max_bytes, timeout)
+                rtt, bandwidth, sent = dp.probe(m.host, m.port, AUTO_MAX, 1, seconds, max_bytes, timeout)
                 counts[m.peer_id] = choose_connections(b1, bandwidth)
             else:
-                rtt, bandwidth, sent = dp.probe(m.host, m.port, connections, 3, seconds, max_bytes)
+                rtt, bandwidth, sent = dp.probe(m.host, m.port, connections, 3, seconds, max_bytes, timeout)
         except RuntimeError as exc:
             log.info("peer %d: probing peer %d failed: %s", me, m.peer_id, exc)
             continue

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-size", type=size, default=64 << 10,
                    help="bytes of shared state synced every step (default: 64KiB)")
     g.add_argument("--pace", type=dur, default=0.0, help="pause between a peer's steps (default: 0)")
+    g.add_argument("--optimize-every", type=int, default=0, metavar="N",
+                   help="call optimize_topology() instead of update_topology() at every N-th shared-state "
+                        "revision (default: 0, never)")
     g.add_argument("--seed", type=int, default=0, help="seeds inputs and the fault schedule (default: %(default)s)")
 
     g = p.add_argument_group("process faults")
@@ -135,7 +138,7 @@ def config_from_args(args: argparse.Namespace) -> StressConfig:
         hang_rate=args.hang_rate, join_rate=args.join_rate, hang_duration=args.hang_duration,
         hang_kill_fraction=args.hang_kill_fraction, seed=args.seed, heartbeat_timeout=hb,
         stuck_slack=args.stuck_slack, sync_timeout=args.sync_timeout, max_peers=args.max_peers, min_alive=args.min_alive,
-        state_size=args.state_size, pace=args.pace, cooldown=args.cooldown, net=net, report=args.report,
+        state_size=args.state_size, pace=args.pace, optimize_every=args.optimize_every, cooldown=args.cooldown, net=net, report=args.report,
         plot=args.plot, quiet=args.quiet, live=args.live, workdir=args.workdir, keep_logs=args.keep_logs,
         corrupt_peer=corrupt,
     ).validate()

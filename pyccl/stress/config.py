@@ -234,6 +234,7 @@ class StressConfig:
     min_alive: int = 2
     state_size: int = 64 << 10
     pace: float = 0.0
+    optimize_every: int = 0  # > 0: optimize_topology() at every N-th revision
     warmup_timeout: float = 120.0
     cooldown: float | None = None  # None: heartbeat_timeout + stuck_slack, at most a third of the run
     net: NetConfig = field(default_factory=NetConfig)
@@ -286,6 +287,8 @@ class StressConfig:
         """Raise ValueError naming the first bad setting; return self."""
         if self.peers < 2:
             raise ValueError(f"--peers must be at least 2, got {self.peers}")
+        if self.optimize_every < 0:
+            raise ValueError(f"--optimize-every must be >= 0, got {self.optimize_every}")
         if self.peer_cap < self.peers:
             raise ValueError(f"--max-peers ({self.max_peers}) is below --peers ({self.peers})")
         if self.dtype not in DTYPES:

@@ -334,7 +334,7 @@ class Orchestrator:
             data_port=data_port, advertise=advertise, data_host=data_host, region=region,
             connections=cfg.connections, concurrency=cfg.concurrency,
             count=cfg.element_count, dtype=cfg.dtype, op=cfg.op, seed=cfg.seed, max_world=cfg.peer_cap,
-            state_size=cfg.state_size, pace=cfg.pace, log_path=os.path.join(self.workdir, f"peer-{index}.log"),
+            state_size=cfg.state_size, pace=cfg.pace, optimize_every=cfg.optimize_every, log_path=os.path.join(self.workdir, f"peer-{index}.log"),
             connect_timeout=max(60.0, 4 * cfg.stuck_threshold), corrupt=cfg.corrupt_peer == index,
         )
         proc = self._ctx.Process(target=worker.main, args=(spec,), name=f"pyccl-stress-peer-{index}", daemon=True)
