@@ -1,24 +1,30 @@
-"""Geography-aware collectives on an emulated geography: join order vs optimized ring.
+"""Geography-aware collectives on an emulated geography: join-order ring,
+optimized ring, two-level all-reduce.
 
 Every peer runs on this machine with its own loopback address behind the
 compiled link emulator (``pyccl-linkemu``), which shapes each ordered pair
 of peers as a geography says (``pyccl.stress.geography``):
 
-* inside a region: 1 ms one-way, 200 MB/s per pair;
-* between two regions: 40 ms one-way, a per-connection window (512 KiB:
-  with 4 connections at most 52 MB/s per ring link) and one shared pipe per
-  direction between the two regions (40 MB/s: a region's WAN link), and a
-  per-peer uplink (100 MB/s).
+* inside a region: 1 ms one-way, 100 MB/s per pair;
+* between two regions: 40 ms one-way, a per-connection window (200 KB:
+  with 4 connections at most 20 MB/s per ring link) and one pipe per
+  direction between the two regions (30 MB/s: the regions' WAN link,
+  shared by every connection across it);
+* a per-peer uplink of 100 MB/s.
 
 Peers join in alternating region order (a, b, a, b, ...), so the ring in
 join order crosses regions on every link and each pipe is shared by all the
 ring links through it. Rows per configuration and size: the ring in join
-order, the ring after ``comm.optimize_topology()``, each with its bound
-from the emulated link parameters: ``2 (n-1)/n x size / c``, ``c`` the
-slowest ring link's capacity (rates, shared pipes split among the ring
-links through them, windows, uplinks). Also reported: CPU use during the
-timed ops (peers and emulator, as a share of the machine's cores), to show
-that the CPU is not the bound.
+order, the ring after ``comm.optimize_topology()`` (both with
+``two_level="off"``) and the two-level all-reduce (``two_level="on"``:
+reduce-scatter in each region, all-reduce of each shard across regions,
+all-gather in each region), each next to its bound from the emulated link
+parameters: for a ring ``2 (n-1)/n x size / c``, ``c`` the slowest ring
+link's capacity (rates, shared pipes split among the ring links through
+them, windows, uplinks); for two-level the sum of its three phases' bounds
+(``Geography.two_level_time``). Also reported: CPU use during the timed
+ops (peers and emulator, as a share of the machine's cores), to show that
+the CPU is not the bound.
 
     python benchmarks/geo.py                          # 6 peers / 2 regions and 12 / 3; 64 and 256 MiB
     python benchmarks/geo.py --configs 6x2 --sizes 8MiB --reps 1
@@ -50,12 +56,13 @@ from pyccl.stress.linkemu import LinkEmulator
 HERE = Path(__file__).resolve().parent
 CTX = mp.get_context("spawn")
 CONNECTIONS = 4
+PHASES = ("join", "optimized", "two_level")
 
 
 def geography(regions: int) -> Geography:
     names = ["eu", "us", "ap", "sa"][:regions]
-    inside = {"delay": "1ms", "rate": "200MB/s", "uplink": "100MB/s"}
-    between = [{"regions": [a, b], "delay": "40ms", "window": "512KiB", "rate": "40MB/s", "shared": True}
+    inside = {"delay": "1ms", "rate": "100MB/s", "uplink": "100MB/s"}
+    between = [{"regions": [a, b], "delay": "40ms", "window": "200KB", "rate": "30MB/s", "shared": True}
                for i, a in enumerate(names) for b in names[i + 1:]]
     return Geography.from_mapping({"regions": {n: inside for n in names}, "between": between})
 
@@ -85,15 +92,17 @@ def peer_main(idx: int, master: str, ip: str, port: int, adv: int, region: str, 
         tiny = np.ones(4, np.float32)
         comm.all_reduce(tiny)  # program positions line up after wait_for_world's votes
         result: dict[str, Any] = {"peer_id": comm.peer_id, "region": region}
-        for phase in ("join", "optimized"):
+        warm = np.ones(1 << 19, np.float32)  # 2 MiB: sets up the links (and the two-level rings)
+        for phase in PHASES:
             if phase == "optimized":
                 t0 = time.perf_counter()
                 comm.optimize_topology()
                 result["optimize_s"] = time.perf_counter() - t0
+            comm.two_level = "on" if phase == "two_level" else "off"  # every peer switches at this point
             result[f"{phase}_ring"] = comm.peers
+            comm.all_reduce(warm)
             for size in sizes:
                 x = np.ones(size // 4, np.float32)
-                comm.all_reduce(x)  # warm-up: links, page faults
                 runs = []
                 for _ in range(reps):
                     x[:] = 1
@@ -171,16 +180,20 @@ def run_config(n: int, regions: int, sizes: list[int], reps: int) -> dict[str, A
     region_of = {r["peer_id"]: r["region"] for r in results}
     out: dict[str, Any] = {"peers": n, "regions": regions, "rows": [], "emulator_cpu_s": emu_cpu, "wall_s": wall,
                            "optimize_s": max(r["optimize_s"] for r in results)}
-    for phase in ("join", "optimized"):
+    for phase in PHASES:
         ring = results[0][f"{phase}_ring"]
         ring_regions = [region_of[p] for p in ring]
         caps = geo.ring_link_capacity(ring_regions, CONNECTIONS)
         crossings = sum(1 for i in range(n) if ring_regions[i] != ring_regions[(i + 1) % n])
+        order = list(dict.fromkeys(ring_regions))  # regions in order of first appearance: the cross rings
         for size in sizes:
             per_rep = [max(r[f"{phase}_{size}"][k][0] for r in results) for k in range(reps)]
             cpu = [sum(r[f"{phase}_{size}"][k][1] for r in results) for k in range(reps)]
             t = statistics.median(per_rep)
-            bound = 2 * (n - 1) / n * size / min(caps)
+            if phase == "two_level":
+                bound = geo.two_level_time(order, n // regions, size, CONNECTIONS)
+            else:
+                bound = 2 * (n - 1) / n * size / min(caps)
             out["rows"].append({"ring": phase, "size": size, "time_s": t, "times_s": per_rep, "bound_s": bound,
                                 "crossings": crossings, "ring_order": ring, "ring_regions": ring_regions,
                                 "peer_cpu_share": statistics.median(c / tt / (os.cpu_count() or 1)
@@ -208,11 +221,13 @@ def main() -> None:
     lines = [f"# geography-aware all-reduce on an emulated geography ({datetime.date.today()}, "
              f"{platform.node() or 'vm'}, {os.cpu_count()} cores)", "",
              f"Command: `python benchmarks/geo.py {' '.join(sys.argv[1:])}`", "",
-             "Inside a region 1 ms one-way and 200 MB/s per pair; between regions 40 ms one-way, 512 KiB window "
-             f"per connection ({CONNECTIONS} connections: 52 MB/s per ring link), one 40 MB/s pipe per direction "
-             "between two regions shared by every ring link through it; 100 MB/s uplink per peer. Peers joined in "
-             "alternating region order. Time: median over "
-             f"{args.reps} ops of the slowest peer. Bound: 2(n-1)/n x size / (slowest ring link's capacity). "
+             "Inside a region 1 ms one-way and 100 MB/s per pair; between regions 40 ms one-way, 200 KB window "
+             f"per connection ({CONNECTIONS} connections: 20 MB/s per ring link), one 30 MB/s pipe per direction "
+             "between two regions shared by every connection across it; 100 MB/s uplink per peer. Peers joined in "
+             "alternating region order. join and optimized: the flat ring (two_level='off'); two_level: "
+             "reduce-scatter in each region, all-reduce of each shard across regions, all-gather in each region. "
+             f"Time: median over {args.reps} ops of the slowest peer. Bound: for a ring 2(n-1)/n x size / (slowest "
+             "ring link's capacity), for two-level the sum of its phases' bounds. "
              "CPU: peers' CPU time during the op / (time x cores); emulator: its CPU over the whole run. "
              f"Load average at the end (shared machine): {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}.", "",
              "| peers / regions | ring | crossings | size | time | bound | of bound | speed-up | peers' CPU |",
@@ -224,6 +239,13 @@ def main() -> None:
             lines.append(f"| {res['peers']} / {res['regions']} | {r['ring']} | {r['crossings']} | "
                          f"{r['size'] >> 20} MiB | {r['time_s']:.2f} s | {r['bound_s']:.2f} s | "
                          f"{r['bound_s'] / r['time_s']:.0%} | {speed:.2f}x | {r['peer_cpu_share']:.0%} |")
+    lines.append("")
+    for res in configs:
+        t = {(r["ring"], r["size"]): r["time_s"] for r in res["rows"]}
+        for size in sorted({r["size"] for r in res["rows"]}):
+            lines.append(f"{res['peers']} peers, {size >> 20} MiB: optimized ring {t[('join', size)] / t[('optimized', size)]:.2f}x "
+                         f"the join-order ring; two-level {t[('optimized', size)] / t[('two_level', size)]:.2f}x the "
+                         "optimized ring.")
     lines.append("")
     for res in configs:
         lines.append(f"{res['peers']} peers: optimize_topology() took {res['optimize_s']:.1f} s; emulator CPU "
@@ -250,10 +272,11 @@ def plot(configs: list[dict[str, Any]], path: str) -> None:
     for ax, res in zip(axes[0], configs):
         sizes = sorted({r["size"] for r in res["rows"]})
         width = 0.2
-        for k, (ring, color) in enumerate((("join", "tab:red"), ("optimized", "tab:green"))):
+        for k, (ring, color) in enumerate((("join", "tab:red"), ("optimized", "tab:green"),
+                                           ("two_level", "tab:blue"))):
             rows = {r["size"]: r for r in res["rows"] if r["ring"] == ring}
-            xs = [i + (k - 0.5) * 2 * width for i in range(len(sizes))]
-            ax.bar(xs, [rows[s]["time_s"] for s in sizes], width, color=color, label=f"{ring} ring")
+            xs = [i + (k - 1) * 1.2 * width for i in range(len(sizes))]
+            ax.bar(xs, [rows[s]["time_s"] for s in sizes], width, color=color, label=ring.replace("_", "-"))
             ax.bar(xs, [rows[s]["bound_s"] for s in sizes], width * 0.4, color="black", alpha=0.5,
                    label="bound" if k == 0 else None)
         ax.set_xticks(range(len(sizes)), [f"{s >> 20} MiB" for s in sizes])

@@ -68,7 +68,7 @@ PYBIND11_MODULE(_core, m) {
           "set_epoch",
           [](DataPlane& d, uint64_t epoch, uint64_t my_id, int rank, int world_size, uint64_t next_id,
              const std::string& next_host, uint16_t next_port, uint64_t prev_id, const py::bytes& key,
-             int connections) {
+             int connections, const std::vector<std::tuple<int, int, int, uint64_t, std::string, uint16_t, uint64_t>>& rings) {
             net::EpochInfo info;
             info.epoch = epoch;
             info.my_id = my_id;
@@ -80,12 +80,25 @@ PYBIND11_MODULE(_core, m) {
             info.prev_id = prev_id;
             info.key = key;
             info.connections = connections;
+            std::vector<net::EpochInfo> sub;
+            for (const auto& [ring, r_rank, r_size, r_next, r_host, r_port, r_prev] : rings) {
+              if (ring < 1 || ring > 2) throw py::value_error("sub-ring ids are 1 (region) and 2 (cross-region)");
+              net::EpochInfo s;
+              s.ring = static_cast<uint8_t>(ring);
+              s.rank = r_rank;
+              s.world_size = r_size;
+              s.next_id = r_next;
+              s.next_host = r_host;
+              s.next_port = r_port;
+              s.prev_id = r_prev;
+              sub.push_back(s);
+            }
             py::gil_scoped_release release;
-            d.set_epoch(info);
+            d.set_epoch(info, sub);
           },
           py::arg("epoch"), py::arg("my_id"), py::arg("rank"), py::arg("world_size"), py::arg("next_id"),
           py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"), py::arg("key") = py::bytes(),
-          py::arg("connections") = 0)
+          py::arg("connections") = 0, py::arg("rings") = std::vector<std::tuple<int, int, int, uint64_t, std::string, uint16_t, uint64_t>>{})
       .def("link_connections", &DataPlane::link_connections, py::call_guard<py::gil_scoped_release>(),
            "Outgoing connections of the current epoch's link.")
       .def("set_source_host", &DataPlane::set_source_host, py::arg("host"),
@@ -133,6 +146,23 @@ PYBIND11_MODULE(_core, m) {
           py::arg("kind"), py::arg("root"), py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("input"),
           py::arg("work"), py::arg("count"), py::arg("dtype"), py::arg("op"),
           "Run one ring collective; returns (FailKind, message, tx_bytes, rx_bytes).")
+      .def(
+          "all_reduce_two_level",
+          [](DataPlane& d, uint64_t epoch, uint32_t tag, uint64_t seq, uintptr_t input, uintptr_t work, size_t count,
+             int dtype, int op) {
+            const DType t = to_dtype(dtype);
+            const RedOp o = to_redop(op);
+            OpResult r;
+            {
+              py::gil_scoped_release release;
+              r = d.all_reduce_two_level(epoch, tag, seq, reinterpret_cast<const void*>(input),
+                                         reinterpret_cast<void*>(work), count, t, o);
+            }
+            return py::make_tuple(r.status.kind, r.status.message, r.tx_bytes, r.rx_bytes);
+          },
+          py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("input"), py::arg("work"), py::arg("count"),
+          py::arg("dtype"), py::arg("op"),
+          "All-reduce over the epoch's region and cross-region rings; returns like collective().")
       .def(
           "state_publish",
           [](DataPlane& d, const std::vector<std::tuple<uintptr_t, uint64_t, uint64_t>>& keys) {

@@ -15,6 +15,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "collectives/op_registry.h"
 #include "common/status.h"
@@ -47,7 +48,10 @@ class DataPlane {
   // Keepalive interval and silence timeout of data links (the master's
   // heartbeat interval and timeout); applies from the next epoch on.
   void set_link_timeouts(double keepalive_s, double link_timeout_s);
-  void set_epoch(const net::EpochInfo& info);
+  // `sub`: the epoch's region and cross-region rings (ring 1 and 2) when a
+  // two-level all-reduce is possible; their liveness settings, key, source
+  // and pool size are taken from `info`.
+  void set_epoch(const net::EpochInfo& info, const std::vector<net::EpochInfo>& sub = {});
   // Require every incoming connection to prove membership of the current
   // (or the previous) epoch (a run with a secret; see net/membership_proof.h).
   void set_authenticate(bool on);
@@ -69,6 +73,10 @@ class DataPlane {
   // how it lays out its buffers).
   OpResult collective(Collective kind, int root, uint64_t epoch, uint32_t tag, uint64_t seq, const void* input,
                       void* work, size_t count, DType dtype, RedOp op);
+  // All-reduce over the epoch's region and cross-region rings
+  // (collectives/two_level_allreduce.h); fails if the epoch has none.
+  OpResult all_reduce_two_level(uint64_t epoch, uint32_t tag, uint64_t seq, const void* input, void* work,
+                                size_t count, DType dtype, RedOp op);
 
  private:
   void accept_loop();
@@ -76,7 +84,8 @@ class DataPlane {
   std::string key_of(uint64_t epoch);
   void refuse(const std::string& addr, const std::string& why);
   void read_frames(net::Socket& sock, net::RingLinks& links, const std::string& from);
-  std::shared_ptr<net::RingLinks> links_for(uint64_t epoch, double timeout_s);
+  std::shared_ptr<net::RingLinks> links_for(uint64_t epoch, double timeout_s, uint8_t ring = 0);
+  OpResult run_op(net::RingLinks& links, const OpParams& params);
   uint64_t current_epoch();
   void on_link_broken(uint64_t epoch, const std::string& reason);
   void reap_threads(bool all);
@@ -90,6 +99,7 @@ class DataPlane {
   std::mutex mu_;
   std::condition_variable cv_;
   std::shared_ptr<net::RingLinks> links_;
+  std::vector<std::shared_ptr<net::RingLinks>> sub_;  // the epoch's rings 1 and 2, if any
   bool closed_ = false;
   double keepalive_s_ = 1.0;
   double link_timeout_s_ = 5.0;

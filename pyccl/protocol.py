@@ -353,6 +353,7 @@ class Epoch(_Frame):
     kind: str
     reason: str
     salt: bytes | None = None  # a run with a secret: the epoch key's salt (see pyccl.auth)
+    regions: tuple[str, ...] | None = None  # per member ("": unknown); issue 13, two-level all-reduce
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Epoch:
@@ -362,7 +363,17 @@ class Epoch(_Frame):
         return cls(get_int(m, "epoch"), members, tuple(get_pairs(m, "fence", MAX_FENCE_ENTRIES)),
                    get_int(m, "next_round"), get_str(m, "kind", MAX_KIND_LEN),
                    get_str(m, "reason", MAX_REASON_LEN, optional=True),
-                   _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None)
+                   _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None,
+                   _regions(m, len(members)) if m.get("regions") is not None else None)
+
+
+def _regions(m: Mapping[str, Any], n: int) -> tuple[str, ...]:
+    """One region label per member (strings of at most MAX_REGION_LEN)."""
+    v = get_list(m, "regions", MAX_MEMBERS)
+    if len(v) != n or not all(isinstance(r, str) and len(r) <= MAX_REGION_LEN for r in v):
+        raise FrameError(f"'epoch' field 'regions' must list one string of at most {MAX_REGION_LEN} "
+                         "characters per member")
+    return tuple(v)
 
 
 @dataclass(frozen=True, slots=True)

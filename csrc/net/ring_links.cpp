@@ -43,6 +43,7 @@ void RingLinks::connect_all() {
       hello.to_peer = info_.next_id;
       hello.conn_index = static_cast<uint32_t>(i);
       hello.conn_count = static_cast<uint32_t>(connections_);
+      hello.ring = info_.ring;
       if (info_.key.empty()) {
         s.send_all(&hello, sizeof(hello));
       } else {

@@ -45,6 +45,9 @@ struct EpochInfo {
   // Outgoing connections of this epoch (0: the data plane's default);
   // Communicator(connections="auto") picks it per successor.
   int connections = 0;
+  // Which ring of the epoch (LinkHello.ring): 0 the ring, 1 the region ring,
+  // 2 the cross-region ring of a two-level all-reduce.
+  uint8_t ring = 0;
 };
 
 class RingLinks final : public FrameSender {

@@ -244,7 +244,7 @@ class Epochs:
     def send_epoch(self, group: Group, kind: str, reason: str, fence: list[tuple[int, int]], next_round: int,
                     out: list[Action]) -> None:
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
-                        kind, reason, self.salt())
+                        kind, reason, self.salt(), topology.region_labels(group.members, group.links))
         out.extend([Send(m.conn_id, frame) for m in group.members])
         log.info("group %d committed epoch %d (%s): ring %s, fence %s",
                  group.gid, group.epoch, kind, [m.peer_id for m in group.members], fence)

@@ -19,7 +19,7 @@ from pyccl import protocol as P
 from pyccl import ringopt
 from pyccl.master.model import Peer
 
-__all__ = ["REFERENCE_BYTES", "record", "plan", "place_joiners"]
+__all__ = ["REFERENCE_BYTES", "record", "plan", "place_joiners", "region_labels"]
 
 # The all-reduce size the ring is optimised for: large enough that
 # bandwidth, not latency, decides between rings that differ in both.
@@ -91,3 +91,17 @@ def place_joiners(members: list[Peer], joiners: Sequence[Peer], links: Links) ->
         order = ringopt.insert_cheapest(list(range(len(ring))), len(ring), cost)
         ring = [peers[i] for i in order]
     return ring
+
+
+def region_labels(members: Sequence[Peer], links: Links) -> tuple[str, ...] | None:
+    """Each member's region for the ``epoch`` frame: the given ones if every
+    member gave one; else latency clusters ("~0", "~1", ...) when every
+    member's links were measured; else None (no two-level all-reduce)."""
+    given = [p.region for p in members]
+    if all(r is not None for r in given):
+        return tuple(r for r in given if r is not None)
+    ids = {p.peer_id for p in members}
+    if len(members) < 4 or any(not any(a == p.peer_id and b in ids for a, b in links) for p in members):
+        return None
+    _, lat = _matrices(members, links)
+    return tuple(f"~{c}" for c in ringopt.rtt_regions(lat))

@@ -32,7 +32,7 @@ from pyccl import _core
 from pyccl import protocol as P
 from pyccl.auth import epoch_key, new_nonce, resolve_secret
 from pyccl.errors import CCLError, LostCause, Timeout
-from pyccl.peer import probing
+from pyccl.peer import hierarchy, probing
 from pyccl.peer import state as S
 from pyccl.peer.control import ControlClient
 from pyccl.peer.ops import (
@@ -45,6 +45,7 @@ from pyccl.peer.ops import (
     WorkBuffers,
     all_reduce_call,
     check_for_epoch,
+    launch,
     pair_call,
 )
 from pyccl.peer.shared_state import STRATEGIES, SharedState, SyncInfo, content_hash, fetch_planned
@@ -84,6 +85,8 @@ class Communicator:
             ``optimize_topology()`` uses it (default: regions are measured).
         data_host: the address the data plane listens on and sends from
             (default: the one that reaches the master; any source).
+        two_level: all-reduce in two levels across regions of equal size
+            (:mod:`pyccl.peer.hierarchy`): "auto" from 1 MiB, "on", "off".
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -103,6 +106,7 @@ class Communicator:
         tls_ca: str | None = None,
         region: str | None = None,
         data_host: str | None = None,
+        two_level: str = "auto",
     ) -> None:
         self._auto = connections == "auto"
         if self._auto:
@@ -118,9 +122,7 @@ class Communicator:
         self.data_port = data_port
         self.advertise = advertise
         self.order = order
-        if region is not None and not 0 < len(region) <= P.MAX_REGION_LEN:
-            raise ValueError(f"region must be 1..{P.MAX_REGION_LEN} characters, got {region!r}")
-        self.region = region
+        self.region, self.two_level = hierarchy.check_options(region, two_level)
         self.data_host = data_host
         self._secret = resolve_secret(secret)
         self._control = ControlClient(master, tls_ca if tls_ca is not None else os.environ.get("PYCCL_TLS_CA") or None)
@@ -310,12 +312,10 @@ class Communicator:
         links: tuple[P.LinkReport, ...] = ()
         relink = False
         if view is not None and view.world_size > 1:
-            links, counts = probing.measure(self._dp, view.members, self.peer_id, view.number, self.connections,
-                                            seconds, max_bytes, max_targets, self._auto,
+            # With auto connections this updates _link_counts before the vote (the next epoch uses them).
+            links, relink = probing.measure(self._dp, view.members, self.peer_id, view.number, self.connections,
+                                            seconds, max_bytes, max_targets, self._link_counts if self._auto else None,
                                             self._control.heartbeat_timeout, partial(self._epoch_moved, view.number))
-            # Before the vote: the next epoch's links use them; a changed count asks for one.
-            relink = any(self._link_counts.get(p) != c for p, c in counts.items())
-            self._link_counts.update(counts)
         log.debug("peer %d votes round %d with %d measured links", self.peer_id, k, len(links))
         self._control.send(P.Vote(k, links, relink or None))
         with self._cv:
@@ -435,9 +435,7 @@ class Communicator:
         try:
             check_for_epoch(call, n)
             bufs = WorkBuffers(call, self._scratch)
-            kind, message, tx, rx = self._dp.collective(
-                call.kind, call.root, op.epoch.number, op.tag, op.seq, call.src.ptr, bufs.ptr, bufs.count,
-                call.src.dtype_code, int(call.rop))
+            kind, message, tx, rx, two = launch(self._dp, call, bufs, op.epoch, op.tag, op.seq, self.two_level)
             result = LOCAL_RESULTS[kind]
             if n > 1:
                 self._report(op, result, message)
@@ -448,7 +446,7 @@ class Communicator:
                 with self._cv:
                     raise self._state.failure_for(op.epoch.number, local=(result, message), what=call.name)
             bufs.commit(op.epoch.rank)
-            return ReduceInfo(n, tx, rx, time.perf_counter() - t0, op.epoch.number, op.epoch.peer_ids)
+            return ReduceInfo(n, tx, rx, time.perf_counter() - t0, op.epoch.number, op.epoch.peer_ids, two)
         finally:
             if bufs is not None:
                 bufs.release()
@@ -591,7 +589,7 @@ class Communicator:
                     key = epoch_key(self._secret, self.peer_group, a.epoch, a.salt)
                 self._epoch_key = (a.epoch, key)
                 self._dp.set_epoch(a.epoch, a.peer_id, a.rank, a.world_size, nxt.peer_id, nxt.host, nxt.port,
-                                   a.prev_peer_id, key, self._link_counts.get(nxt.peer_id, 0))
+                                   a.prev_peer_id, key, self._link_counts.get(nxt.peer_id, 0), list(a.rings))
             elif isinstance(a, S.AbortDataPlane):
                 if self._dp is not None:
                     self._dp.abort_through(a.through, a.reason)

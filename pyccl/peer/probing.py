@@ -64,19 +64,20 @@ def choose_connections(b1: float, bk: float, k_max: int = AUTO_MAX) -> int:
 
 
 def measure(dp: Any, members: Sequence[P.Member], me: int, epoch: int, connections: int, seconds: float,
-            max_bytes: int, max_targets: int, auto: bool = False, timeout: float = 10.0,
-            moved: Callable[[], bool] = lambda: False) -> tuple[tuple[P.LinkReport, ...], dict[int, int]]:
+            max_bytes: int, max_targets: int, auto: dict[int, int] | None = None, timeout: float = 10.0,
+            moved: Callable[[], bool] = lambda: False) -> tuple[tuple[P.LinkReport, ...], bool]:
     """Probe this member's links; a probe that fails (a peer died or hangs:
     each probe gives up after ``timeout``) is left out, and probing stops
-    once ``moved()`` says the epoch is over. Returns the reports and, with
-    ``auto``, the connections to use towards each peer probed."""
+    once ``moved()`` says the epoch is over. With ``auto`` (connections per
+    peer id, updated here) each link is probed for its connection count.
+    Returns the reports and whether a count in ``auto`` changed."""
     out = []
     counts: dict[int, int] = {}
     for m in targets(members, me, epoch, max_targets):
         if moved():
             break
         try:
-            if auto:
+            if auto is not None:
                 _, b1, _ = dp.probe(m.host, m.port, 1, 3, seconds, max_bytes, timeout)
                 rtt, bandwidth, sent = dp.probe(m.host, m.port, AUTO_MAX, 1, seconds, max_bytes, timeout)
                 counts[m.peer_id] = choose_connections(b1, bandwidth)
@@ -87,4 +88,7 @@ def measure(dp: Any, members: Sequence[P.Member], me: int, epoch: int, connectio
             continue
         log.debug("peer %d -> %d: rtt %.2f ms, %.1f MB/s (%d bytes)", me, m.peer_id, rtt * 1e3, bandwidth / 1e6, sent)
         out.append(P.LinkReport(m.peer_id, rtt, bandwidth))
-    return tuple(out), counts
+    changed = auto is not None and any(auto.get(p) != c for p, c in counts.items())
+    if auto is not None:
+        auto.update(counts)
+    return tuple(out), changed

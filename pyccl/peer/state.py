@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from pyccl import protocol as P
 from pyccl.errors import CCLError, DrainKind, GroupLost, LostCause, MismatchError, PeerFailure
+from pyccl.peer import hierarchy
 from pyccl.wire import FrameError
 
 VOTE_BITS = 20
@@ -63,6 +64,7 @@ class EpochView:
     number: int
     members: tuple[P.Member, ...]  # ring order
     rank: int
+    two_level: bool = False  # the epoch has region and cross-region rings (pyccl.peer.hierarchy)
 
     @property
     def world_size(self) -> int:
@@ -94,6 +96,7 @@ class SetDataPlaneEpoch:
     next_member: P.Member
     prev_peer_id: int
     salt: bytes | None = None  # a run with a secret: derive the epoch's key from it
+    rings: tuple[hierarchy.Ring, ...] = ()  # the two-level rings, if the epoch has them
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +289,8 @@ class PeerState:
         rank = ids.index(self.peer_id)
         n = len(ids)
         return SetDataPlaneEpoch(frame.epoch, self.peer_id, rank, n, frame.members[(rank + 1) % n],
-                                 frame.members[(rank - 1) % n].peer_id, frame.salt)
+                                 frame.members[(rank - 1) % n].peer_id, frame.salt,
+                                 hierarchy.sub_rings(frame.members, frame.regions, self.peer_id))
 
     def on_epoch(self, frame: P.Epoch, plan: SetDataPlaneEpoch) -> None:
         """Publish the epoch (after :meth:`prepare_epoch`'s action ran)."""
@@ -299,7 +303,7 @@ class PeerState:
                 owed = target - self._next_seq.get(tag, 0)
                 if owed > 0:
                     self.fence_debt[tag] = self.fence_debt.get(tag, 0) + owed
-        self.epoch = EpochView(frame.epoch, frame.members, plan.rank)
+        self.epoch = EpochView(frame.epoch, frame.members, plan.rank, bool(plan.rings))
         self._members_of[frame.epoch] = self.epoch.peer_ids
         for old in [e for e in self._members_of if e < frame.epoch - KEEP_EPOCHS]:
             del self._members_of[old]

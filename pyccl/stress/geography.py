@@ -172,6 +172,28 @@ class Geography:
             caps.append(cap)
         return caps
 
+    def link_capacity(self, ra: str, rb: str, connections: int, flows: int = 1) -> float:
+        """Bytes/s of one ring link from region ``ra`` to ``rb`` when ``flows``
+        ring links share the pipe between them (if it is shared)."""
+        params, shared = self.link(ra, rb)
+        cap = float("inf")
+        if params.rate:
+            cap = params.rate / (flows if shared else 1)
+        if params.window and params.delay > 0:
+            cap = min(cap, connections * params.window / params.delay)
+        up = self.region(ra).uplink
+        return min(cap, up) if up else cap
+
+    def two_level_time(self, regions: Sequence[str], per_region: int, nbytes: float, connections: int) -> float:
+        """Lower bound on a two-level all-reduce's time: region reduce-scatter,
+        then the per-shard all-reduces across ``regions`` (in cross-ring order;
+        the ``per_region`` shard rings share each pipe), then the region
+        all-gather, each at its slowest link's capacity."""
+        m, r = per_region, len(regions)
+        inside = min(self.link_capacity(g, g, connections) for g in regions)
+        across = min(self.link_capacity(regions[i], regions[(i + 1) % r], connections, flows=m) for i in range(r))
+        return 2 * (m - 1) / m * nbytes / inside + 2 * (r - 1) / r * (nbytes / m) / across
+
     # ------------------------------------------------------------ emulator
 
     def apply(self, emu: LinkEmulator, peers: Sequence[tuple[str, str, str]]) -> None:
