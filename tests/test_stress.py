@@ -585,10 +585,11 @@ def test_stress_60s_all_faults_zero_violations(tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_stress_geography_with_optimize_and_all_faults_zero_violations(tmp_path: Path) -> None:
     """Two regions behind the compiled emulator, optimize_topology() every 4th
-    revision, every fault kind: no violation."""
+    revision, 2 MiB all-reduces (two-level whenever the regions are of equal
+    size), every fault kind: no violation."""
     geo = Path(__file__).resolve().parent.parent / "examples" / "geo_2regions.json"
     args = [
-        "--peers", "4", "--duration", "40s", "--size", "256KiB", "--concurrency", "2", "--connections", "2",
+        "--peers", "4", "--duration", "40s", "--size", "2MiB", "--concurrency", "2", "--connections", "2",
         "--kill-rate", "0.1/s", "--hang-rate", "0.05/s", "--join-rate", "0.1/s",
         "--net-stall-rate", "0.1/s", "--net-reset-rate", "0.2/s", "--geography", str(geo),
         "--optimize-every", "4", "--heartbeat-timeout", "2s", "--seed", "5",
