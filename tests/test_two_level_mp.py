@@ -140,13 +140,16 @@ def test_sigkill_of_a_shard_owner_fails_everywhere_and_the_retry_runs_over_the_s
         for i in range(n):
             procs.start(i, _kill_peer, master.address, "ab"[i % 2], n, 4 << 20)
         procs.gather("running", range(n), 90)
+        # Not at once: the victim's queue feeder may still hold the queue's
+        # write lock right after its message arrived (a kill then would
+        # deadlock the other children's reports, not pyccl). Its ops go on.
+        time.sleep(0.3)
         procs.signal(1, signal.SIGKILL)
         procs.expected_dead.add(1)
         got = procs.gather("survived", [0, 2, 3], 120)
         for two_level_ops, failures, after_two_level, world in got.values():
             assert two_level_ops >= 3
             assert world == n - 1 and after_two_level is False  # 2 + 1: the flat ring
-        assert sum(f for _, f, _, _ in got.values()) >= 1 or all(f == 0 for _, f, _, _ in got.values())
 
 
 def _join_peer(idx: int, q, master: str, region: str, final: int, joiner: bool) -> None:
