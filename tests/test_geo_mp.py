@@ -168,3 +168,55 @@ def test_auto_connections_follow_the_measured_window_limit() -> None:
                 assert 3 <= after <= 6, got
         finally:
             emu.close()
+
+
+def _auto_opt_peer(idx: int, q, master: str, ip: str, port: int, adv: int, region: str, n: int) -> None:
+    import pyccl
+
+    comm = pyccl.Communicator(master, connections=2, data_port=port, data_host=ip, advertise=("127.0.0.1", adv),
+                              region=region, auto_optimize=True, name=f"p{idx}")
+    comm.connect(timeout=60)
+    q.put(("hello", idx, (comm.peer_id, region)))
+    deadline = time.monotonic() + 100
+    stable = 0
+    while time.monotonic() < deadline and stable < 5:
+        comm.update_topology()  # with auto_optimize: an optimize_topology() after each change
+        try:
+            comm.all_reduce(np.zeros(16, np.float32))
+        except pyccl.PeerFailure:
+            continue
+        stable = stable + 1 if comm.world_size == n else 0
+    q.put(("ring", idx, comm.peers))
+    for _ in range(3):  # nobody leaves while another still needs it
+        comm.update_topology()
+        comm.all_reduce(np.zeros(4, np.float32))
+    comm.close()
+
+
+@pytest.mark.timeout(150)
+def test_auto_optimize_after_membership_changes() -> None:
+    """Peers that only call update_topology() (auto_optimize=True), joining
+    one by one in alternating regions, end on a ring that crosses twice."""
+    import pyccl
+
+    n = 6
+    emu = linkemu.LinkEmulator(threads=2)
+    with pyccl.Master(host="127.0.0.1", port=0) as master, PeerProcs() as procs:
+        try:
+            specs = []
+            for i in range(n):
+                ip = peer_ip(i)
+                port = free_port(ip)
+                specs.append((f"p{i}", GEO.region_of(i), ip, port, emu.open(port, f"p{i}", upstream_host=ip)))
+            GEO.apply(emu, [(name, region, ip) for name, region, ip, _, _ in specs])
+            region_of = {}
+            for i, (_, region, ip, port, adv) in enumerate(specs):
+                procs.start(i, _auto_opt_peer, master.address, ip, port, adv, region, n)
+                pid, reg = procs.gather("hello", [i], 60)[i]
+                region_of[pid] = reg
+            rings = procs.gather("ring", range(n), 140)
+            ring = rings[0]
+            assert len(ring) == n and all(r == ring for r in rings.values()), rings
+            assert crossings(ring, region_of) == 2, (ring, region_of)
+        finally:
+            emu.close()

@@ -87,6 +87,8 @@ class Communicator:
             (default: the one that reaches the master; any source).
         two_level: all-reduce in two levels across regions of equal size
             (:mod:`pyccl.peer.hierarchy`): "auto" from 1 MiB, "on", "off".
+        auto_optimize: measure and reorder (``optimize_topology()``) at the
+            first ``update_topology()`` after each membership change.
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -107,6 +109,7 @@ class Communicator:
         region: str | None = None,
         data_host: str | None = None,
         two_level: str = "auto",
+        auto_optimize: bool = False,
     ) -> None:
         self._auto = connections == "auto"
         if self._auto:
@@ -123,6 +126,7 @@ class Communicator:
         self.advertise = advertise
         self.order = order
         self.region, self.two_level = hierarchy.check_options(region, two_level)
+        self._auto_optimize, self._optimized_epoch = auto_optimize, 0
         self.data_host = data_host
         self._secret = resolve_secret(secret)
         self._control = ControlClient(master, tls_ca if tls_ca is not None else os.environ.get("PYCCL_TLS_CA") or None)
@@ -169,9 +173,8 @@ class Communicator:
 
     @property
     def membership_key(self) -> bytes:
-        """The current epoch's membership key in a run with a secret (empty
-        otherwise): what this peer proves membership with on data ports, and
-        the torch backend on its side channel."""
+        """The current epoch's membership key in a run with a secret (else empty): what
+        this peer proves membership with on data ports and the torch side channel."""
         return self._epoch_key[1]
 
     @property
@@ -282,14 +285,14 @@ class Communicator:
         """Admit waiting peers. Every member calls it; safe on every iteration.
 
         Waits for this peer's own outstanding async ops first. Returns True if
-        the membership changed (joiners were admitted).
-
-        The round a call votes in is named by this peer's program position
-        (see :class:`~pyccl.peer.state.PeerState`), so members at the same
-        point of the same program vote in the same round, and a joiner lines
-        up whether its loop starts with update_topology() or a collective.
-        """
+        the membership changed. The round it votes in is named by this peer's
+        program position (:class:`~pyccl.peer.state.PeerState`), so members at
+        one point of one program vote alike, and joiners line up with them.
+        With ``auto_optimize`` the first call in each new epoch is an
+        ``optimize_topology()``."""
         self._check_connected()
+        if self._auto_optimize and self._state.optimize_due(self._optimized_epoch):
+            return self.optimize_topology()
         with self._cv:
             self._cv.wait_for(self._state.quiet)
             k = self._state.vote()
@@ -316,11 +319,12 @@ class Communicator:
             links, relink = probing.measure(self._dp, view.members, self.peer_id, view.number, self.connections,
                                             seconds, max_bytes, max_targets, self._link_counts if self._auto else None,
                                             self._control.heartbeat_timeout, partial(self._epoch_moved, view.number))
-        log.debug("peer %d votes round %d with %d measured links", self.peer_id, k, len(links))
         self._control.send(P.Vote(k, links, relink or None))
         with self._cv:
             self._cv.wait_for(lambda: self._state.round_known(k))
-            return self._state.take_round_result(k)
+            changed = self._state.take_round_result(k)
+        self._optimized_epoch = self.epoch  # planned with these measurements
+        return changed
 
     def wait_for_world(self, n: int, timeout: float) -> int:
         """Call ``update_topology()`` until the group has at least ``n``
@@ -336,8 +340,7 @@ class Communicator:
             epoch = self.epoch
             if not self.update_topology():
                 with self._cv:
-                    # A new epoch (a joiner elsewhere admitted) or a short
-                    # pause before the next vote, whichever comes first.
+                    # A new epoch (a joiner admitted) or a short pause, whichever first.
                     self._cv.wait_for(partial(self._epoch_moved, epoch), min(left, 0.05))
         return self.world_size
 

@@ -144,6 +144,7 @@ class PeerState:
         self.inflight = 0
         self.ops_begun = 0
         self.votes_since_op = 0
+        self.admitted_round: int | None = None  # the round that admitted this peer (decided before it votes)
         self._round_results: dict[int, bool] = {}
         self.lost: GroupLost | None = None
         self.closed = False
@@ -262,6 +263,16 @@ class PeerState:
         self.votes_since_op += 1
         return k
 
+    def optimize_due(self, optimized_epoch: int) -> bool:
+        """``auto_optimize``: whether this ``update_topology()`` should be an
+        ``optimize_topology()``: the group has more than one member and the
+        epoch changed since the last one, unless the next vote is for the
+        round that admitted this peer (decided already: the members measure
+        at the round after it, and so does this peer)."""
+        if self.epoch is None or self.epoch.world_size < 2 or self.epoch.number == optimized_epoch:
+            return False
+        return ((self.ops_begun << VOTE_BITS) | self.votes_since_op) != self.admitted_round
+
     def round_known(self, k: int) -> bool:
         return k in self._round_results or self.stopped()
 
@@ -298,6 +309,7 @@ class PeerState:
             # Admitted now: stand where the round that admitted us stood.
             self.ops_begun = frame.next_round >> VOTE_BITS
             self.votes_since_op = frame.next_round & VOTE_MASK
+            self.admitted_round = frame.next_round
         else:
             for tag, target in frame.fence:
                 owed = target - self._next_seq.get(tag, 0)
