@@ -133,3 +133,16 @@ def test_relink_commits_a_new_epoch_with_the_same_order() -> None:
         h.drained(c)
     ep = last_epoch(h.take(conns[0]))
     assert ep["epoch"] == epoch + 1 and tuple(m[0] for m in ep["members"]) == members
+
+
+def test_epochs_carry_the_members_regions() -> None:
+    h, conns, region, _ = setup(4)
+    joiner = h.hello(region="b")
+    h.admit_round(conns)
+    ep = last_epoch(h.take(joiner))
+    by_pid = {h.pid(c): r for c, r in region.items()}
+    assert ep["regions"] == [by_pid.get(m[0], "b") for m in ep["members"]]
+    h.vote(joiner)  # its first vote is the round that admitted it
+    other = h.hello()  # no region: regions unknown until links are measured
+    h.admit_round([*conns, joiner])
+    assert "regions" not in last_epoch(h.take(other))
