@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--delay", type=parse_duration, default=0.05)
     ap.add_argument("--window", type=parse_size, default=1 << 20)
     ap.add_argument("--plain-bytes", type=parse_size, default=4 << 30, help="bytes of the no-delay rows")
+    ap.add_argument("--plain-connections", type=int, nargs="+", default=[1, 4],
+                    help="connections of the no-delay rows through the emulator")
     ap.add_argument("--seconds", type=float, default=2.0, help="shaped rows move this many seconds of their bound")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "linkemu"))
@@ -147,8 +149,9 @@ def main() -> None:
     shaped = LinkParams(args.delay, None, args.window)
     plan: list[tuple[str, int, LinkParams | None, int, float | None]] = [
         ("loopback, no emulator", 1, None, args.plain_bytes, None),
-        ("emulator, no delay", 1, LinkParams(), args.plain_bytes, None),
     ]
+    for k in args.plain_connections:
+        plan.append(("emulator, no delay", k, LinkParams(), args.plain_bytes, None))
     for k in args.connections:
         bound = k * args.window / args.delay
         plan.append((f"{args.delay * 1e3:g} ms, window {args.window >> 10} KiB", k, shaped,
@@ -169,7 +172,7 @@ def main() -> None:
     load = os.getloadavg()
     head = (f"# link emulator throughput ({datetime.date.today()}, {platform.node() or 'vm'}, {os.cpu_count()} cores)\n\n"
             f"Command: `python benchmarks/linkemu.py {' '.join(sys.argv[1:])}`\n\n"
-            f"One emulated link (sender process -> pyccl-linkemu, 2 worker threads -> receiver process), "
+            f"One emulated link (sender process -> pyccl-linkemu, 2 worker threads -> receiver process; a connection is served by one worker), "
             f"median of {args.reps} interleaved runs; bound = connections x window / delay. Load average at "
             f"the end (the machine is shared): {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}.\n\n")
     table = ["| setup | connections | throughput | bound | of bound | emulator CPU |", "|---|---|---|---|---|---|"]
