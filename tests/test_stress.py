@@ -591,7 +591,7 @@ def test_stress_geography_with_optimize_and_all_faults_zero_violations(tmp_path:
     args = [
         "--peers", "4", "--duration", "40s", "--size", "2MiB", "--concurrency", "2", "--connections", "2",
         "--kill-rate", "0.1/s", "--hang-rate", "0.05/s", "--join-rate", "0.1/s",
-        "--net-stall-rate", "0.1/s", "--net-reset-rate", "0.2/s", "--geography", str(geo),
+        "--net-stall-rate", "0.2/s", "--net-reset-rate", "0.3/s", "--geography", str(geo),
         "--optimize-every", "4", "--heartbeat-timeout", "2s", "--seed", "5",
     ]
     code, out, rep = _stress(args, 280, tmp_path)
