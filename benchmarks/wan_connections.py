@@ -1,9 +1,9 @@
 """One large all-reduce over an emulated long fat pipe: throughput vs connections.
 
-Every peer sits behind the stress tool's fault-injecting proxy
-(:mod:`pyccl.stress.proxy`, hosted by its own process) set to a one-way
-delay and a per-connection window, which caps each TCP connection at
-``window / delay`` (50 ms and 4 MiB: 84 MB/s), like a window-limited
+Every peer sits behind the link emulator (``pyccl-linkemu``, compiled;
+``--emulator python`` uses the stress tool's asyncio proxy instead) set to a
+one-way delay and a per-connection window, which caps each TCP connection
+at ``window / delay`` (50 ms and 4 MiB: 84 MB/s), like a window-limited
 intercontinental path. pyccl stripes every collective over ``connections``
 TCP connections per ring neighbour, so the time of one large all-reduce
 should fall about linearly with the number of connections until something
@@ -82,15 +82,20 @@ def peer_main(master: str, n: int, connections: int, data_port: int, advertise: 
 
 
 async def one_row(n: int, connections: int, size: int, reps: int, delay: float, window: int | None,
-                  proxy: bool) -> list[float]:
+                  proxy: bool, emulator: str) -> list[float]:
     """Times (one per rep, slowest peer) of a ``size``-byte all-reduce."""
     import pyccl
+    from pyccl.stress.emunet import CompiledNetem
+    from pyccl.stress.linkemu import LinkParams
     from pyccl.stress.netem import NetemClient
     from pyccl.stress.proxy import LinkShape
 
     loop = asyncio.get_running_loop()
     master = pyccl.Master(host="127.0.0.1", port=0, heartbeat_timeout=30.0).start()
-    netem = NetemClient(LinkShape(delay=delay, window=window)) if proxy else None
+    netem: CompiledNetem | NetemClient | None = None
+    if proxy:
+        netem = (CompiledNetem(LinkParams(delay, None, window)) if emulator == "compiled"
+                 else NetemClient(LinkShape(delay=delay, window=window)))
     procs, pipes = [], []
     try:
         if netem is not None:
@@ -136,6 +141,7 @@ def main() -> None:
     ap.add_argument("--window", type=parse_size, default=4 << 20)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-reference", action="store_true", help="skip the no-proxy and no-delay rows")
+    ap.add_argument("--emulator", choices=("compiled", "python"), default="compiled")
     ap.add_argument("--out", default=str(HERE / "results" / "wan_connections"))
     args = ap.parse_args()
     import uvloop
@@ -147,11 +153,11 @@ def main() -> None:
     if not args.no_reference:
         top = max(args.connections)
         plan.append(("no proxy (loopback)", top, 0.0, None, False))
-        plan.append(("proxy, no delay", top, 0.0, None, True))
+        plan.append((f"{args.emulator} emulator, no delay", top, 0.0, None, True))
     for k in args.connections:
         plan.append((f"{args.delay * 1e3:g} ms, window {args.window >> 20} MiB", k, args.delay, args.window, True))
     for label, k, delay, window, proxy in plan:
-        times = uvloop.run(one_row(n, k, size, args.reps, delay, window, proxy))
+        times = uvloop.run(one_row(n, k, size, args.reps, delay, window, proxy, args.emulator))
         t = statistics.median(times)
         bound = k * window / delay if (window and delay) else None
         row = {"setup": label, "connections": k, "time_s": t, "times_s": times,
@@ -165,7 +171,7 @@ def main() -> None:
     head = (f"# one {size >> 20} MiB all-reduce over an emulated long fat pipe "
             f"({datetime.date.today()}, {platform.node() or 'vm'}, {os.cpu_count()} cores, loopback)\n\n"
             f"Command: `python benchmarks/wan_connections.py {' '.join(sys.argv[1:])}`\n\n"
-            f"{n} peers, each behind the stress proxy (one-way delay, window = bytes in flight per connection "
+            f"{n} peers, each behind the {args.emulator} link emulator (one-way delay, window = bytes in flight per connection "
             f"and direction, so one connection carries at most window/delay). Median of {args.reps} ops, slowest "
             f"peer. link = bytes each peer sends on its link (2(n-1)/n x size) / time; bound = connections x "
             f"window / delay. Load average at the end: {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}.\n\n")

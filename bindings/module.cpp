@@ -70,7 +70,8 @@ PYBIND11_MODULE(_core, m) {
           "set_epoch",
           [](DataPlane& d, uint64_t epoch, uint64_t my_id, int rank, int world_size, uint64_t next_id,
              const std::string& next_host, uint16_t next_port, uint64_t prev_id, const py::bytes& key,
-             bool keep_previous_key, bool shm) {
+             bool keep_previous_key, bool shm, int connections,
+             const std::vector<std::tuple<int, int, int, uint64_t, std::string, uint16_t, uint64_t>>& rings) {
             net::EpochInfo info;
             info.epoch = epoch;
             info.my_id = my_id;
@@ -83,12 +84,50 @@ PYBIND11_MODULE(_core, m) {
             info.key = key;
             info.keep_previous_key = keep_previous_key;
             info.shm = shm;
+            info.connections = connections;
+            std::vector<net::EpochInfo> sub;
+            for (const auto& [ring, r_rank, r_size, r_next, r_host, r_port, r_prev] : rings) {
+              if (ring < 1 || ring > 2) throw py::value_error("sub-ring ids are 1 (region) and 2 (cross-region)");
+              net::EpochInfo s;
+              s.ring = static_cast<uint8_t>(ring);
+              s.rank = r_rank;
+              s.world_size = r_size;
+              s.next_id = r_next;
+              s.next_host = r_host;
+              s.next_port = r_port;
+              s.prev_id = r_prev;
+              sub.push_back(s);
+            }
             py::gil_scoped_release release;
-            d.set_epoch(info);
+            d.set_epoch(info, sub);
           },
           py::arg("epoch"), py::arg("my_id"), py::arg("rank"), py::arg("world_size"), py::arg("next_id"),
           py::arg("next_host"), py::arg("next_port"), py::arg("prev_id"), py::arg("key") = py::bytes(),
-          py::arg("keep_previous_key") = true, py::arg("shm") = false)
+          py::arg("keep_previous_key") = true, py::arg("shm") = false, py::arg("connections") = 0,
+          py::arg("rings") = std::vector<std::tuple<int, int, int, uint64_t, std::string, uint16_t, uint64_t>>{})
+      .def("link_connections", &DataPlane::link_connections, py::call_guard<py::gil_scoped_release>(),
+           "Outgoing connections of the current epoch's link.")
+      .def("set_source_host", &DataPlane::set_source_host, py::arg("host"),
+           "Bind outgoing data connections (links, probes) to this local address.")
+      .def(
+          "probe",
+          [](DataPlane& d, const std::string& host, uint16_t port, int connections, int pings, double seconds,
+             uint64_t max_bytes, double timeout_s) {
+            net::ProbeReport r;
+            {
+              py::gil_scoped_release release;
+              try {
+                r = d.probe(host, port, connections, pings, seconds, max_bytes, timeout_s);
+              } catch (const net::SocketError& e) {
+                py::gil_scoped_acquire acquire;
+                throw std::runtime_error(std::string("link probe to ") + host + ":" + std::to_string(port) +
+                                         " failed: " + e.what());
+              }
+            }
+            return py::make_tuple(r.rtt_s, r.bandwidth, r.bytes);
+          },
+          py::arg("host"), py::arg("port"), py::arg("connections"), py::arg("pings"), py::arg("seconds"),
+          py::arg("max_bytes"), py::arg("timeout_s") = 10.0, "Measure the path to a data port: (rtt seconds, bytes/s, bytes sent).")
       .def("set_authenticate", &DataPlane::set_authenticate, py::arg("on"),
            "Require a proof of epoch membership on every incoming connection (a run with a secret).")
       .def("set_link_timeouts", &DataPlane::set_link_timeouts, py::arg("keepalive_s"), py::arg("link_timeout_s"),
@@ -113,6 +152,23 @@ PYBIND11_MODULE(_core, m) {
           py::arg("kind"), py::arg("root"), py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("input"),
           py::arg("work"), py::arg("count"), py::arg("dtype"), py::arg("op"),
           "Run one ring collective; returns (FailKind, message, tx_bytes, rx_bytes).")
+      .def(
+          "all_reduce_two_level",
+          [](DataPlane& d, uint64_t epoch, uint32_t tag, uint64_t seq, uintptr_t input, uintptr_t work, size_t count,
+             int dtype, int op) {
+            const DType t = to_dtype(dtype);
+            const RedOp o = to_redop(op);
+            OpResult r;
+            {
+              py::gil_scoped_release release;
+              r = d.all_reduce_two_level(epoch, tag, seq, reinterpret_cast<const void*>(input),
+                                         reinterpret_cast<void*>(work), count, t, o);
+            }
+            return py::make_tuple(r.status.kind, r.status.message, r.tx_bytes, r.rx_bytes);
+          },
+          py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("input"), py::arg("work"), py::arg("count"),
+          py::arg("dtype"), py::arg("op"),
+          "All-reduce over the epoch's region and cross-region rings; returns like collective().")
       .def(
           "state_publish",
           [](DataPlane& d, const std::vector<std::tuple<uintptr_t, uint64_t, uint64_t>>& keys) {

@@ -12,6 +12,7 @@
 #include "net/wire_checks.h"
 #include "net/shm_handshake.h"
 #include "collectives/ring_driver.h"
+#include "collectives/two_level_allreduce.h"
 #include "common/log.h"
 #include "state/state_wire.h"
 
@@ -30,15 +31,18 @@ DataPlane::~DataPlane() { close(); }
 
 void DataPlane::close() {
   std::shared_ptr<net::RingLinks> links;
+  std::vector<std::shared_ptr<net::RingLinks>> subs;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return;
     closed_ = true;
     links.swap(links_);
+    subs.swap(sub_);
     cv_.notify_all();
   }
   registry_.close();
   if (links) links->shutdown("the communicator was closed");
+  for (auto& s : subs) s->shutdown("the communicator was closed");
   listener_.shutdown_both();
   if (accept_thread_.joinable()) accept_thread_.join();
   {
@@ -47,6 +51,7 @@ void DataPlane::close() {
   }
   reap_threads(true);
   links.reset();  // joins the connector and sender threads
+  subs.clear();
   listener_.close();
 }
 
@@ -56,19 +61,34 @@ void DataPlane::set_link_timeouts(double keepalive_s, double link_timeout_s) {
   link_timeout_s_ = link_timeout_s;
 }
 
-void DataPlane::set_epoch(const net::EpochInfo& given) {
+void DataPlane::set_epoch(const net::EpochInfo& given, const std::vector<net::EpochInfo>& sub) {
   net::EpochInfo info = given;
   {
     std::lock_guard<std::mutex> lock(mu_);
     info.keepalive_s = keepalive_s_;
     info.link_timeout_s = link_timeout_s_;
+    info.source_host = source_host_;
   }
-  auto fresh = std::make_shared<net::RingLinks>(
-      info, connections_, [this](uint64_t epoch, const std::string& why) { on_link_broken(epoch, why); });
+  const int k = info.connections > 0 ? std::clamp(info.connections, 1, static_cast<int>(net::kMaxConnections))
+                                     : connections_;
+  auto broken = [this](uint64_t epoch, const std::string& why) { on_link_broken(epoch, why); };
+  auto fresh = std::make_shared<net::RingLinks>(info, k, broken);
+  std::vector<std::shared_ptr<net::RingLinks>> fresh_sub;
+  for (const net::EpochInfo& s : sub) {
+    net::EpochInfo ring = s;
+    ring.epoch = info.epoch;
+    ring.my_id = info.my_id;
+    ring.keepalive_s = info.keepalive_s;
+    ring.link_timeout_s = info.link_timeout_s;
+    ring.source_host = info.source_host;
+    ring.key = info.key;
+    fresh_sub.push_back(std::make_shared<net::RingLinks>(ring, k, broken));
+  }
   // The registry moves first: a reader attached to the new links may look up
   // an op of the new epoch the moment the links are published.
   registry_.begin_epoch(info.epoch);
   std::shared_ptr<net::RingLinks> old;
+  std::vector<std::shared_ptr<net::RingLinks>> old_sub;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return;
@@ -81,24 +101,33 @@ void DataPlane::set_epoch(const net::EpochInfo& given) {
       prev_key_.clear();
     }
     links_ = fresh;
+    old_sub.swap(sub_);
+    sub_ = std::move(fresh_sub);
     cv_.notify_all();  // incoming hellos for this epoch may be waiting
   }
   if (old) old->shutdown("epoch " + std::to_string(info.epoch) + " replaced it");
+  for (auto& s : old_sub) s->shutdown("epoch " + std::to_string(info.epoch) + " replaced it");
   PYCCL_LOG(Debug, "epoch " << info.epoch << ": rank " << info.rank << "/" << info.world_size << ", next peer "
                             << info.next_id << " at " << info.next_host << ":" << info.next_port << ", prev peer "
                             << info.prev_id);
   old.reset();  // joins its threads (they exit promptly after shutdown)
+  old_sub.clear();
   reap_threads(false);
 }
 
 void DataPlane::abort_through(uint64_t epoch, const std::string& why) {
   std::shared_ptr<net::RingLinks> links;
+  std::vector<std::shared_ptr<net::RingLinks>> subs;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (links_ && links_->epoch() <= epoch) links = links_;
+    if (links_ && links_->epoch() <= epoch) {
+      links = links_;
+      subs = sub_;
+    }
   }
   registry_.abort_through(epoch, why);
   if (links) links->shutdown(why);
+  for (auto& s : subs) s->shutdown(why);
 }
 
 void DataPlane::on_link_broken(uint64_t epoch, const std::string& reason) {
@@ -144,11 +173,55 @@ OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32
   params.count = count;
   params.rank = info.rank;
   params.world_size = info.world_size;
+  return run_op(*links, params);
+}
+
+OpResult DataPlane::all_reduce_two_level(uint64_t epoch, uint32_t tag, uint64_t seq, const void* input, void* work,
+                                         size_t count, DType dtype, RedOp redop) {
+  std::shared_ptr<net::RingLinks> main;
+  std::vector<std::shared_ptr<net::RingLinks>> subs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return {Status::Fail(FailKind::Aborted, "the communicator was closed")};
+    main = links_;
+    subs = sub_;
+  }
+  if (!main || main->epoch() != epoch)
+    return {Status::Fail(FailKind::Aborted, "epoch " + std::to_string(epoch) + " is no longer current")};
+  if (subs.size() != 2)
+    return {Status::Fail(FailKind::Invalid, "epoch " + std::to_string(epoch) + " has no two-level rings")};
+  OpParams params;
+  params.key = OpKey{epoch, tag, seq};
+  params.dtype = dtype;
+  params.redop = redop;
+  params.input = input;
+  params.work = work;
+  params.count = count;
+  TwoLevelGeometry g;
+  g.region_rank = subs[0]->info().rank;
+  g.region_size = subs[0]->info().world_size;
+  g.cross_rank = subs[1]->info().rank;
+  g.cross_size = subs[1]->info().world_size;
+  SubOpResult r = two_level_all_reduce(params, g, [&](SubRing ring, const OpParams& q) {
+    OpResult o = run_op(*subs[ring == SubRing::Region ? 0 : 1], q);
+    return SubOpResult{o.status, o.tx_bytes, o.rx_bytes};
+  });
+  return {r.status, r.tx_bytes, r.rx_bytes};
+}
+
+OpResult DataPlane::run_op(net::RingLinks& links, const OpParams& params) {
+  if (params.world_size == 1) {
+    // A ring of one (a region of one peer, or one region): the result is
+    // the input, laid out as the collective lays it out.
+    const size_t bytes = params.count * dtype_size(params.dtype);
+    if (params.work != params.input && bytes > 0) std::memmove(params.work, params.input, bytes);
+    return {};
+  }
   auto op = std::make_shared<Op>(params);
-  Status st = links->wait_ready();
+  Status st = links.wait_ready();
   if (!st.ok()) return {st};
   bool published = false;
-  st = run_ring(op, *links, [&] {
+  st = run_ring(op, links, [&] {
     Status s = registry_.add(op);
     published = s.ok();
     return s;
@@ -213,6 +286,38 @@ void DataPlane::set_authenticate(bool on) {
   authenticate_ = on;
 }
 
+int DataPlane::link_connections() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return links_ ? links_->connections() : 0;
+}
+
+void DataPlane::set_source_host(const std::string& host) {
+  std::lock_guard<std::mutex> lock(mu_);
+  source_host_ = host;
+}
+
+net::ProbeReport DataPlane::probe(const std::string& host, uint16_t port, int connections, int pings, double seconds,
+                                  uint64_t max_bytes, double timeout_s) {
+  net::ProbeOptions opt;
+  opt.timeout_s = timeout_s;
+  opt.host = host;
+  opt.port = port;
+  opt.connections = connections;
+  opt.pings = pings;
+  opt.seconds = seconds;
+  opt.max_bytes = max_bytes;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    opt.source_host = source_host_;
+    if (links_) {
+      opt.epoch = links_->epoch();
+      opt.my_id = links_->info().my_id;
+      opt.key = links_->info().key;
+    }
+  }
+  return net::probe_path(opt);
+}
+
 std::string DataPlane::key_of(uint64_t epoch) {
   std::lock_guard<std::mutex> lock(mu_);
   if (links_ && links_->epoch() == epoch) return links_->info().key;
@@ -238,14 +343,15 @@ uint64_t DataPlane::current_epoch() {
   return links_ ? links_->epoch() : 0;
 }
 
-std::shared_ptr<net::RingLinks> DataPlane::links_for(uint64_t epoch, double timeout_s) {
+std::shared_ptr<net::RingLinks> DataPlane::links_for(uint64_t epoch, double timeout_s, uint8_t ring) {
   // A neighbour that learned the new epoch first may connect before we have
   // it: hold its hello until our epoch catches up (or moves past it).
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait_for(lock, std::chrono::duration<double>(timeout_s),
                [&] { return closed_ || (links_ && links_->epoch() >= epoch); });
   if (closed_ || !links_ || links_->epoch() != epoch) return nullptr;
-  return links_;
+  if (ring == 0) return links_;
+  return ring <= sub_.size() ? sub_[ring - 1] : nullptr;
 }
 
 void DataPlane::serve_incoming(net::Socket& sock) {
@@ -280,6 +386,20 @@ void DataPlane::serve_incoming(net::Socket& sock) {
     state_server_.serve(sock, req);
     return;
   }
+  if (hello.magic == net::kProbeMagic) {
+    net::ProbeRequest req;
+    std::memcpy(static_cast<void*>(&req), &hello, sizeof(req));
+    if (authenticate && !net::proof_ok(key_of(req.epoch), nonce, &hello, sizeof(hello), proof)) {
+      refuse(addr, "a link probe without a valid proof of membership of epoch " + std::to_string(req.epoch));
+      return;
+    }
+    try {
+      serve_probe(sock, req);
+    } catch (const net::SocketError& e) {
+      PYCCL_LOG(Info, "link probe from " << addr << " ended early: " << e.what());
+    }
+    return;
+  }
   if (const std::string bad = net::link_hello_problem(hello); !bad.empty()) {
     PYCCL_LOG(Warning, "rejected data connection from " << addr << ": malformed hello (" << bad << ")");
     return;
@@ -301,8 +421,13 @@ void DataPlane::serve_incoming(net::Socket& sock) {
     std::lock_guard<std::mutex> lock(mu_);
     wait_s = hello_wait_s_;
   }
-  auto links = links_for(hello.epoch, wait_s);
+  auto links = links_for(hello.epoch, wait_s, hello.ring);
   std::string why;
+  if (!links && hello.ring != 0 && current_epoch() == hello.epoch) {
+    PYCCL_LOG(Warning, "rejected data connection from " << addr << ": epoch " << hello.epoch << " has no ring "
+                                                        << static_cast<int>(hello.ring));
+    return;
+  }
   if (!links) {
     // An older epoch is ordinary churn (the neighbour had not yet heard of
     // the newer one); a newer one that never arrived is worth a warning.

@@ -16,6 +16,7 @@ class DrainKind(enum.Enum):
     PEER = "peer"  # a member died, was expelled, or its links failed
     LEAVE = "leave"  # a member left gracefully (close())
     ADMIT = "admit"  # waiting peers were admitted
+    TOPOLOGY = "topology"  # optimize_topology() reordered the ring
     MISMATCH = "mismatch"  # members called a collective with different arguments
     PROTOCOL = "protocol"  # a member's data plane saw a malformed frame
 

@@ -58,6 +58,8 @@ MAX_STATE_KEYS = 1 << 16
 MAX_KEY_NAME_LEN = 256
 MAX_DTYPE_LEN = 16
 MAX_DIMS = 32
+MAX_REGION_LEN = 64
+MAX_LINK_REPORTS = 4096
 
 
 def clip_reason(reason: str) -> str:
@@ -73,6 +75,14 @@ class StateKey(NamedTuple):
     shape: tuple[int, ...]
     nbytes: int
     hash: int
+
+
+class LinkReport(NamedTuple):
+    """One measured link in a ``vote`` of ``optimize_topology()``: from the voter to ``peer_id``."""
+
+    peer_id: int
+    rtt: float  # seconds, smallest echo
+    bandwidth: float  # bytes/s over the voter's connections to it
 
 
 class Member(NamedTuple):
@@ -151,6 +161,7 @@ class Hello(_Frame):
     order: int | None = None  # ring-order key (torch: the rank)
     nonce: bytes | None = None  # the peer's challenge to the master (see pyccl.auth)
     host_id: str = ""  # same non-empty id: same host, ring links may use shared memory
+    region: str | None = None  # where the peer runs (Communicator(region=...)); issue 13
     version: int = PROTOCOL_VERSION
 
     @classmethod
@@ -171,6 +182,7 @@ class Hello(_Frame):
             order=get_int(m, "order", 0, MAX_PEER_GROUP) if m.get("order") is not None else None,
             nonce=_blob(m, "nonce", NONCE_BYTES) if m.get("nonce") is not None else None,
             host_id=get_str(m, "host_id", MAX_HOST_ID_LEN, optional=True),
+            region=get_str(m, "region", MAX_REGION_LEN) if m.get("region") is not None else None,
         )
 
 
@@ -213,14 +225,31 @@ class Bye(_Frame):
 
 @dataclass(frozen=True, slots=True)
 class Vote(_Frame):
-    """``update_topology()``: the member's vote in round ``round``."""
+    """``update_topology()``: the member's vote in round ``round``;
+    ``optimize_topology()`` adds ``links``, what it measured."""
 
     TYPE: ClassVar[str] = "vote"
     round: int
+    links: tuple[LinkReport, ...] | None = None
+    relink: bool | None = None  # with links: start a new epoch even if the order stays (new pool sizes)
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Vote:
-        return cls(get_int(m, "round"))
+        return cls(get_int(m, "round"), _links(m) if m.get("links") is not None else None,
+                   get_bool(m, "relink") if m.get("relink") is not None else None)
+
+
+def _links(m: Mapping[str, Any]) -> tuple[LinkReport, ...]:
+    """A list of ``[peer_id, rtt, bandwidth]`` entries (finite, non-negative numbers)."""
+    out = []
+    for e in get_list(m, "links", MAX_LINK_REPORTS):
+        ok = isinstance(e, (list, tuple)) and len(e) == 3 and is_int(e[0], 1)
+        nums = e[1:] if ok else []
+        if not ok or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1e15
+                             for x in nums):
+            raise FrameError(f"'vote' links entry {clip(e, 60)} is not [peer_id, rtt, bandwidth]")
+        out.append(LinkReport(e[0], float(e[1]), float(e[2])))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +368,7 @@ class Epoch(_Frame):
     reason: str
     salt: bytes | None = None  # a run with a secret: the epoch key's salt (see pyccl.auth)
     hosts: tuple[str, ...] | None = None  # members' host ids, in ring order (absent: none gave one)
+    regions: tuple[str, ...] | None = None  # per member ("": unknown); issue 13, two-level all-reduce
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Epoch:
@@ -349,7 +379,17 @@ class Epoch(_Frame):
                    get_int(m, "next_round"), get_str(m, "kind", MAX_KIND_LEN),
                    get_str(m, "reason", MAX_REASON_LEN, optional=True),
                    _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None,
-                   _host_ids(m, len(members)))
+                   _host_ids(m, len(members)),
+                   _regions(m, len(members)) if m.get("regions") is not None else None)
+
+
+def _regions(m: Mapping[str, Any], n: int) -> tuple[str, ...]:
+    """One region label per member (strings of at most MAX_REGION_LEN)."""
+    v = get_list(m, "regions", MAX_MEMBERS)
+    if len(v) != n or not all(isinstance(r, str) and len(r) <= MAX_REGION_LEN for r in v):
+        raise FrameError(f"'epoch' field 'regions' must list one string of at most {MAX_REGION_LEN} "
+                         "characters per member")
+    return tuple(v)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,9 @@ CASES = {
     "shared_state": ["--sizes", "1MiB", "--holders", "1", "--reps", "1"],
     "wan_connections": ["--size", "1MiB", "--connections", "1", "--delay", "5ms", "--reps", "1", "--no-reference"],
     "torch_backend": ["--quick"],
+    "linkemu": ["--connections", "2", "--plain-bytes", "64MiB", "--plain-connections", "1", "--seconds", "0.2",
+                "--reps", "1"],
+    "geo": ["--configs", "6x2", "--sizes", "1MiB", "--reps", "1"],
 }
 
 

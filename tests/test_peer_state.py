@@ -218,3 +218,26 @@ def test_drain_records_are_bounded() -> None:
         e = epoch(n + 1, (1, 2, 3))
         st.on_epoch(e, st.prepare_epoch(e))
     assert len(st._drains) <= 17 and len(st._members_of) <= 18
+
+
+def test_auto_optimize_is_due_once_per_epoch_but_not_at_the_admission_round() -> None:
+    st = joined(me=1, ids=(1, 2, 3), number=4, next_round=(2 << 20) | 1)
+    assert not st.optimize_due(0)  # the next vote is the round that admitted this peer: decided
+    st.vote()
+    assert st.optimize_due(0)  # the members measure at the round after it
+    assert not st.optimize_due(4)  # already optimized in this epoch
+    alone = joined(me=1, ids=(1,), number=1)
+    assert not alone.optimize_due(0)  # nothing to measure alone
+
+
+def test_epoch_regions_give_the_two_level_rings() -> None:
+    st = PeerState()
+    st.welcome(P.Welcome(3, 1.0, 5.0))
+    frame = P.Epoch(2, members(1, 2, 3, 4), (), 0, "admit", "test", None, regions=("a", "b", "a", "b"))
+    plan = st.prepare_epoch(frame)
+    # peer 3 is region a's second member (a: 1, 3) and region rank 1 of the cross ring (3, 4)
+    assert plan.rings == ((1, 1, 2, 1, "10.0.0.1", 7001, 1), (2, 0, 2, 4, "10.0.0.1", 7004, 4))
+    st.on_epoch(frame, plan)
+    assert st.epoch is not None and st.epoch.two_level
+    uneven = P.Epoch(3, members(1, 2, 3, 4, 5), (), 0, "admit", "test", None, regions=("a", "b", "a", "b", "a"))
+    assert st.prepare_epoch(uneven).rings == ()

@@ -586,6 +586,27 @@ def test_stress_60s_all_faults_zero_violations(tmp_path: Path) -> None:
         assert (tmp_path / "run.png").stat().st_size > 10_000
 
 
+@pytest.mark.timeout(300)
+def test_stress_geography_with_optimize_and_all_faults_zero_violations(tmp_path: Path) -> None:
+    """Two regions behind the compiled emulator, optimize_topology() every 4th
+    revision, 2 MiB all-reduces (two-level whenever the regions are of equal
+    size), every fault kind: no violation."""
+    geo = Path(__file__).resolve().parent.parent / "examples" / "geo_2regions.json"
+    args = [
+        "--peers", "4", "--duration", "40s", "--size", "2MiB", "--concurrency", "2", "--connections", "2",
+        "--kill-rate", "0.1/s", "--hang-rate", "0.05/s", "--join-rate", "0.1/s",
+        "--net-stall-rate", "0.2/s", "--net-reset-rate", "0.3/s", "--geography", str(geo),
+        "--optimize-every", "4", "--heartbeat-timeout", "2s", "--seed", "5",
+    ]
+    code, out, rep = _stress(args, 280, tmp_path)
+    assert code == 0, out[-6000:]
+    assert rep["ok"] and rep["violations"] == [], out[-6000:]
+    kinds = rep["faults_by_kind"]
+    for kind in ("kill", "hang", "join", "net_stall", "net_reset"):
+        assert kinds[kind]["injected"] >= 1, (kind, kinds)
+    assert "geography" in out
+
+
 @pytest.mark.timeout(180)
 def test_stress_catches_a_corrupted_result(tmp_path: Path) -> None:
     env = _env()

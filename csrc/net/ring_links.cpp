@@ -37,7 +37,7 @@ void RingLinks::connect_all() {
   std::string last_error;
   for (int i = 0; i < connections_ && !broken_;) {
     try {
-      Socket s = connect_tcp(info_.next_host, info_.next_port, 1.0);
+      Socket s = connect_tcp(info_.next_host, info_.next_port, 1.0, info_.source_host);
       LinkHello hello;
       hello.epoch = info_.epoch;
       hello.from_peer = info_.my_id;
@@ -45,6 +45,7 @@ void RingLinks::connect_all() {
       hello.conn_index = static_cast<uint32_t>(i);
       hello.conn_count = static_cast<uint32_t>(connections_);
       if (info_.shm) hello.reserved[0] = kLinkWantsShm;
+      hello.ring = info_.ring;
       if (info_.key.empty()) {
         s.send_all(&hello, sizeof(hello));
       } else {

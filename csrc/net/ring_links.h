@@ -47,6 +47,14 @@ struct EpochInfo {
   // The next peer shares this host (the master says so): ask for
   // shared-memory links (shm_handshake.h) instead of plain TCP.
   bool shm = false;
+  // Local address outgoing links are bound to ("": the kernel's choice).
+  std::string source_host;
+  // Outgoing connections of this epoch (0: the data plane's default);
+  // Communicator(connections="auto") picks it per successor.
+  int connections = 0;
+  // Which ring of the epoch (LinkHello.ring): 0 the ring, 1 the region ring,
+  // 2 the cross-region ring of a two-level all-reduce.
+  uint8_t ring = 0;
 };
 
 class RingLinks final : public FrameSender {
@@ -57,6 +65,7 @@ class RingLinks final : public FrameSender {
   ~RingLinks() override;
 
   const EpochInfo& info() const { return info_; }
+  int connections() const { return connections_; }
   uint64_t epoch() const { return info_.epoch; }
 
   // Blocks until every outgoing connection is up; fails if the link broke.

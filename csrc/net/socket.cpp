@@ -204,10 +204,17 @@ Socket accept_tcp(const Socket& listener) {
   }
 }
 
-Socket connect_tcp(const std::string& host, uint16_t port, double timeout_s) {
+Socket connect_tcp(const std::string& host, uint16_t port, double timeout_s, const std::string& source_host) {
   sockaddr_in addr = resolve(host, port);
   Socket s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!s.valid()) fail("socket", errno);
+  if (!source_host.empty()) {
+    // A peer with its own data address sends from it too, so the other end
+    // (or an emulator on the path) sees which peer a connection comes from.
+    sockaddr_in local = resolve(source_host, 0);
+    if (::bind(s.fd(), reinterpret_cast<sockaddr*>(&local), sizeof(local)) != 0)
+      fail("bind " + source_host, errno);
+  }
   apply_buffer_size(s.fd());
   // Non-blocking connect bounded by poll(), then back to blocking mode.
   int flags = fcntl(s.fd(), F_GETFL, 0);

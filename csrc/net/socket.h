@@ -66,6 +66,7 @@ class Socket final : public ByteStream {
 Socket listen_tcp(const std::string& host, uint16_t port, int backlog = 128);
 uint16_t local_port(const Socket& s);
 Socket accept_tcp(const Socket& listener);  // returns an invalid Socket when the listener was shut down
-Socket connect_tcp(const std::string& host, uint16_t port, double timeout_s);
+// source_host: bind the local end to this address first ("": the kernel's choice).
+Socket connect_tcp(const std::string& host, uint16_t port, double timeout_s, const std::string& source_host = "");
 
 }  // namespace pyccl::net

@@ -28,7 +28,8 @@ enum class Phase : uint8_t { ReduceScatter = 1, AllGather = 2, Keepalive = 3, St
 struct LinkHello {
   uint32_t magic = kLinkMagic;
   uint8_t version = kWireVersion;
-  uint8_t reserved[3] = {0, 0, 0};
+  uint8_t ring = 0;  // which ring of the epoch: 0 the ring; 1, 2 the two-level rings
+  uint8_t reserved[2] = {0, 0};
   uint64_t epoch = 0;
   uint64_t from_peer = 0;  // master-assigned peer id of the sender
   uint64_t to_peer = 0;    // who the sender thinks it is talking to

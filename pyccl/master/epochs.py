@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from pyccl import protocol as P
+from pyccl.master import topology
 from pyccl.master.model import Action, DrainRecord, Group, Peer, PeerPhase, Round, RoundDecision, Send, order_ring
 from pyccl.protocol import clip_reason
 
@@ -55,7 +56,7 @@ class Epochs:
             if rnd.result is not None or peer not in rnd.joiners:
                 continue
             rnd.joiners.remove(peer)
-            if not rnd.joiners and k != committing:
+            if not rnd.joiners and k != committing and rnd.decision is not RoundDecision.OPTIMIZE:
                 # Nobody left to admit and no drain started for it: every voter
                 # (past and future) gets changed=False, so they still agree.
                 rnd.result = False
@@ -120,13 +121,18 @@ class Epochs:
         for j in joiners:
             log.info("%s admitted to group %d in epoch %d", j.label(), group.gid, group.epoch)
 
-    def decide_round(self, group: Group, k: int) -> Round:
-        """First vote of round k: fix its decision from the pending peers now."""
+    def decide_round(self, group: Group, k: int, optimize: bool = False) -> Round:
+        """First vote of round k: fix its decision from the pending peers now
+        (``optimize``: the vote came from optimize_topology())."""
         # A peer already promised to an undecided ADMIT round is not pending
         # "for" another one (cannot happen with correct peers, cheap to rule out).
         promised = {id(p) for r in group.rounds.values() if r.result is None for p in r.joiners}
         joiners = [p for p in group.pending.values() if id(p) not in promised]
-        rnd = Round(RoundDecision.ADMIT if joiners else RoundDecision.NO_CHANGE, joiners)
+        if optimize:
+            decision = RoundDecision.OPTIMIZE
+        else:
+            decision = RoundDecision.ADMIT if joiners else RoundDecision.NO_CHANGE
+        rnd = Round(decision, joiners)
         # Forget answered rounds every member is past (once per round, O(members)).
         if group.members:
             oldest = min(m.next_round for m in group.members)
@@ -135,8 +141,8 @@ class Epochs:
         group.rounds[k] = rnd
         if k + 1 > group.next_unused_round:
             group.next_unused_round = k + 1
-        if joiners:
-            log.info("group %d round %d: ADMIT %s", group.gid, k, [p.peer_id for p in joiners])
+        if joiners or optimize:
+            log.info("group %d round %d: %s %s", group.gid, k, decision.name, [p.peer_id for p in joiners])
         return rnd
 
     def check_rounds(self, group: Group, now: float, out: list[Action]) -> None:
@@ -146,8 +152,32 @@ class Epochs:
         for k, rnd in group.rounds.items():
             if rnd.result is None and all(m.waiting_round == k for m in group.members):
                 ids = [p.peer_id for p in rnd.joiners]
+                if rnd.decision is RoundDecision.OPTIMIZE:
+                    if not self._plan_optimized(group, k, rnd, out):
+                        continue  # the ring stays as it is: answered already
+                    ring = [p.peer_id for p in rnd.order or []]
+                    self.start_drain(group, "topology", f"reordering the ring to {ring} at round {k}", now, out,
+                                     admit_round=k)
+                    return
                 self.start_drain(group, "admit", f"admitting peers {ids} at round {k}", now, out, admit_round=k)
                 return
+
+    def _plan_optimized(self, group: Group, k: int, rnd: Round, out: list[Action]) -> bool:
+        """Plan an OPTIMIZE round every member voted; False (and the round
+        answered changed=False) when the ring would not change."""
+        joiners = [p for p in rnd.joiners if p.phase is PeerPhase.PENDING]
+        ring = topology.place_joiners(topology.plan(group.members, group.links), joiners, group.links)
+        if ring == group.members and not rnd.relink:
+            rnd.result = False
+            done = P.RoundDone(k, False)
+            for m in group.members:
+                m.waiting_round = None
+                out.append(Send(m.conn_id, done))
+            log.info("group %d round %d: the ring %s is already the best", group.gid, k,
+                     [p.peer_id for p in ring])
+            return False
+        rnd.order = ring
+        return True
 
     def start_drain(self, group: Group, kind: str, reason: str, now: float, out: list[Action],
                      admit_round: int | None = None) -> None:
@@ -188,6 +218,15 @@ class Epochs:
                 j.next_round = k
                 group.members.append(j)
         order_ring(group.members)
+        if k is not None and group.rounds[k].order is not None:
+            # An optimize_topology() round: its planned ring, less whoever
+            # died during the drain (survivors keep their planned order).
+            alive = set(map(id, group.members))
+            planned = [p for p in group.rounds[k].order or [] if id(p) in alive]
+            group.members[:] = planned + [p for p in group.members if p not in planned]
+        elif joiners and group.links:
+            group.members[:] = topology.place_joiners([m for m in group.members if m not in joiners], joiners,
+                                                      group.links)
         next_round = k if k is not None else group.next_unused_round
         self.send_epoch(group, drain.kind, drain.reason, sorted(fence.items()), next_round, out)
         for j in joiners:
@@ -195,7 +234,7 @@ class Epochs:
         if k is not None:
             # round_done after the epoch frame: a voter that sees changed=True
             # already knows the new ring.
-            rnd.result = bool(joiners)
+            rnd.result = bool(joiners) or rnd.order is not None
             done = P.RoundDone(k, rnd.result)
             for m in voters:
                 m.waiting_round = None
@@ -207,7 +246,8 @@ class Epochs:
         # Host ids let ring neighbours on one machine use shared memory.
         hosts = tuple(m.host_id for m in group.members)
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
-                        kind, reason, self.salt(), hosts if any(hosts) else None)
+                        kind, reason, self.salt(), hosts if any(hosts) else None,
+                        topology.region_labels(group.members, group.links))
         out.extend([Send(m.conn_id, frame) for m in group.members])
         log.info("group %d committed epoch %d (%s): ring %s, fence %s",
                  group.gid, group.epoch, kind, [m.peer_id for m in group.members], fence)

@@ -35,6 +35,7 @@ class GroupPhase(enum.Enum):
 class RoundDecision(enum.Enum):
     ADMIT = "admit"
     NO_CHANGE = "no_change"
+    OPTIMIZE = "optimize"  # optimize_topology(): reorder the ring from measurements (and admit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,7 @@ class Peer:
         "hello",
         "challenge",
         "host_id",
+        "region",
     )
 
     def __init__(self, conn_id: int, addr: str) -> None:
@@ -116,6 +118,7 @@ class Peer:
         self.hello: P.Hello | None = None  # CHALLENGED: the hello to act on once the proof is in
         self.challenge: bytes = b""  # CHALLENGED: the master's nonce
         self.host_id = ""  # from the hello: which machine; passed on in epoch frames
+        self.region: str | None = None  # from the hello (Communicator(region=...))
 
     def label(self) -> str:
         if not self.peer_id:
@@ -128,14 +131,18 @@ class Peer:
 
 
 class Round:
-    __slots__ = ("decision", "joiners", "result")
+    __slots__ = ("decision", "joiners", "result", "order", "relink")
 
     def __init__(self, decision: RoundDecision, joiners: list[Peer]) -> None:
         self.decision = decision
-        self.joiners = joiners  # ADMIT: snapshot of the pending peers, arrival order
+        self.joiners = joiners  # ADMIT, OPTIMIZE: snapshot of the pending peers, arrival order
         # The ``changed`` answer once known. NO_CHANGE rounds know it at once;
-        # ADMIT rounds when their epoch commits (or when every joiner is gone).
-        self.result: bool | None = None if decision is RoundDecision.ADMIT else False
+        # ADMIT rounds when their epoch commits (or when every joiner is gone);
+        # OPTIMIZE rounds when every member has voted (and, if the ring
+        # changes, its epoch commits).
+        self.result: bool | None = None if decision is not RoundDecision.NO_CHANGE else False
+        self.order: list[Peer] | None = None  # OPTIMIZE: the planned ring (members, then joiners placed)
+        self.relink = False  # OPTIMIZE: a voter asked for new links even if the order stays
 
 
 class DrainRecord:
@@ -174,7 +181,7 @@ class SyncRound:
 
 class Group:
     __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain",
-                 "revision", "syncs", "sync", "sync_queue")
+                 "revision", "syncs", "sync", "sync_queue", "links")
 
     def __init__(self, gid: int) -> None:
         self.gid = gid
@@ -191,6 +198,8 @@ class Group:
         # `sync` frames from members outside the open round (joiners admitted
         # during it, or peers rejected early): they open the next round.
         self.sync_queue: dict[int, tuple[Peer, SyncRequest]] = {}
+        # Measured links from optimize_topology(): (from id, to id) -> (bytes/s, one-way s).
+        self.links: dict[tuple[int, int], tuple[float, float]] = {}
 
     @property
     def phase(self) -> GroupPhase:

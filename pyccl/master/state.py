@@ -43,7 +43,7 @@ from typing import Any
 
 from pyccl import auth
 from pyccl import protocol as P
-from pyccl.master import sync_rounds
+from pyccl.master import sync_rounds, topology
 from pyccl.master.epochs import Epochs
 from pyccl.master.gate import AuthRefused, Gate
 from pyccl.master.model import (
@@ -311,6 +311,7 @@ class MasterState:
         self._next_peer_id += 1
         peer.data_host, peer.data_port, peer.name = frame.data_host, frame.data_port, frame.name
         peer.host_id = frame.host_id
+        peer.region = frame.region
         group = self._groups.get(gid)
         if group is None:
             group = self._epochs.new_group(gid)
@@ -343,7 +344,10 @@ class MasterState:
         assert group is not None
         rnd = group.rounds.get(k)
         if rnd is None:
-            rnd = self._epochs.decide_round(group, k)
+            rnd = self._epochs.decide_round(group, k, optimize=frame.links is not None)
+        if frame.links is not None and rnd.result is None and rnd.decision is RoundDecision.OPTIMIZE:
+            topology.record(group.links, peer.peer_id, frame.links)
+            rnd.relink = rnd.relink or bool(frame.relink)
         peer.next_round = k + 1
         if rnd.result is not None:
             out.append(Send(peer.conn_id, P.RoundDone(k, rnd.result)))

@@ -32,6 +32,7 @@ from pyccl import _core
 from pyccl import protocol as P
 from pyccl.auth import epoch_key, new_nonce, resolve_secret
 from pyccl.errors import CCLError, LostCause, Timeout
+from pyccl.peer import hierarchy, probing
 from pyccl.peer import state as S
 from pyccl.peer.control import ControlClient
 from pyccl.peer.ops import (
@@ -44,6 +45,7 @@ from pyccl.peer.ops import (
     WorkBuffers,
     all_reduce_call,
     check_for_epoch,
+    launch,
     pair_call,
 )
 from pyccl.peer.shared_state import STRATEGIES, SharedState, SyncInfo, content_hash, fetch_planned
@@ -61,8 +63,10 @@ class Communicator:
     Args:
         master: ``"host:port"`` of the master.
         peer_group: peers with the same group number reduce together.
-        connections: TCP connections per ring neighbour; every collective is
-            striped over all of them.
+        connections: TCP connections per ring neighbour (1..64); every
+            collective is striped over all of them. ``"auto"``: 4 until
+            ``optimize_topology()`` measured the links, then per successor
+            the fewest that carry 90% of what 16 do.
         name: free-form label shown in the master's logs.
         data_port: port of this peer's data listener (0: any free port).
         advertise: ``(host, port)`` the other peers should connect to instead
@@ -81,6 +85,14 @@ class Communicator:
         transport: ``"auto"`` (default: ``PYCCL_TRANSPORT``, else auto):
             ring neighbours on the same host exchange bytes through shared
             memory, others over TCP; ``"tcp"``: TCP for every link.
+        region: where this peer runs (e.g. ``"eu-west"``, <= 64 characters);
+            ``optimize_topology()`` uses it (default: regions are measured).
+        data_host: the address the data plane listens on and sends from
+            (default: the one that reaches the master; any source).
+        two_level: all-reduce in two levels across regions of equal size
+            (:mod:`pyccl.peer.hierarchy`): "auto" from 1 MiB, "on", "off".
+        auto_optimize: measure and reorder (``optimize_topology()``) at the
+            first ``update_topology()`` after each membership change.
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -91,7 +103,7 @@ class Communicator:
         self,
         master: str,
         peer_group: int = 0,
-        connections: int = 4,
+        connections: int | str = 4,
         name: str = "",
         data_port: int = 0,
         advertise: tuple[str, int] | None = None,
@@ -99,9 +111,16 @@ class Communicator:
         secret: str | bytes | None = None,
         tls_ca: str | None = None,
         transport: str | None = None,
+        region: str | None = None,
+        data_host: str | None = None,
+        two_level: str = "auto",
+        auto_optimize: bool = False,
     ) -> None:
-        if not 1 <= connections <= 64:
-            raise ValueError(f"connections must be between 1 and 64, got {connections}")
+        self._auto = connections == "auto"
+        if self._auto:
+            connections = 4
+        if not isinstance(connections, int) or not 1 <= connections <= 64:
+            raise ValueError(f"connections must be between 1 and 64 or 'auto', got {connections!r}")
         if not 0 <= peer_group < 2**31:
             raise ValueError(f"peer_group must be in [0, 2**31), got {peer_group}")
         self.master_address = master
@@ -112,6 +131,9 @@ class Communicator:
         self.advertise = advertise
         self.order = order
         self.transport = resolve_transport(transport)
+        self.region, self.two_level = hierarchy.check_options(region, two_level)
+        self._auto_optimize, self._optimized_epoch = auto_optimize, 0
+        self.data_host = data_host
         self._secret = resolve_secret(secret)
         self._control = ControlClient(master, tls_ca if tls_ca is not None else os.environ.get("PYCCL_TLS_CA") or None)
         self._dp: Any = None
@@ -124,6 +146,7 @@ class Communicator:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._listeners: list[Callable[[], None]] = []
         self._epoch_key: tuple[int, bytes] = (0, b"")  # the current epoch's membership key
+        self._link_counts: dict[int, int] = {}  # connections="auto": peer id -> connections towards it
 
     # ---------------------------------------------------------------- state
 
@@ -156,10 +179,14 @@ class Communicator:
 
     @property
     def membership_key(self) -> bytes:
-        """The current epoch's membership key in a run with a secret (empty
-        otherwise): what this peer proves membership with on data ports, and
-        the torch backend on its side channel."""
+        """The current epoch's membership key in a run with a secret (else empty): what
+        this peer proves membership with on data ports and the torch side channel."""
         return self._epoch_key[1]
+
+    @property
+    def link_connections(self) -> int:
+        """Connections to the ring successor in this epoch (``connections="auto"`` tunes it)."""
+        return int(self._dp.link_connections()) if self._dp is not None else 0
 
     @property
     def closed(self) -> bool:
@@ -187,11 +214,13 @@ class Communicator:
         deadline = time.monotonic() + timeout
         local_ip = self._control.open(timeout)
         try:
-            self._dp = _core.DataPlane(local_ip, self.data_port, self.connections)
-            adv_host, adv_port = self.advertise or (local_ip, self._dp.port)
+            self._dp = _core.DataPlane(self.data_host or local_ip, self.data_port, self.connections)
+            if self.data_host:
+                self._dp.set_source_host(self.data_host)
+            adv_host, adv_port = self.advertise or (self.data_host or local_ip, self._dp.port)
             hello = P.Hello(self.peer_group, adv_host, adv_port, self.name[:P.MAX_NAME_LEN], beat=True,
                             order=self.order, nonce=new_nonce(),
-                            host_id=host_id() if self.transport == "auto" else "")
+                            host_id=host_id() if self.transport == "auto" else "", region=self.region)
             welcome = self._control.handshake(hello, max(0.1, deadline - time.monotonic()), self._secret)
             with self._cv:
                 self._state.welcome(welcome)
@@ -263,14 +292,14 @@ class Communicator:
         """Admit waiting peers. Every member calls it; safe on every iteration.
 
         Waits for this peer's own outstanding async ops first. Returns True if
-        the membership changed (joiners were admitted).
-
-        The round a call votes in is named by this peer's program position
-        (see :class:`~pyccl.peer.state.PeerState`), so members at the same
-        point of the same program vote in the same round, and a joiner lines
-        up whether its loop starts with update_topology() or a collective.
-        """
+        the membership changed. The round it votes in is named by this peer's
+        program position (:class:`~pyccl.peer.state.PeerState`), so members at
+        one point of one program vote alike, and joiners line up with them.
+        With ``auto_optimize`` the first call in each new epoch is an
+        ``optimize_topology()``."""
         self._check_connected()
+        if self._auto_optimize and self._state.optimize_due(self._optimized_epoch):
+            return self.optimize_topology()
         with self._cv:
             self._cv.wait_for(self._state.quiet)
             k = self._state.vote()
@@ -279,6 +308,30 @@ class Communicator:
         with self._cv:
             self._cv.wait_for(lambda: self._state.round_known(k))
             return self._state.take_round_result(k)
+
+    def optimize_topology(self, seconds: float = 0.25, max_bytes: int = 16 << 20, max_targets: int = 16) -> bool:
+        """Collective: measure the links to the other members; the master reorders the
+        ring at the next epoch. Called like ``update_topology()`` (it also admits
+        waiting peers); probes: :mod:`pyccl.peer.probing`, order: :mod:`pyccl.ringopt`.
+        Returns True if the ring or the membership changed."""
+        self._check_connected()
+        with self._cv:
+            self._cv.wait_for(self._state.quiet)
+            k = self._state.vote()
+            view = self._state.epoch
+        links: tuple[P.LinkReport, ...] = ()
+        relink = False
+        if view is not None and view.world_size > 1:
+            # With auto connections this updates _link_counts before the vote (the next epoch uses them).
+            links, relink = probing.measure(self._dp, view.members, self.peer_id, view.number, self.connections,
+                                            seconds, max_bytes, max_targets, self._link_counts if self._auto else None,
+                                            self._control.heartbeat_timeout, partial(self._epoch_moved, view.number))
+        self._control.send(P.Vote(k, links, relink or None))
+        with self._cv:
+            self._cv.wait_for(lambda: self._state.round_known(k))
+            changed = self._state.take_round_result(k)
+        self._optimized_epoch = self.epoch  # planned with these measurements
+        return changed
 
     def wait_for_world(self, n: int, timeout: float) -> int:
         """Call ``update_topology()`` until the group has at least ``n``
@@ -294,8 +347,7 @@ class Communicator:
             epoch = self.epoch
             if not self.update_topology():
                 with self._cv:
-                    # A new epoch (a joiner elsewhere admitted) or a short
-                    # pause before the next vote, whichever comes first.
+                    # A new epoch (a joiner admitted) or a short pause, whichever first.
                     self._cv.wait_for(partial(self._epoch_moved, epoch), min(left, 0.05))
         return self.world_size
 
@@ -393,9 +445,7 @@ class Communicator:
         try:
             check_for_epoch(call, n)
             bufs = WorkBuffers(call, self._scratch)
-            kind, message, tx, rx = self._dp.collective(
-                call.kind, call.root, op.epoch.number, op.tag, op.seq, call.src.ptr, bufs.ptr, bufs.count,
-                call.src.dtype_code, int(call.rop))
+            kind, message, tx, rx, two = launch(self._dp, call, bufs, op.epoch, op.tag, op.seq, self.two_level)
             result = LOCAL_RESULTS[kind]
             if n > 1:
                 self._report(op, result, message)
@@ -406,7 +456,7 @@ class Communicator:
                 with self._cv:
                     raise self._state.failure_for(op.epoch.number, local=(result, message), what=call.name)
             bufs.commit(op.epoch.rank)
-            return ReduceInfo(n, tx, rx, time.perf_counter() - t0, op.epoch.number, op.epoch.peer_ids)
+            return ReduceInfo(n, tx, rx, time.perf_counter() - t0, op.epoch.number, op.epoch.peer_ids, two)
         finally:
             if bufs is not None:
                 bufs.release()
@@ -550,7 +600,8 @@ class Communicator:
                 self._epoch_key = (a.epoch, key)
                 self._dp.set_epoch(a.epoch, a.peer_id, a.rank, a.world_size, nxt.peer_id, nxt.host, nxt.port,
                                    a.prev_peer_id, key, keep_previous_key=a.keep_previous_key,
-                                   shm=a.next_same_host)
+                                   shm=a.next_same_host, connections=self._link_counts.get(nxt.peer_id, 0),
+                                   rings=list(a.rings))
             elif isinstance(a, S.AbortDataPlane):
                 if self._dp is not None:
                     self._dp.abort_through(a.through, a.reason)

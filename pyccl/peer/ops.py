@@ -20,7 +20,8 @@ import numpy as np
 
 from pyccl import _core
 from pyccl.errors import Timeout
-from pyccl.peer.state import LocalResult, OpTicket
+from pyccl.peer.hierarchy import use_two_level
+from pyccl.peer.state import EpochView, LocalResult, OpTicket
 from pyccl.types import Buffer, ReduceOp, as_buffer
 from pyccl.wire import MAX_TAG
 
@@ -48,7 +49,8 @@ class ReduceInfo:
 
     ``peers`` are the master-assigned ids of the participants in ring order
     and ``epoch`` the membership epoch the op ran in, so a caller can tell
-    exactly which inputs were reduced.
+    exactly which inputs were reduced; ``two_level``: the all-reduce ran in
+    two levels across regions (:mod:`pyccl.peer.hierarchy`).
     """
 
     world_size: int
@@ -57,6 +59,7 @@ class ReduceInfo:
     seconds: float
     epoch: int = 0
     peers: tuple[int, ...] = ()
+    two_level: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,3 +221,15 @@ class WorkBuffers:
         if self.scratch is not None:
             self._pool.put(self.scratch)
             self.scratch = None
+
+
+def launch(dp: _core.DataPlane, call: Call, bufs: WorkBuffers, epoch: EpochView, tag: int, seq: int,
+           two_level: str) -> tuple[_core.FailKind, str, int, int, bool]:
+    """Run the call's data-plane part: (FailKind, message, tx, rx, two-level?).
+    A plain all-reduce goes two-level when the epoch allows and ``two_level``
+    says so (:func:`pyccl.peer.hierarchy.use_two_level`), else over the ring."""
+    if use_two_level(two_level, epoch.two_level, call.kind == _core.Collective.ALL_REDUCE, call.src.nbytes):
+        return (*dp.all_reduce_two_level(epoch.number, tag, seq, call.src.ptr, bufs.ptr, bufs.count,
+                                         call.src.dtype_code, int(call.rop)), True)
+    return (*dp.collective(call.kind, call.root, epoch.number, tag, seq, call.src.ptr, bufs.ptr,
+                           bufs.count, call.src.dtype_code, int(call.rop)), False)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from pyccl import protocol as P
 from pyccl.errors import CCLError, DrainKind, GroupLost, LostCause, MismatchError, PeerFailure
+from pyccl.peer import hierarchy
 from pyccl.wire import FrameError
 
 VOTE_BITS = 20
@@ -63,6 +64,7 @@ class EpochView:
     number: int
     members: tuple[P.Member, ...]  # ring order
     rank: int
+    two_level: bool = False  # the epoch has region and cross-region rings (pyccl.peer.hierarchy)
 
     @property
     def world_size(self) -> int:
@@ -99,6 +101,7 @@ class SetDataPlaneEpoch:
     # expelled) at this epoch must lose access now, so the old key goes.
     keep_previous_key: bool = True
     next_same_host: bool = False  # the next member runs on this host: its links may use shared memory
+    rings: tuple[hierarchy.Ring, ...] = ()  # the two-level rings, if the epoch has them
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +149,7 @@ class PeerState:
         self.inflight = 0
         self.ops_begun = 0
         self.votes_since_op = 0
+        self.admitted_round: int | None = None  # the round that admitted this peer (decided before it votes)
         self._round_results: dict[int, bool] = {}
         self.lost: GroupLost | None = None
         self.closed = False
@@ -264,6 +268,16 @@ class PeerState:
         self.votes_since_op += 1
         return k
 
+    def optimize_due(self, optimized_epoch: int) -> bool:
+        """``auto_optimize``: whether this ``update_topology()`` should be an
+        ``optimize_topology()``: the group has more than one member and the
+        epoch changed since the last one, unless the next vote is for the
+        round that admitted this peer (decided already: the members measure
+        at the round after it, and so does this peer)."""
+        if self.epoch is None or self.epoch.world_size < 2 or self.epoch.number == optimized_epoch:
+            return False
+        return ((self.ops_begun << VOTE_BITS) | self.votes_since_op) != self.admitted_round
+
     def round_known(self, k: int) -> bool:
         return k in self._round_results or self.stopped()
 
@@ -295,7 +309,8 @@ class PeerState:
         same_host = hosts is not None and hosts[rank] != "" and hosts[rank] == hosts[(rank + 1) % n]
         return SetDataPlaneEpoch(frame.epoch, self.peer_id, rank, n, frame.members[(rank + 1) % n],
                                  frame.members[(rank - 1) % n].peer_id, frame.salt, keep_previous_key=keep,
-                                 next_same_host=same_host)
+                                 next_same_host=same_host,
+                                 rings=hierarchy.sub_rings(frame.members, frame.regions, self.peer_id))
 
     def on_epoch(self, frame: P.Epoch, plan: SetDataPlaneEpoch) -> None:
         """Publish the epoch (after :meth:`prepare_epoch`'s action ran)."""
@@ -303,12 +318,13 @@ class PeerState:
             # Admitted now: stand where the round that admitted us stood.
             self.ops_begun = frame.next_round >> VOTE_BITS
             self.votes_since_op = frame.next_round & VOTE_MASK
+            self.admitted_round = frame.next_round
         else:
             for tag, target in frame.fence:
                 owed = target - self._next_seq.get(tag, 0)
                 if owed > 0:
                     self.fence_debt[tag] = self.fence_debt.get(tag, 0) + owed
-        self.epoch = EpochView(frame.epoch, frame.members, plan.rank)
+        self.epoch = EpochView(frame.epoch, frame.members, plan.rank, bool(plan.rings))
         self._members_of[frame.epoch] = self.epoch.peer_ids
         for old in [e for e in self._members_of if e < frame.epoch - KEEP_EPOCHS]:
             del self._members_of[old]

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-size", type=size, default=64 << 10,
                    help="bytes of shared state synced every step (default: 64KiB)")
     g.add_argument("--pace", type=dur, default=0.0, help="pause between a peer's steps (default: 0)")
+    g.add_argument("--optimize-every", type=int, default=0, metavar="N",
+                   help="call optimize_topology() instead of update_topology() at every N-th shared-state "
+                        "revision (default: 0, never)")
     g.add_argument("--seed", type=int, default=0, help="seeds inputs and the fault schedule (default: %(default)s)")
 
     g = p.add_argument_group("process faults")
@@ -73,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a stall lasts: 2s, 1s..15s or forever (default: 1s..3 x heartbeat timeout)")
     g.add_argument("--net-reset-rate", type=rate, default=0.0, help="connection resets (RST) per second")
     g.add_argument("--net-proxy", action="store_true", help="use the proxy even without network faults")
+    g.add_argument("--net-emulator", choices=("compiled", "python"), default="compiled",
+                   help="compiled: pyccl-linkemu (default); python: the asyncio proxy (slower)")
+    g.add_argument("--geography", metavar="FILE", default=None,
+                   help="regions and the links inside and between them (JSON; see pyccl.stress.geography); "
+                        "peers are placed in the regions in turn")
 
     g = p.add_argument_group("checks")
     g.add_argument("--heartbeat-timeout", type=dur, default=5.0, help="the master's (default: 5s)")
@@ -114,8 +122,21 @@ def config_from_args(args: argparse.Namespace) -> StressConfig:
     net = NetConfig(
         delay=args.net_delay, window=args.net_window, bandwidth=args.net_bandwidth,
         stall_rate=args.net_stall_rate, stall_duration=stall, reset_rate=args.net_reset_rate,
-        force_proxy=args.net_proxy,
+        force_proxy=args.net_proxy, emulator=args.net_emulator, geography=args.geography,
     )
+    if net.enabled and net.emulator == "compiled":
+        from pyccl.stress.linkemu import EmulatorError, find_binary
+
+        try:
+            find_binary()
+        except EmulatorError as exc:
+            raise ValueError(f"{exc} (or use --net-emulator python)") from exc
+    if net.geography:
+        from pyccl.stress.geography import Geography
+
+        if net.emulator != "compiled":
+            raise ValueError("--geography needs the compiled emulator (--net-emulator compiled)")
+        Geography.load(net.geography)  # a bad file is a usage error now, not a failed run later
     return StressConfig(
         peers=args.peers, duration=args.duration, size=args.size, dtype=args.dtype, op=args.op,
         connections=args.connections, concurrency=args.concurrency, kill_rate=args.kill_rate,
@@ -123,7 +144,7 @@ def config_from_args(args: argparse.Namespace) -> StressConfig:
         hang_duration=args.hang_duration,
         hang_kill_fraction=args.hang_kill_fraction, seed=args.seed, heartbeat_timeout=hb,
         stuck_slack=args.stuck_slack, sync_timeout=args.sync_timeout, max_peers=args.max_peers, min_alive=args.min_alive,
-        state_size=args.state_size, pace=args.pace, cooldown=args.cooldown, net=net, report=args.report,
+        state_size=args.state_size, pace=args.pace, optimize_every=args.optimize_every, cooldown=args.cooldown, net=net, report=args.report,
         plot=args.plot, quiet=args.quiet, live=args.live, workdir=args.workdir, keep_logs=args.keep_logs,
         corrupt_peer=corrupt,
     ).validate()

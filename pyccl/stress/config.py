@@ -179,6 +179,11 @@ class NetConfig:
         stall_duration: how long a stall lasts.
         reset_rate: connection resets per second (TCP RST to both ends).
         force_proxy: put the proxy in place even with no emulation set.
+        emulator: ``"compiled"`` (``pyccl-linkemu``, the default) or
+            ``"python"`` (the asyncio proxy, about 0.6 GB/s).
+        geography: a geography file (regions, links inside and between
+            them; see :mod:`pyccl.stress.geography`): needs the compiled
+            emulator, and replaces delay/window/bandwidth.
     """
 
     delay: float = 0.0
@@ -188,13 +193,15 @@ class NetConfig:
     stall_duration: DurationRange = DurationRange(1.0, 1.0)
     reset_rate: float = 0.0
     force_proxy: bool = False
+    emulator: str = "compiled"
+    geography: str | None = None
 
     @property
     def enabled(self) -> bool:
         """True when links go through the proxy."""
         return bool(
             self.force_proxy or self.delay > 0 or self.window or self.bandwidth or self.stall_rate > 0
-            or self.reset_rate > 0
+            or self.reset_rate > 0 or self.geography
         )
 
 
@@ -228,6 +235,7 @@ class StressConfig:
     min_alive: int = 2
     state_size: int = 64 << 10
     pace: float = 0.0
+    optimize_every: int = 0  # > 0: optimize_topology() at every N-th revision
     warmup_timeout: float = 120.0
     cooldown: float | None = None  # None: heartbeat_timeout + stuck_slack, at most a third of the run
     net: NetConfig = field(default_factory=NetConfig)
@@ -280,6 +288,8 @@ class StressConfig:
         """Raise ValueError naming the first bad setting; return self."""
         if self.peers < 2:
             raise ValueError(f"--peers must be at least 2, got {self.peers}")
+        if self.optimize_every < 0:
+            raise ValueError(f"--optimize-every must be >= 0, got {self.optimize_every}")
         if self.peer_cap < self.peers:
             raise ValueError(f"--max-peers ({self.max_peers}) is below --peers ({self.peers})")
         if self.dtype not in DTYPES:

@@ -38,7 +38,10 @@ from typing import Any
 from pyccl.auth import resolve_secret
 from pyccl.stress import intruders, worker
 from pyccl.stress.config import StressConfig
+from pyccl.stress.emunet import CompiledNetem
 from pyccl.stress.faults import FaultKind, FaultRecord, FaultScheduler
+from pyccl.stress.geography import Geography
+from pyccl.stress.linkemu import LinkParams
 from pyccl.stress.live import LiveView, Snapshot
 from pyccl.stress.netem import NetemClient
 from pyccl.stress.peer_procs import PeerProc, PeerState
@@ -85,7 +88,7 @@ class Orchestrator:
         self.rng = self.sched.rng
         self.ports = PortPool(cfg.seed)
         self.master: MasterProcess | None = None
-        self.netem: NetemClient | None = None
+        self.netem: NetemClient | CompiledNetem | None = None
         self.server: asyncio.AbstractServer | None = None
         self.telemetry_port = 0
         self.view = LiveView(self._view_mode())
@@ -194,8 +197,14 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         self.master = MasterProcess(cfg.heartbeat_timeout, os.path.join(self.workdir, "master.log"), self.secret)
         if cfg.net.enabled:
-            shape = LinkShape(cfg.net.delay, cfg.net.window, cfg.net.bandwidth)
-            self.netem = NetemClient(shape, cfg.seed, os.path.join(self.workdir, "netem.log"))
+            netlog = os.path.join(self.workdir, "netem.log")
+            if cfg.net.emulator == "compiled":
+                geo = Geography.load(cfg.net.geography) if cfg.net.geography else None
+                self.netem = CompiledNetem(LinkParams(cfg.net.delay, cfg.net.bandwidth, cfg.net.window), cfg.seed,
+                                           netlog, geo)
+            else:
+                self.netem = NetemClient(LinkShape(cfg.net.delay, cfg.net.window, cfg.net.bandwidth), cfg.seed,
+                                         netlog)
             await self.netem.start()
         await loop.run_in_executor(None, self.master.wait_ready, 60.0)
         self.server = await loop.create_server(lambda: TelemetryConn(self.telemetry), "127.0.0.1", 0)
@@ -324,15 +333,22 @@ class Orchestrator:
         # The port is chosen here even without a proxy so that the run knows
         # (and reports) every port it used.
         data_port, proxy_port, advertise = self.ports.take(), None, None
-        if self.netem is not None:
+        data_host = region = None
+        if isinstance(self.netem, CompiledNetem):
+            data_host, region = self.netem.placement(index)
+            proxy_port = await self.netem.open(data_port, name=f"peer{index}", index=index)
+            advertise = ("127.0.0.1", proxy_port)
+        elif self.netem is not None:
             proxy_port = await self.netem.open(data_port, name=f"peer{index}")
             advertise = ("127.0.0.1", proxy_port)
         assert self.master is not None
         spec = worker.WorkerSpec(
             index=index, master=self.master.address, telemetry=("127.0.0.1", self.telemetry_port),
-            data_port=data_port, advertise=advertise, connections=cfg.connections, concurrency=cfg.concurrency,
+            data_port=data_port, advertise=advertise, data_host=data_host, region=region,
+            connections=cfg.connections, concurrency=cfg.concurrency,
             count=cfg.element_count, dtype=cfg.dtype, op=cfg.op, seed=cfg.seed, max_world=cfg.peer_cap,
-            state_size=cfg.state_size, pace=cfg.pace, log_path=os.path.join(self.workdir, f"peer-{index}.log"),
+            state_size=cfg.state_size, pace=cfg.pace, optimize_every=cfg.optimize_every,
+            log_path=os.path.join(self.workdir, f"peer-{index}.log"),
             connect_timeout=max(60.0, 4 * cfg.stuck_threshold), corrupt=cfg.corrupt_peer == index, secret=self.secret,
         )
         proc = self._ctx.Process(target=worker.main, args=(spec,), name=f"pyccl-stress-peer-{index}", daemon=True)

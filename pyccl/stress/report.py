@@ -65,10 +65,13 @@ def summary_table(r: StressResult) -> str:
         f"workload       {c.concurrency} x all_reduce of {c.size} B {c.dtype} ({c.op}) per step, "
         f"{c.connections} connections, heartbeat timeout {c.heartbeat_timeout:g} s",
     ]
-    if net.enabled:
+    if net.enabled and net.geography:
+        lines.append(f"network        geography {net.geography} ({net.emulator} emulator), stalls {net.stall_duration}")
+    elif net.enabled:
         lines.append(
             f"network        delay {net.delay * 1e3:g} ms, window {net.window or '-'} B, bandwidth "
-            f"{f'{net.bandwidth / 1e6:g} MB/s' if net.bandwidth else '-'}, stalls {net.stall_duration}")
+            f"{f'{net.bandwidth / 1e6:g} MB/s' if net.bandwidth else '-'}, stalls {net.stall_duration} "
+            f"({net.emulator} emulator)")
     mean_gbps = s.ops_completed * c.size / r.elapsed / 1e9 if r.elapsed > 0 else 0.0
     lines += [
         f"ops completed  {s.ops_completed} distinct all-reduces ({r.results_checked} results checked exactly "

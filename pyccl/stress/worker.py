@@ -70,6 +70,9 @@ class WorkerSpec:
     connect_timeout: float = 60.0
     corrupt: bool = False
     secret: bytes | None = None  # None: PYCCL_SECRET from the environment, if any
+    optimize_every: int = 0  # > 0: optimize_topology() at every N-th revision
+    data_host: str | None = None  # own loopback address (a geography run)
+    region: str | None = None
 
 
 def main(spec: WorkerSpec) -> None:
@@ -152,6 +155,7 @@ class _Peer:
             comm = pyccl.Communicator(
                 self.spec.master, connections=self.spec.connections, name=f"stress-{self.spec.index}",
                 data_port=self.spec.data_port, advertise=self.spec.advertise, secret=self.spec.secret,
+                data_host=self.spec.data_host, region=self.spec.region,
             )
             self.peer_id = 0
             self._phase("connect", self.state.revision, 0, ())
@@ -177,8 +181,15 @@ class _Peer:
 
         while not self.stop.is_set():
             self._phase("topology", self.state.revision, comm.epoch, comm.peers)
+            every = self.spec.optimize_every
             try:
-                comm.update_topology()
+                # Members at one program position hold one revision, so they
+                # agree on which of the two they call (a disagreement would
+                # only cost the optimization: the first vote decides the round).
+                if every > 0 and self.state.revision % every == every - 1:
+                    comm.optimize_topology(seconds=0.1, max_bytes=4 << 20)
+                else:
+                    comm.update_topology()
             except pyccl.CCLError as exc:
                 raise _Lost(f"update_topology: {exc}") from exc
             self._phase("sync", self.state.revision, comm.epoch, comm.peers)
