@@ -49,7 +49,7 @@ MAX_NEXT_SEQ_ENTRIES = 4096
 MAX_FENCE_ENTRIES = 4096
 MAX_MEMBERS = 1 << 20
 FAILURE_KINDS = ("peer", "mismatch", "protocol")
-ERROR_KINDS = ("protocol", "expelled", "auth")  # why the master closes a session
+ERROR_KINDS = ("protocol", "expelled", "auth", "standby")  # why the master closes a session
 NONCE_BYTES = 32
 PROOF_BYTES = 32
 STRATEGIES = ("enforce_popular", "receive_only", "send_only")
@@ -117,7 +117,10 @@ def _members(m: Mapping[str, Any], field: str, what: str) -> tuple[Member, ...]:
 
 
 def _plain(v: Any) -> Any:
-    """Tuples (of NamedTuples) become lists, as msgpack sends them."""
+    """Tuples (of NamedTuples) become lists, as msgpack sends them; a nested
+    frame (``Hello.resume``) becomes its map."""
+    if isinstance(v, _Frame):
+        return v.to_wire()
     if isinstance(v, tuple):
         return [_plain(x) for x in v]
     return v
@@ -138,6 +141,7 @@ class Hello(_Frame):
     beat: bool = False  # ask for the master's heartbeats (frozen-master detection)
     order: int | None = None  # ring-order key (torch: the rank)
     nonce: bytes | None = None  # the peer's challenge to the master (see pyccl.auth)
+    resume: Resume | None = None  # failover: what a member holds when it re-registers (see Resume)
     version: int = PROTOCOL_VERSION
 
     @classmethod
@@ -157,6 +161,7 @@ class Hello(_Frame):
             beat=m.get("beat") is True,
             order=get_int(m, "order", 0, MAX_PEER_GROUP) if m.get("order") is not None else None,
             nonce=_blob(m, "nonce", NONCE_BYTES) if m.get("nonce") is not None else None,
+            resume=Resume.parse(m["resume"]) if m.get("resume") is not None else None,
         )
 
 
@@ -305,11 +310,12 @@ class Welcome(_Frame):
     peer_id: int
     heartbeat_interval: float
     heartbeat_timeout: float
+    term: int = 0  # failover: the master's term (see Resume); 0 before it first committed an epoch
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Welcome:
         return cls(get_int(m, "peer_id", 1), get_float(m, "heartbeat_interval", 0.001, 3600.0),
-                   get_float(m, "heartbeat_timeout", 0.001, 36000.0))
+                   get_float(m, "heartbeat_timeout", 0.001, 36000.0), _term(m))
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +330,7 @@ class Epoch(_Frame):
     kind: str
     reason: str
     salt: bytes | None = None  # a run with a secret: the epoch key's salt (see pyccl.auth)
+    term: int = 0  # failover: the term of the master that committed the epoch
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Epoch:
@@ -333,7 +340,7 @@ class Epoch(_Frame):
         return cls(get_int(m, "epoch"), members, tuple(get_pairs(m, "fence", MAX_FENCE_ENTRIES)),
                    get_int(m, "next_round"), get_str(m, "kind", MAX_KIND_LEN),
                    get_str(m, "reason", MAX_REASON_LEN, optional=True),
-                   _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None)
+                   _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None, _term(m))
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +431,74 @@ class SyncResult(_Frame):
         return cls(get_int(m, "sync"), get_bool(m, "ok"), get_int(m, "revision"),
                    get_str(m, "reason", MAX_REASON_LEN, optional=True))
 
+
+# ------------------------------------------------------------ failover (issue 12)
+# A member that lost its master re-registers with a restarted or standby one:
+# its hello carries ``resume``, the state it holds (docs/architecture.md,
+# "Master failover"). Masters number their terms; ``welcome`` and ``epoch``
+# carry the term, a peer never goes back to a lower one, and a master that
+# meets a higher term steps down.
+
+MAX_RESUME_PAIRS = 4096
+MAX_RESUME_MEMBERS = 1 << 16
+
+
+def _term(m: Mapping[str, Any]) -> int:
+    return get_int(m, "term") if m.get("term") is not None else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(_Frame):
+    """What a member holds, sent inside ``hello`` when it re-registers.
+
+    ``members``: the peer ids of its epoch in ring order; ``draining``: it
+    answered the drain of that epoch; ``next_seq``: ops begun per tag in it;
+    ``undecided``: ``(tag, seq)`` it finished and awaits the verdict of;
+    ``committed``: ``(tag, seq)`` of its most recent ``op_ok`` in the epoch;
+    ``answered``: every round below it was answered for this peer;
+    ``position``: the round its next vote would carry; ``sync``/``sync_ok``:
+    the sync round whose result it awaits after finishing its own transfer
+    (0: none) and how that transfer ended; ``last_sync``/``revision``/
+    ``state_hash``: the last sync result it received, the group's revision
+    it announced, and a hash of its copy then; ``term``: the highest master
+    term it has seen.
+    """
+
+    TYPE: ClassVar[str] = "resume"
+    peer_id: int
+    epoch: int
+    members: tuple[int, ...]
+    draining: bool
+    next_seq: tuple[tuple[int, int], ...]
+    undecided: tuple[tuple[int, int], ...]
+    committed: tuple[tuple[int, int], ...]
+    answered: int
+    position: int
+    sync: int = 0
+    sync_ok: bool = False
+    last_sync: int = 0
+    revision: int | None = None
+    state_hash: int = 0
+    term: int = 0
+
+    @classmethod
+    def parse(cls, m: Any) -> Resume:
+        if not isinstance(m, Mapping) or m.get("type") != cls.TYPE:
+            raise FrameError("'hello' field 'resume' must be a 'resume' map")
+        members = get_list(m, "members", MAX_RESUME_MEMBERS)
+        if not members or not all(is_int(x, 1) for x in members):
+            raise FrameError("'resume' field 'members' must be a non-empty list of peer ids")
+        return cls(
+            get_int(m, "peer_id", 1), get_int(m, "epoch", 1), tuple(members), get_bool(m, "draining"),
+            tuple(get_pairs(m, "next_seq", MAX_RESUME_PAIRS)), tuple(get_pairs(m, "undecided", MAX_RESUME_PAIRS)),
+            tuple(get_pairs(m, "committed", MAX_RESUME_PAIRS)), get_int(m, "answered"), get_int(m, "position"),
+            get_int(m, "sync"), get_bool(m, "sync_ok"), get_int(m, "last_sync"),
+            get_int(m, "revision") if m.get("revision") is not None else None,
+            get_int(m, "state_hash", 0, MAX_UINT64), _term(m),
+        )
+
+
+# ------------------------------------------------------------ frame unions
 
 PeerFrame = Hello | Auth | Heartbeat | Bye | Vote | Done | Failed | Drained | Sync | SyncDone
 MasterFrame = Challenge | Welcome | Heartbeat | Epoch | Drain | OpOk | RoundDone | Error | SyncPlan | SyncResult

@@ -23,6 +23,7 @@ class PeerPhase(enum.Enum):
     CONNECTED = "connected"  # no hello yet
     CHALLENGED = "challenged"  # hello to a master with a secret; its proof (auth) is due
     PENDING = "pending"  # welcomed, waiting for admission
+    RESUMING = "resuming"  # failover: a member of an earlier master re-registered, its group re-forms
     MEMBER = "member"  # in the group's current epoch
     GONE = "gone"  # closed, expelled or left; never comes back
 
@@ -172,7 +173,8 @@ class SyncRound:
 
 class Group:
     __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain",
-                 "revision", "syncs", "sync", "sync_queue")
+                 "revision", "syncs", "sync", "sync_queue",
+                 "recovery", "round_floor")  # failover (pyccl/master/recovery.py)
 
     def __init__(self, gid: int) -> None:
         self.gid = gid
@@ -189,6 +191,11 @@ class Group:
         # `sync` frames from members outside the open round (joiners admitted
         # during it, or peers rejected early): they open the next round.
         self.sync_queue: dict[int, tuple[Peer, SyncRequest]] = {}
+        # Failover (pyccl/master/recovery.py): the re-registration in progress
+        # (a recovery.Collecting), and the round below which every round counts
+        # as answered NO_CHANGE (a member of the re-formed group is past it).
+        self.recovery: object | None = None
+        self.round_floor = 0
 
     @property
     def phase(self) -> GroupPhase:
