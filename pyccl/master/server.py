@@ -324,6 +324,10 @@ class Master:
         * ``secret`` (default: ``PYCCL_SECRET`` from the environment): only
           peers that prove they hold it are admitted; without one the run
           is open to anyone who can reach the port (logged once at start).
+        * ``recovery_hold``: a master restarted in a running job waits this
+          long before forming a *new* group from fresh peers, so that the
+          previous members re-register first and the run goes on (see
+          :mod:`pyccl.master.recovery`); 0 (the default here) admits at once.
     """
 
     def __init__(
@@ -335,6 +339,7 @@ class Master:
         secret: str | bytes | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        recovery_hold: float = 0.0,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
@@ -349,7 +354,8 @@ class Master:
         self._port = port
         self._secret = resolve_secret(secret)
         # Built now so that bad timeouts fail in the caller's thread.
-        self._state = MasterState(heartbeat_timeout, heartbeat_interval, secret=self._secret)
+        self._state = MasterState(heartbeat_timeout, heartbeat_interval, secret=self._secret,
+                                  recovery_hold=recovery_hold)
         self._lock = threading.Lock()
         self._used = False
         self._thread: threading.Thread | None = None

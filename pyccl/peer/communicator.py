@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,10 +29,10 @@ from typing import Any
 
 from pyccl import _core
 from pyccl import protocol as P
-from pyccl.auth import epoch_key, new_nonce, resolve_secret
+from pyccl.auth import epoch_key, resolve_secret
 from pyccl.errors import CCLError, LostCause, Timeout
 from pyccl.peer import state as S
-from pyccl.peer.control import ControlClient
+from pyccl.peer.failover import Failover
 from pyccl.peer.ops import (
     LOCAL_RESULTS,
     AsyncHandle,
@@ -46,6 +45,7 @@ from pyccl.peer.ops import (
     check_for_epoch,
     pair_call,
 )
+from pyccl.peer.reconnect import Backoff, combined_hash, dial_any
 from pyccl.peer.shared_state import STRATEGIES, SharedState, SyncInfo, content_hash, fetch_planned
 from pyccl.types import ReduceOp
 
@@ -54,11 +54,13 @@ log = logging.getLogger("pyccl.comm")
 __all__ = ["Communicator", "ReduceInfo", "AsyncHandle"]
 
 
-class Communicator:
+class Communicator(Failover):
     """A peer of a pyccl group.
 
     Args:
-        master: ``"host:port"`` of the master.
+        master: ``"host:port"`` of the master, or several,
+            ``"host1:port1,host2:port2"``, in order of preference (a standby
+            started with ``pyccl master --standby-of``).
         peer_group: peers with the same group number reduce together.
         connections: TCP connections per ring neighbour; every collective is
             striped over all of them.
@@ -77,6 +79,11 @@ class Communicator:
             a mismatch raises :class:`~pyccl.AuthenticationError` at once.
         tls_ca: CA bundle (PEM) to verify a master that serves its control
             port over TLS (default: ``PYCCL_TLS_CA``; neither: plain TCP).
+        master_timeout: seconds to keep looking for a master after losing
+            it (restarted or standby; ops in flight then fail with
+            ``PeerFailure``) before every call raises ``pyccl.Timeout``
+            (default: ``PYCCL_MASTER_TIMEOUT``, else 600). 0: the group is
+            lost at once (``GroupLost``), as for a master that cannot return.
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -94,6 +101,7 @@ class Communicator:
         order: int | None = None,
         secret: str | bytes | None = None,
         tls_ca: str | None = None,
+        master_timeout: float | None = None,
     ) -> None:
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be between 1 and 64, got {connections}")
@@ -107,7 +115,7 @@ class Communicator:
         self.advertise = advertise
         self.order = order
         self._secret = resolve_secret(secret)
-        self._control = ControlClient(master, tls_ca if tls_ca is not None else os.environ.get("PYCCL_TLS_CA") or None)
+        self._init_failover(master, master_timeout, tls_ca)
         self._dp: Any = None
         self._cv = threading.Condition()
         self._state = S.PeerState()  # guarded by _cv
@@ -179,22 +187,21 @@ class Communicator:
         if self._state.closed:
             raise CCLError("this Communicator is closed; create a new one")
         deadline = time.monotonic() + timeout
-        local_ip = self._control.open(timeout)
         try:
-            self._dp = _core.DataPlane(local_ip, self.data_port, self.connections)
-            adv_host, adv_port = self.advertise or (local_ip, self._dp.port)
-            hello = P.Hello(self.peer_group, adv_host, adv_port, self.name[:P.MAX_NAME_LEN], beat=True,
-                            order=self.order, nonce=new_nonce())
-            welcome = self._control.handshake(hello, max(0.1, deadline - time.monotonic()), self._secret)
+            stop = threading.Event()
+            self._control, welcome = dial_any(Backoff(self._masters), self._dial, deadline, stop,
+                                              max(0.1, timeout), auth_fatal=True)
             with self._cv:
                 self._state.welcome(welcome)
+                self._state.term = welcome.term
             # Data links use the master's liveness settings: keepalives at the
             # heartbeat interval, silence for heartbeat_timeout kills a link.
             self._dp.set_link_timeouts(self._control.heartbeat_interval, self._control.heartbeat_timeout)
+            self._reconnect.per_try = self._control.heartbeat_timeout  # a dial to a frozen master ends then
             # A run with a secret: every data connection must prove membership of the epoch.
             self._dp.set_authenticate(self._secret is not None)
             self._connected = True
-            self._control.start(self._on_frame, self._on_lost)
+            self._control.start(self._on_frame, partial(self._on_lost_from, self._control))
             with self._cv:
                 ok = self._cv.wait_for(lambda: self._state.epoch is not None or self._state.stopped(),
                                        max(0.0, deadline - time.monotonic()))
@@ -218,6 +225,7 @@ class Communicator:
                 return
             self._state.close()
             self._cv.notify_all()
+        self._reconnect.stop()
         self._control.close(say_bye=self._connected and self._state.lost is None)
         if self._dp is not None:
             self._dp.close()
@@ -265,10 +273,11 @@ class Communicator:
         """
         self._check_connected()
         with self._cv:
-            self._cv.wait_for(self._state.quiet)
+            self._cv.wait_for(lambda: self._state.quiet() and self._state.can_vote())
             k = self._state.vote()
+            session = self._state.session
         log.debug("peer %d votes round %d", self.peer_id, k)
-        self._control.send(P.Vote(k))
+        self._send(P.Vote(k), session)
         with self._cv:
             self._cv.wait_for(lambda: self._state.round_known(k))
             return self._state.take_round_result(k)
@@ -406,11 +415,12 @@ class Communicator:
             self._finish_op()
 
     def _report(self, op: S.OpTicket, result: S.LocalResult, message: str) -> None:
-        frame = self._state.report(op, result, message)
+        with self._cv:
+            frame = self._state.report(op, result, message)
         if frame is None:
             return
         try:
-            self._control.send(frame)
+            self._send(frame, op.session)
         except CCLError:
             pass  # the lost-connection path wakes the waiter
 
@@ -446,17 +456,19 @@ class Communicator:
                 raise err
             if self._in_sync:
                 raise CCLError("sync_shared_state is already running on this Communicator")
-            self._cv.wait_for(self._state.quiet)
+            self._cv.wait_for(lambda: self._state.quiet() and self._state.can_vote())
             err = self._state.usable_error()
             if err is not None:
                 raise err
             self._in_sync = True
             self._sync_frames.clear()
+            session = self._state.sync_begin()
+        result: P.MasterFrame | None = None
         try:
             # Publish before asking: a fetcher may call the moment the plan is out.
             self._dp.state_publish([(k.buffer.ptr, k.nbytes, h) for k, h in zip(keys, hashes)])
-            self._control.send(P.Sync(state.revision, strategy, tuple(
-                P.StateKey(k.name, k.dtype, k.shape, k.nbytes, h) for k, h in zip(keys, hashes))))
+            self._send(P.Sync(state.revision, strategy, tuple(
+                P.StateKey(k.name, k.dtype, k.shape, k.nbytes, h) for k, h in zip(keys, hashes))), session)
             first = self._await_sync_frame((P.SyncPlan, P.SyncResult))
             if isinstance(first, P.SyncResult):
                 raise CCLError(f"shared-state sync refused: {first.reason or '?'}")
@@ -465,12 +477,19 @@ class Communicator:
             # restarts with every byte, so a slow but live holder is kept).
             ok, reason, rx = fetch_planned(first, keys, self.peer_id, timeout=self._control.heartbeat_timeout,
                                            credential=self._epoch_key)
-            self._control.send(P.SyncDone(first.sync, ok, P.clip_reason(reason)))
+            with self._cv:
+                self._state.sync_fetched(first.sync, ok)
+            self._send(P.SyncDone(first.sync, ok, P.clip_reason(reason)), session)
             result = self._await_sync_frame((P.SyncResult,))
+            for index, h in first.fetch:
+                hashes[index] = h
         finally:
             tx = self._dp.state_unpublish()
             with self._cv:
                 self._in_sync = False
+                if isinstance(result, P.SyncResult):
+                    self._state.sync_result(result, combined_hash(hashes))
+                self._state.sync_end()
         assert isinstance(result, P.SyncResult)
         if not result.ok:
             raise CCLError(f"shared-state sync failed: {result.reason or reason}")
@@ -479,10 +498,13 @@ class Communicator:
 
     def _await_sync_frame(self, types: tuple[type, ...]) -> P.MasterFrame:
         with self._cv:
-            self._cv.wait_for(lambda: any(t in self._sync_frames for t in types) or self._state.stopped())
+            self._cv.wait_for(lambda: any(t in self._sync_frames for t in types) or self._state.stopped()
+                              or self._state.sync_cut_off())
             for t in types:
                 if t in self._sync_frames:
                     return self._sync_frames.pop(t)
+            if self._state.sync_cut_off():
+                raise self._state.sync_failure()
             err = self._state.usable_error()
             raise err if err is not None else CCLError("the shared-state sync was interrupted")
 
@@ -514,12 +536,15 @@ class Communicator:
 
     def _on_epoch(self, frame: P.Epoch) -> None:
         with self._cv:
+            prelude = self._state.recovery_prelude()  # a re-formed group: end the old epoch's ops
             plan = self._state.prepare_epoch(frame)
         # Data plane first: an op that sees the new epoch must find its links.
-        self._carry_out([plan])
+        self._carry_out([*prelude, plan])
         with self._cv:
             self._state.on_epoch(frame, plan)
+            after = self._state.after_epoch()
             self._cv.notify_all()
+        self._carry_out(after)
         self._notify_listeners()
         log.info("epoch %d: rank %d of %d (%s)", frame.epoch, plan.rank, plan.world_size, frame.reason)
 
