@@ -55,6 +55,7 @@ class Collecting:
     resumes: dict[int, tuple[Peer, P.Resume]] = field(default_factory=dict)  # peer id ->
     top: int = 0  # the highest epoch reported
     expected: frozenset[int] = frozenset()  # the members of epoch ``top``
+    gone: set[int] = field(default_factory=set)  # re-registered, then died: not awaited
 
     def add(self, peer: Peer, resume: P.Resume) -> None:
         self.resumes[peer.peer_id] = (peer, resume)
@@ -62,7 +63,7 @@ class Collecting:
             self.top, self.expected = resume.epoch, frozenset(resume.members)
 
     def complete(self) -> bool:
-        return self.expected <= self.resumes.keys()
+        return self.expected - self.gone <= self.resumes.keys()
 
 
 class Recovery:
@@ -141,6 +142,7 @@ class Recovery:
         col = group.recovery
         if not isinstance(col, Collecting) or col.resumes.pop(peer.peer_id, None) is None:
             return
+        col.gone.add(peer.peer_id)
         if not col.resumes:
             group.recovery = None
             self.collecting.pop(group.gid, None)

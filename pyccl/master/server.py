@@ -21,6 +21,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -39,6 +40,13 @@ DEFAULT_PORT = 48148
 MAX_WRITE_BUFFER = 8 << 20
 # How long stop() lets closed connections flush before aborting them.
 _CLOSE_GRACE_S = 1.0
+
+
+def replacement_ids() -> int:
+    """First peer id of a master that may replace another: above every id an
+    earlier master gave out (unless it admitted over a million peers a
+    second), so fresh peers and re-registering members never collide."""
+    return (int(time.time()) << 20) + 1
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -355,7 +363,7 @@ class Master:
         self._secret = resolve_secret(secret)
         # Built now so that bad timeouts fail in the caller's thread.
         self._state = MasterState(heartbeat_timeout, heartbeat_interval, secret=self._secret,
-                                  recovery_hold=recovery_hold)
+                                  recovery_hold=recovery_hold, first_peer_id=replacement_ids() if recovery_hold else 1)
         self._lock = threading.Lock()
         self._used = False
         self._thread: threading.Thread | None = None

@@ -115,6 +115,9 @@ class MasterState:
             restarted master hears from the previous members first (see
             :mod:`pyccl.master.recovery`).
         standby: start passive (refuse every peer) until :meth:`activate`.
+        first_peer_id: the first id given to a new peer. A master that may
+            replace another passes one above every id the other gave out,
+            so a fresh peer never takes the id of a member re-registering.
 
     Every event method returns the actions to carry out, in order. Methods
     never raise on peer input: an invalid frame becomes ``Send(error)`` +
@@ -123,7 +126,7 @@ class MasterState:
 
     def __init__(self, heartbeat_timeout: float = 5.0, heartbeat_interval: float | None = None,
                  secret: bytes | None = None, nonce: Callable[[], bytes] = auth.new_nonce,
-                 recovery_hold: float = 0.0, standby: bool = False) -> None:
+                 recovery_hold: float = 0.0, standby: bool = False, first_peer_id: int = 1) -> None:
         if not heartbeat_timeout > 0:
             raise ValueError(f"heartbeat_timeout must be > 0, got {heartbeat_timeout}")
         if heartbeat_interval is None:
@@ -140,7 +143,7 @@ class MasterState:
         # always the first entry: O(1) per frame and per next_deadline().
         self._live: OrderedDict[int, float] = OrderedDict()
         self._groups: dict[int, Group] = {}
-        self._next_peer_id = 1
+        self._next_peer_id = first_peer_id
         self._gate = Gate(secret, nonce)  # the run-secret check (an open run without a secret)
         self._epochs = Epochs(self._groups, self.heartbeat_timeout, self._gate.salt)
         # ---- failover (pyccl/master/recovery.py)
