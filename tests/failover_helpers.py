@@ -116,6 +116,7 @@ def trainer(idx: int, q: Any, address: str, world: int, steps: int, n: int, sync
             log.append(("ok", step, digest(x), ok, time.time(), info.epoch, info.world_size))
             break
         if sync:
+            q.put(("syncing", idx, step))
             while True:
                 try:
                     info_s = comm.sync_shared_state(state)

@@ -34,6 +34,9 @@ def _check_run(logs: dict[int, list[tuple[Any, ...]]], killed_at: list[float]) -
     first = next(iter(per_peer.values()))
     for idx, seq in per_peer.items():
         assert seq == first, f"peer {idx} saw other outcomes than peer 0:\n{seq}\n{first}"
+    kinds = [e[0] for e in first]
+    print(f"outcomes on every peer: {kinds.count('fail')} all_reduce and {kinds.count('sync_fail')} sync "
+          "aborted by the failover")
     recoveries = []
     for t in killed_at:
         done = [min(e[4] for e in log if e[0] == "ok" and e[4] > t) for log in logs.values()]
@@ -49,24 +52,24 @@ def _run(kill_when: str, sync: bool, steps: int, n: int, kills: int = 1, pace: f
         with PeerProcs() as procs:
             for i in range(3):
                 procs.start(i, trainer, master.address, 3, steps, n, sync, pace)
-            procs.gather("ready", range(3), timeout=60, ignore=("step",))
+            procs.gather("ready", range(3), timeout=60, ignore=("step", "syncing"))
             seen: dict[int, int] = {}
             logs: dict[int, Any] = {}
             for k in range(kills):
                 at = 3 + k * 6
+                # "sync": kill once every peer has entered the sync of step ``at``.
+                want = "syncing" if kill_when == "sync" else "step"
                 while min(seen.get(i, -1) for i in range(3)) < at:
-                    kind, idx, payload = procs.get(60, ("step", "result"))
-                    if kind == "step":
+                    kind, idx, payload = procs.get(60, ("step", "syncing", "result"))
+                    if kind == want:
                         seen[idx] = payload
-                    else:
+                    elif kind == "result":
                         logs[idx] = payload
-                if kill_when == "sync":
-                    time.sleep(0.05)  # the all-reduce of this step is done; the sync is running
                 killed_at.append(master.kill())
                 time.sleep(0.5)
                 master.start()
             while len(logs) < 3:
-                kind, idx, payload = procs.get(120, ("step", "result"))
+                kind, idx, payload = procs.get(120, ("step", "syncing", "result"))
                 if kind == "result":
                     logs[idx] = payload
             procs.join(range(3), 30)
