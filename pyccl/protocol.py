@@ -498,15 +498,51 @@ class Resume(_Frame):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Probe(_Frame):
+    """Master to master (first and only frame of a connection): is the
+    receiver alive, active, and in which term? ``active``/``term``/``address``
+    describe the prober; an active prober with a higher term makes the
+    receiver step down and watch ``address``. ``proof`` (a run with a
+    secret): HMAC of the secret over these fields and ``nonce``."""
+
+    TYPE: ClassVar[str] = "probe"
+    term: int
+    active: bool
+    address: str
+    nonce: bytes
+    proof: bytes | None = None
+
+    @classmethod
+    def parse(cls, m: Mapping[str, Any]) -> Probe:
+        return cls(get_int(m, "term"), get_bool(m, "active"), get_str(m, "address", MAX_HOST_LEN + 6),
+                   _blob(m, "nonce", NONCE_BYTES), _blob(m, "proof", PROOF_BYTES) if m.get("proof") is not None
+                   else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Standing(_Frame):
+    """Answer to ``probe``: the receiver's term and whether it serves peers."""
+
+    TYPE: ClassVar[str] = "standing"
+    term: int
+    active: bool
+
+    @classmethod
+    def parse(cls, m: Mapping[str, Any]) -> Standing:
+        return cls(get_int(m, "term"), get_bool(m, "active"))
+
+
 # ------------------------------------------------------------ frame unions
 
-PeerFrame = Hello | Auth | Heartbeat | Bye | Vote | Done | Failed | Drained | Sync | SyncDone
-MasterFrame = Challenge | Welcome | Heartbeat | Epoch | Drain | OpOk | RoundDone | Error | SyncPlan | SyncResult
+PeerFrame = Hello | Auth | Heartbeat | Bye | Vote | Done | Failed | Drained | Sync | SyncDone | Probe
+MasterFrame = (Challenge | Welcome | Heartbeat | Epoch | Drain | OpOk | RoundDone | Error | SyncPlan | SyncResult
+               | Standing)
 
 PEER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Hello, Auth, Heartbeat, Bye, Vote, Done, Failed, Drained, Sync,
-                                                     SyncDone)}
+                                                     SyncDone, Probe)}
 MASTER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Challenge, Welcome, Heartbeat, Epoch, Drain, OpOk, RoundDone,
-                                                       Error, SyncPlan, SyncResult)}
+                                                       Error, SyncPlan, SyncResult, Standing)}
 
 
 def parse_peer_frame(m: Mapping[str, Any]) -> PeerFrame:

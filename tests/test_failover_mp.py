@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyccl
 import pytest
+
 from failover_helpers import MasterProc, free_port, trainer
 from mp_helpers import PeerProcs
 

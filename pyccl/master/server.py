@@ -27,6 +27,7 @@ from typing import Any, cast
 
 from pyccl.auth import resolve_secret
 from pyccl.master.state import Action, MasterState, Send
+from pyccl.master.watch import watch_loop
 from pyccl.protocol import HEARTBEAT
 from pyccl.wire import FrameError, clip, decode_body, decode_length, encode
 
@@ -336,6 +337,9 @@ class Master:
           long before forming a *new* group from fresh peers, so that the
           previous members re-register first and the run goes on (see
           :mod:`pyccl.master.recovery`); 0 (the default here) admits at once.
+        * ``standby_of="host:port"``: a standby. It serves no peer, probes that
+          master every heartbeat interval and takes over once it has not
+          answered for a heartbeat timeout (see :mod:`pyccl.master.standby`).
     """
 
     def __init__(
@@ -348,6 +352,7 @@ class Master:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         recovery_hold: float = 0.0,
+        standby_of: str | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
@@ -362,8 +367,12 @@ class Master:
         self._port = port
         self._secret = resolve_secret(secret)
         # Built now so that bad timeouts fail in the caller's thread.
+        if standby_of is not None and not recovery_hold:
+            recovery_hold = heartbeat_timeout  # after a takeover, members re-register before new groups form
         self._state = MasterState(heartbeat_timeout, heartbeat_interval, secret=self._secret,
-                                  recovery_hold=recovery_hold, first_peer_id=replacement_ids() if recovery_hold else 1)
+                                  recovery_hold=recovery_hold, standby=standby_of is not None,
+                                  first_peer_id=replacement_ids() if recovery_hold else 1)
+        self._state.watch_address = standby_of
         self._lock = threading.Lock()
         self._used = False
         self._thread: threading.Thread | None = None
@@ -500,10 +509,12 @@ class Master:
             loop.add_signal_handler(sig, stop_event.set)
         ready()
         beat = loop.create_task(self._beat(core))
+        watch = loop.create_task(watch_loop(core, self._state, self._secret, self.address))
         try:
             await stop_event.wait()
         finally:
             beat.cancel()
+            watch.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             log.info("pyccl master on %s stopping", self.address)

@@ -58,6 +58,7 @@ from pyccl.master.model import (
     Send,
 )
 from pyccl.master.recovery import Recovery
+from pyccl.master.standby import probe_proven
 from pyccl.protocol import PROTOCOL_VERSION, PeerFrame, clip_reason
 from pyccl.wire import FrameError, clip
 
@@ -151,6 +152,7 @@ class MasterState:
         self._ids: dict[int, Peer] = {}  # peer id -> its live connection (re-registrations must not collide)
         # Why this master serves nobody (a standby not yet active, or one that stepped down), or None.
         self.passive: str | None = "this master is a standby and not active" if standby else None
+        self.watch_address: str | None = None  # the master this one probes (set by the server, or on stepping down)
 
     # ------------------------------------------------------------ events
 
@@ -389,10 +391,23 @@ class MasterState:
             return False
         return True
 
-    def step_down(self, why: str, out: list[Action]) -> None:
-        """Serve nobody from now on: a master with a higher term runs the run."""
+    def _on_probe(self, peer: Peer, frame: P.Probe, now: float, out: list[Action]) -> None:
+        """Another master asks whether this one is alive and active (pyccl/master/standby.py)."""
+        if not probe_proven(self._gate.secret, frame):
+            raise AuthRefused("a probe without a valid proof of the run secret")
+        out.append(Send(peer.conn_id, P.Standing(self._epochs.term, self.passive is None)))
+        self._kill(peer, "probe answered", now, out, error=None, quiet=True)
+        if frame.active and frame.term > self._epochs.term and self.passive is None:
+            self.step_down(f"the master at {frame.address} is active with term {frame.term}", out,
+                           watch=frame.address)
+
+    def step_down(self, why: str, out: list[Action], watch: str | None = None) -> None:
+        """Serve nobody from now on: a master with a higher term runs the run
+        (``watch``: its address; this master becomes its standby)."""
         log.warning("this master steps down (term %d): %s", self._epochs.term, why)
         self.passive = f"this master stepped down: {why}"
+        if watch is not None:
+            self.watch_address = watch
         error = P.Error(clip_reason(self.passive), "standby")
         for conn_id in list(self._conns):
             out.append(Send(conn_id, error))
@@ -512,7 +527,8 @@ class MasterState:
         self._kill(peer, f"protocol error: {why}", now, out, error=why)
 
     def _kill(self, peer: Peer, cause: str, now: float, out: list[Action], *, error: str | None,
-              closed: bool = False, drain_kind: str = "peer", error_kind: str = "protocol") -> None:
+              closed: bool = False, drain_kind: str = "peer", error_kind: str = "protocol",
+              quiet: bool = False) -> None:
         """Take ``peer`` out of everything; ``error`` is sent first if given."""
         if peer.phase is PeerPhase.GONE:
             return
@@ -528,7 +544,7 @@ class MasterState:
         previous, peer.phase = peer.phase, PeerPhase.GONE
         group = peer.group
         if previous in (PeerPhase.CONNECTED, PeerPhase.CHALLENGED) or group is None:
-            log.info("%s closed before 'hello': %s", peer.label(), cause)
+            log.log(logging.DEBUG if quiet else logging.INFO, "%s closed before 'hello': %s", peer.label(), cause)
             return
         level = logging.INFO if cause == "bye" else logging.WARNING
         if previous is PeerPhase.RESUMING:
@@ -557,6 +573,7 @@ _DISPATCH: dict[type, tuple[_Handler, frozenset[PeerPhase]]] = {
     P.Drained: (MasterState._on_drained, _MEMBER),
     P.Sync: (MasterState._on_sync, _MEMBER),
     P.SyncDone: (MasterState._on_sync_done, _MEMBER),
+    P.Probe: (MasterState._on_probe, _NEW),
 }
 assert set(_DISPATCH) == set(P.PEER_FRAMES.values()), "every peer frame needs a handler"
 
