@@ -26,7 +26,7 @@ def test_a_standby_takes_over_only_after_a_heartbeat_timeout_without_an_active_a
 def test_a_standby_that_never_heard_the_master_waits_a_timeout_from_its_first_probe() -> None:
     w = Watcher(timeout=5.0)
     assert w.on_silence(10.0, False) is Decision.NONE
-    assert w.on_silence(15.0, False) is Decision.ACTIVATE and w.takeover_term(0) == 1
+    assert w.on_silence(15.0, False) is Decision.ACTIVATE and w.takeover_term(0) == 2
 
 
 def test_an_active_prober_steps_down_before_a_higher_term() -> None:

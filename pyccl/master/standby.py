@@ -69,7 +69,9 @@ class Watcher:
         return Decision.ACTIVATE if now - since >= self.timeout else Decision.NONE
 
     def takeover_term(self, my_term: int) -> int:
-        return max(self.seen_term, my_term) + 1
+        # At least 2: the watched master may have answered before its first
+        # epoch (term 0) and made its term 1 just before it froze.
+        return max(self.seen_term, my_term, 1) + 1
 
 
 def make_probe(secret: bytes | None, term: int, active: bool, address: str, nonce: bytes) -> P.Probe:

@@ -192,7 +192,7 @@ class ControlClient:
                     frame = P.parse_master_frame(wire.recv_frame(self._sock))
                 except TimeoutError:
                     reason = f"the master at {self.address} sent nothing for {silence:.1f} s"
-                    log.error("%s; leaving the group", reason)
+                    log.warning("%s; closing the connection", reason)
                     break
                 if isinstance(frame, P.Error):
                     reason = f"the master at {self.address} removed this peer: {frame.reason}"
