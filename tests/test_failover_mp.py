@@ -45,7 +45,8 @@ def _check_run(logs: dict[int, list[tuple[Any, ...]]], killed_at: list[float]) -
     return recoveries
 
 
-def _run(kill_when: str, sync: bool, steps: int, n: int, kills: int = 1, pace: float = 0.0) -> list[float]:
+def _run(kill_when: str, sync: bool, steps: int, n: int, kills: int = 1, pace: float = 0.0,
+         master_log: list[str] | None = None) -> list[float]:
     port = free_port()
     master = MasterProc(port, heartbeat_timeout=HB, hold=HB).start()
     killed_at: list[float] = []
@@ -75,6 +76,8 @@ def _run(kill_when: str, sync: bool, steps: int, n: int, kills: int = 1, pace: f
                     logs[idx] = payload
             procs.join(range(3), 30)
         assert "re-formed at epoch" in master.text()
+        if master_log is not None:
+            master_log.append(master.text())
         return _check_run(logs, killed_at)
     finally:
         master.stop()
@@ -84,6 +87,15 @@ def _run(kill_when: str, sync: bool, steps: int, n: int, kills: int = 1, pace: f
 def test_master_killed_during_all_reduce_restarts_and_the_run_goes_on() -> None:
     rec = _run("all_reduce", sync=False, steps=12, n=1 << 21, kills=2)
     print(f"recovery after master SIGKILL (restart after 0.5 s): {[f'{r:.2f}' for r in rec]} s")
+
+
+@pytest.mark.timeout(180)
+def test_with_a_secret_members_re_register_through_the_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYCCL_SECRET", "failover-secret")  # the master and every peer (spawned) read it
+    text: list[str] = []
+    rec = _run("all_reduce", sync=True, steps=6, n=1 << 18, master_log=text)
+    print(f"recovery with a secret: {[f'{r:.2f}' for r in rec]} s")
+    assert "runs without a secret" not in text[0]
 
 
 @pytest.mark.timeout(180)
