@@ -509,7 +509,7 @@ class Master:
             loop.add_signal_handler(sig, stop_event.set)
         ready()
         beat = loop.create_task(self._beat(core))
-        watch = loop.create_task(watch_loop(core, self._state, self._secret, self.address))
+        watch = loop.create_task(watch_loop(core, self._state, self._secret, self.address, self._tls is not None))
         try:
             await stop_event.wait()
         finally:

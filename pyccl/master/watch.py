@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Protocol
 
 from pyccl import protocol as P
@@ -32,12 +33,23 @@ class _Applies(Protocol):
     def rearm(self) -> None: ...
 
 
-async def probe(address: str, frame: P.Probe, timeout: float) -> P.Standing:
+def _tls_client() -> ssl.SSLContext:
+    # A master serving TLS is probed over TLS. The certificate is not checked:
+    # a probe proves itself with the run secret, and its answer only delays
+    # or allows a takeover (docs/architecture.md, "Master failover").
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def probe(address: str, frame: P.Probe, timeout: float, tls: bool = False) -> P.Standing:
     """Send ``frame`` to the master at ``address``; its answer, or an exception."""
     host, _, port = address.rpartition(":")
 
     async def exchange() -> P.Standing:
-        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port),
+                                                       ssl=_tls_client() if tls else None)
         try:
             writer.write(encode(frame.to_wire()))
             n = decode_length(await reader.readexactly(4))
@@ -51,7 +63,8 @@ async def probe(address: str, frame: P.Probe, timeout: float) -> P.Standing:
     return await asyncio.wait_for(exchange(), timeout)
 
 
-async def watch_loop(core: _Applies, state: MasterState, secret: bytes | None, own_address: str) -> None:
+async def watch_loop(core: _Applies, state: MasterState, secret: bytes | None, own_address: str,
+                     tls: bool = False) -> None:
     """Probe ``state.watch_address`` every heartbeat interval; take over or step down as the Watcher says."""
     watcher: Watcher | None = None
     watched: str | None = None
@@ -66,9 +79,10 @@ async def watch_loop(core: _Applies, state: MasterState, secret: bytes | None, o
         active = state.passive is None
         frame = make_probe(secret, state.term, active, own_address, new_nonce())
         try:
-            answer = await probe(target, frame, max(0.05, state.heartbeat_timeout / 2))
+            answer = await probe(target, frame, max(0.05, state.heartbeat_timeout / 2), tls)
             decision = watcher.on_answer(core.now(), answer, state.term, active)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, FrameError, ValueError) as exc:
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, FrameError, ValueError,
+                ssl.SSLError) as exc:
             log.debug("probe of the master at %s failed: %s", target, exc)
             decision = watcher.on_silence(core.now(), active)
         if decision is Decision.ACTIVATE:
