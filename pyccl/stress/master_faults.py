@@ -39,8 +39,8 @@ class _Run(Protocol):
 async def kill_master(run: _Run, heartbeat_timeout: float, delay: float) -> FaultRecord | None:
     """SIGKILL the master now; a task restarts it on its address ``delay`` seconds later."""
     old = run.master
-    if old is None or not old.address:
-        return None
+    if old is None or not old.address or not old.alive:
+        return None  # not started yet, or already dead and about to be restarted
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, old.kill)
     rec = FaultRecord(FaultKind.MASTER_KILL, run.now(), MASTER_TARGET, f"master {old.address}, back after {delay:.2f} s")

@@ -67,6 +67,11 @@ class MasterProcess:
         self.address = self._pipe.recv()
         return self.address
 
+    @property
+    def alive(self) -> bool:
+        """Started, and neither killed nor stopped."""
+        return not self._pipe.closed and self._proc.exitcode is None
+
     def kill(self) -> None:
         """SIGKILL (a fault): nothing is closed gracefully."""
         if self._proc.pid is not None and self._proc.exitcode is None:

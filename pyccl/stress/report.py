@@ -189,6 +189,7 @@ _COLORS = {
     FaultKind.JOIN: "tab:green",
     FaultKind.NET_STALL: "tab:purple",
     FaultKind.NET_RESET: "tab:brown",
+    FaultKind.MASTER_KILL: "black",
 }
 
 
