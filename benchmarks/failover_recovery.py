@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--size", type=int, default=1 << 20, help="floats per all-reduce (default 1M = 4 MiB)")
     ap.add_argument("--heartbeat-timeout", type=float, default=2.0)
+    ap.add_argument("--out", default=None, help="also write the table to this file (markdown)")
     args = ap.parse_args()
     names = ("restart", "restart +1s", "standby")
     rows: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
@@ -166,13 +167,18 @@ def main() -> None:
             rec, startup = _scenario(name, 1, args.peers, args.size, args.heartbeat_timeout)
             rows[name][0].extend(rec)
             rows[name][1].extend(startup)
-    print(f"master SIGKILL -> every peer completed an op begun after it; {args.peers} peers, "
-          f"{4 * args.size // 1024} KiB all-reduces, heartbeat timeout {args.heartbeat_timeout:g} s, "
-          f"{args.kills} kills each (interleaved)\n")
-    print("| way back | recovery median | recovery max | new master's start (median) |")
-    print("|---|---|---|---|")
+    lines = [f"master SIGKILL -> every peer completed an op begun after it; {args.peers} peers, "
+             f"{4 * args.size // 1024} KiB all-reduces, heartbeat timeout {args.heartbeat_timeout:g} s, "
+             f"{args.kills} kills each (interleaved)", "",
+             "| way back | recovery median | recovery max | new master's start (median) |", "|---|---|---|---|"]
     for name, (rec, startup) in rows.items():
-        print(f"| {name} | {statistics.median(rec):.2f} s | {max(rec):.2f} s | {statistics.median(startup):.2f} s |")
+        lines.append(f"| {name} | {statistics.median(rec):.2f} s | {max(rec):.2f} s | "
+                     f"{statistics.median(startup):.2f} s |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":
