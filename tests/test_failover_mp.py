@@ -189,3 +189,72 @@ def test_no_master_coming_back_raises_timeout_naming_it() -> None:
         comm.close()
     finally:
         master.stop()
+
+
+def _state_peer(idx: int, q: Any, address: str, world: int, steps: int, n: int) -> None:
+    """Members (idx < world) and a joiner (idx == world) run the same loop:
+    update_topology, sync_shared_state (retried on PeerFailure), a local
+    deterministic update. Every successful sync reports (revision, digest)."""
+    from mp_helpers import digest
+
+    comm = pyccl.Communicator(address, connections=2, name=f"s{idx}", master_timeout=60.0)
+    comm.connect(timeout=60)
+    if idx < world:
+        comm.wait_for_world(world, 60)
+    w = np.zeros(n, np.float32)
+    state = pyccl.SharedState({"w": w}, revision=0)
+    q.put(("ready", idx, comm.peer_id))
+    synced: list[tuple[int, str]] = []
+    failures = 0
+    while len(synced) < steps:
+        comm.update_topology()
+        q.put(("syncing", idx, len(synced)))
+        try:
+            comm.sync_shared_state(state)
+        except pyccl.PeerFailure:
+            failures += 1
+            continue
+        synced.append((state.revision, digest(w)))
+        w[state.revision % n] += 1.0
+        state.revision += 1
+        time.sleep(0.02)
+    q.put(("result", idx, (synced, failures, comm.world_size)))
+    comm.close()
+
+
+@pytest.mark.timeout(180)
+def test_master_killed_while_a_joiner_fetches_the_state() -> None:
+    port = free_port()
+    master = MasterProc(port, heartbeat_timeout=HB, hold=HB).start()
+    n = 16 << 20  # 64 MiB of state: the joiner's first sync takes a while
+    try:
+        with PeerProcs() as procs:
+            for i in range(2):
+                procs.start(i, _state_peer, master.address, 2, 60, n)
+            procs.gather("ready", range(2), timeout=60, ignore=("syncing",))
+            procs.start(2, _state_peer, master.address, 2, 15, n)
+            procs.get(60, ("ready",), ignore=("syncing",))
+            while True:  # the joiner's first sync: it is fetching the whole state
+                kind, idx, payload = procs.get(60, ("syncing",))
+                if idx == 2:
+                    break
+            master.kill()
+            time.sleep(0.3)
+            master.start()
+            results = {}
+            while len(results) < 3:
+                kind, idx, payload = procs.get(120, ("result", "syncing"))
+                if kind == "result":
+                    results[idx] = payload
+            procs.join(range(3), 30)
+        by_rev: dict[int, set[str]] = {}
+        for synced, _, _ in results.values():
+            for rev, d in synced:
+                by_rev.setdefault(rev, set()).add(d)
+        assert all(len(ds) == 1 for ds in by_rev.values()), "members hold different states at one revision"
+        joiner = results[2][0]
+        assert joiner[0][0] > 0 and joiner[0][1] in by_rev[joiner[0][0]]  # it got the group's state
+        print(f"syncs aborted by the failover: {[results[i][1] for i in range(3)]}")
+        assert "re-formed at epoch" in master.text()
+    finally:
+        master.stop()
