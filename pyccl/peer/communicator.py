@@ -180,7 +180,10 @@ class Communicator(Failover):
         """Join the group; returns once the master has admitted this peer.
 
         The first peer of a group is admitted at once; later ones at the
-        members' next ``update_topology()``.
+        members' next ``update_topology()``. The masters of the list are
+        tried in order, again and again (with backoff), until one answers or
+        ``timeout`` passes (``Timeout``, naming the last failure); a wrong
+        secret raises ``AuthenticationError`` at once.
         """
         if self._connected:
             raise CCLError("connect() was already called on this Communicator")
