@@ -5,11 +5,14 @@ op once the group re-forms; Backoff paces the search for a master."""
 from __future__ import annotations
 
 import random
+import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pyccl import protocol as P
-from pyccl.errors import PeerFailure, Timeout
-from pyccl.peer.reconnect import Backoff, combined_hash, parse_masters
+from pyccl.errors import CCLError, GroupLost, LostCause, PeerFailure, Timeout
+from pyccl.peer.reconnect import Backoff, Reconnector, combined_hash, parse_masters
 from pyccl.peer.state import VOTE_BITS, AbortDataPlane, LocalResult, SendFrame
 
 from test_peer_state import epoch, joined
@@ -129,3 +132,60 @@ def test_master_lists() -> None:
     with pytest.raises(ValueError):
         parse_masters("h1")
     assert combined_hash([1, 2]) != combined_hash([2, 1])
+
+
+def _reconnector(dial: Any, events: list[Any], give_up: float = 0.3) -> Reconnector:
+    return Reconnector(Backoff(["a:1", "b:2"], first=0.01, cap=0.02), give_up, dial,
+                       on_back=lambda c, w, t: events.append(("back", c, w)) or True,
+                       on_give_up=lambda why, s: events.append(("gave_up", why, s)),
+                       on_refused=lambda exc: events.append(("refused", exc)), per_try=0.1)
+
+
+def _wait(events: list[Any], n: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while len(events) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_the_reconnector_gives_up_naming_the_masters_and_since_when() -> None:
+    tried: list[str] = []
+
+    def dial(address: str, timeout: float) -> Any:
+        tried.append(address)
+        raise CCLError(f"cannot reach the master at {address}")
+
+    events: list[Any] = []
+    r = _reconnector(dial, events)
+    r.start("the master at a:1 closed the connection")
+    _wait(events)
+    r.stop()
+    kind, why, seconds = events[0]
+    assert kind == "gave_up" and seconds == 0.3
+    assert why.startswith("the master at a:1,b:2 has been unreachable since ") and "UTC" in why
+    assert tried[:4] == ["a:1", "b:2", "a:1", "b:2"]
+
+
+def test_the_reconnector_goes_on_past_a_standby_and_stops_at_a_refusal() -> None:
+    answers = iter([CCLError("the master at a:1 is not active"), "welcome"])
+
+    def dial(address: str, timeout: float) -> Any:
+        a = next(answers)
+        if isinstance(a, Exception):
+            raise a
+        return SimpleNamespace(address=address), a
+
+    events: list[Any] = []
+    r = _reconnector(dial, events)
+    r.start("lost")
+    _wait(events)
+    assert events == [("back", SimpleNamespace(address="b:2"), "welcome")]
+    refusal = GroupLost("refused", cause=LostCause.EXPELLED)
+
+    def refuse(address: str, timeout: float) -> Any:
+        raise refusal
+
+    r._dial = refuse  # type: ignore[method-assign]
+    r.start("lost again")  # a second loss starts a new search
+    _wait(events, 2)
+    r.stop()
+    assert events[1] == ("refused", refusal)
