@@ -233,14 +233,18 @@ class Recovery:
         entries = tuple(m.ring_entry() for m in group.members)
         salt = self.epochs.salt()
         own = {p.peer_id: r for p, r in keep}
+        frames: dict[tuple[tuple[int, int], ...], P.Epoch] = {}  # one frame per distinct fence: encoded once
         for m in group.members:
             r = own[m.peer_id]
             # A member still in epoch top - 1 began nothing in ``top``: it owes
             # every op the others began there, on top of what it began before.
             extra = dict(r.next_seq) if r.epoch < top else {}
             f = tuple(sorted((tag, n + extra.get(tag, 0)) for tag, n in fence.items()))
-            out.append(Send(m.conn_id, P.Epoch(group.epoch, entries, f, group.next_unused_round, "peer", reason,
-                                               salt, self.term)))
+            frame = frames.get(f)
+            if frame is None:
+                frame = frames[f] = P.Epoch(group.epoch, entries, f, group.next_unused_round, "peer", reason, salt,
+                                            self.term)
+            out.append(Send(m.conn_id, frame))
         log.info("group %d re-formed at epoch %d (term %d): ring %s, fence %s, revision %s, %d ops confirmed",
                  group.gid, group.epoch, self.term, [m.peer_id for m in group.members], sorted(fence.items()),
                  group.revision, len(committed))
