@@ -30,6 +30,7 @@ ENV_VAR = "PYCCL_SECRET"
 _MASTER = b"pyccl-v1 master"
 _PEER = b"pyccl-v1 peer"
 _EPOCH = b"pyccl-v1 epoch"
+_PROBE = b"pyccl-v1 probe"
 
 
 def resolve_secret(secret: str | bytes | None) -> bytes | None:
@@ -71,6 +72,13 @@ def epoch_key(secret: bytes, group: int, epoch: int, salt: bytes) -> bytes:
     holders of the secret who received the epoch's salt from the master (its
     members) can compute it; a peer expelled before the epoch cannot."""
     msg = _EPOCH + group.to_bytes(4, "little") + epoch.to_bytes(8, "little") + salt
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def probe_proof(secret: bytes, nonce: bytes, term: int, active: bool, address: str) -> bytes:
+    """A master's proof, in a probe to another master, that it holds the run
+    secret (so a stranger cannot make a master step down)."""
+    msg = _PROBE + nonce + term.to_bytes(8, "little") + bytes([active]) + address.encode()
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 

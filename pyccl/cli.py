@@ -41,6 +41,12 @@ def _master_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret-file", default=None,
                    help="file holding the run secret: only peers that hold it may join "
                         "(default: the PYCCL_SECRET environment variable; neither: an open run)")
+    p.add_argument("--recovery-hold", type=float, default=None,
+                   help="seconds a (re)started master waits for the members of a running group to re-register "
+                        "before it forms a new group from fresh peers (default: the heartbeat timeout)")
+    p.add_argument("--standby-of", default=None, metavar="HOST:PORT",
+                   help="run as a standby of the master at HOST:PORT: serve no peer until it has been "
+                        "unreachable for the heartbeat timeout, then take over (peers list both masters)")
 
 
 def _master_run(args: argparse.Namespace) -> int:
@@ -49,8 +55,9 @@ def _master_run(args: argparse.Namespace) -> int:
     from pyccl.master import Master
 
     secret = read_secret_file(args.secret_file) if args.secret_file else None
+    hold = args.heartbeat_timeout if args.recovery_hold is None else args.recovery_hold
     master = Master(host=args.host, port=args.port, heartbeat_timeout=args.heartbeat_timeout, secret=secret,
-                    tls_cert=args.tls_cert, tls_key=args.tls_key)
+                    tls_cert=args.tls_cert, tls_key=args.tls_key, recovery_hold=hold, standby_of=args.standby_of)
     master.serve_forever()  # logs "pyccl master listening on HOST:PORT"; returns on SIGINT/SIGTERM
     return 0
 

@@ -20,11 +20,118 @@ tests/test_protocol.py checks that they match.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from pyccl.failover_frames import Probe as Probe
+from pyccl.failover_frames import Resume as Resume
+from pyccl.failover_frames import Standing as Standing
+from pyccl.frame_fields import (
+    ERROR_KINDS as ERROR_KINDS,
+)
+from pyccl.frame_fields import (
+    FAILURE_KINDS as FAILURE_KINDS,
+)
+from pyccl.frame_fields import (
+    MAX_DIMS as MAX_DIMS,
+)
+from pyccl.frame_fields import (
+    MAX_DTYPE_LEN as MAX_DTYPE_LEN,
+)
+from pyccl.frame_fields import (
+    MAX_FENCE_ENTRIES as MAX_FENCE_ENTRIES,
+)
+from pyccl.frame_fields import (
+    MAX_HOST_ID_LEN as MAX_HOST_ID_LEN,
+)
+from pyccl.frame_fields import (
+    MAX_HOST_LEN as MAX_HOST_LEN,
+)
+from pyccl.frame_fields import (
+    MAX_KEY_NAME_LEN as MAX_KEY_NAME_LEN,
+)
+from pyccl.frame_fields import (
+    MAX_KIND_LEN as MAX_KIND_LEN,
+)
+from pyccl.frame_fields import (
+    MAX_LINK_REPORTS as MAX_LINK_REPORTS,
+)
+from pyccl.frame_fields import (
+    MAX_MEMBERS as MAX_MEMBERS,
+)
+from pyccl.frame_fields import (
+    MAX_NAME_LEN as MAX_NAME_LEN,
+)
+from pyccl.frame_fields import (
+    MAX_NEXT_SEQ_ENTRIES as MAX_NEXT_SEQ_ENTRIES,
+)
+from pyccl.frame_fields import (
+    MAX_PEER_GROUP as MAX_PEER_GROUP,
+)
+from pyccl.frame_fields import (
+    MAX_REASON_LEN as MAX_REASON_LEN,
+)
+from pyccl.frame_fields import (
+    MAX_REGION_LEN as MAX_REGION_LEN,
+)
+from pyccl.frame_fields import (
+    MAX_RESUME_MEMBERS as MAX_RESUME_MEMBERS,
+)
+from pyccl.frame_fields import (
+    MAX_RESUME_PAIRS as MAX_RESUME_PAIRS,
+)
+from pyccl.frame_fields import (
+    MAX_STATE_KEYS as MAX_STATE_KEYS,
+)
+from pyccl.frame_fields import (
+    NONCE_BYTES as NONCE_BYTES,
+)
+from pyccl.frame_fields import (
+    PROOF_BYTES as PROOF_BYTES,
+)
+from pyccl.frame_fields import (
+    PROTOCOL_VERSION as PROTOCOL_VERSION,
+)
+from pyccl.frame_fields import (
+    STRATEGIES as STRATEGIES,
+)
+from pyccl.frame_fields import (
+    Frame as Frame,
+)
+from pyccl.frame_fields import (
+    LinkReport as LinkReport,
+)
+from pyccl.frame_fields import (
+    Member as Member,
+)
+from pyccl.frame_fields import (
+    StateKey as StateKey,
+)
+from pyccl.frame_fields import (
+    blob as _blob,
+)
+from pyccl.frame_fields import (
+    clip_reason as clip_reason,
+)
+from pyccl.frame_fields import (
+    host_ids as _host_ids,
+)
+from pyccl.frame_fields import (
+    links as _links,
+)
+from pyccl.frame_fields import (
+    members as _members,
+)
+from pyccl.frame_fields import (
+    parse_keys as parse_keys,
+)
+from pyccl.frame_fields import (
+    regions as _regions,
+)
+from pyccl.frame_fields import (
+    term as _term,
+)
 from pyccl.wire import (
-    MAX_INT,
     MAX_TAG,
     MAX_UINT64,
     FrameError,
@@ -33,123 +140,15 @@ from pyccl.wire import (
     get_choice,
     get_float,
     get_int,
-    get_list,
     get_pairs,
     get_str,
-    is_int,
 )
-
-PROTOCOL_VERSION = 1
-MAX_PEER_GROUP = (1 << 31) - 1
-MAX_HOST_LEN = 255
-MAX_HOST_ID_LEN = 64  # hello "host_id": which machine (and network namespace) a peer runs on
-MAX_NAME_LEN = 128
-MAX_REASON_LEN = 1024
-MAX_KIND_LEN = 32
-MAX_NEXT_SEQ_ENTRIES = 4096
-MAX_FENCE_ENTRIES = 4096
-MAX_MEMBERS = 1 << 20
-FAILURE_KINDS = ("peer", "mismatch", "protocol")
-ERROR_KINDS = ("protocol", "expelled", "auth")  # why the master closes a session
-NONCE_BYTES = 32
-PROOF_BYTES = 32
-STRATEGIES = ("enforce_popular", "receive_only", "send_only")
-MAX_STATE_KEYS = 1 << 16
-MAX_KEY_NAME_LEN = 256
-MAX_DTYPE_LEN = 16
-MAX_DIMS = 32
-MAX_REGION_LEN = 64
-MAX_LINK_REPORTS = 4096
-
-
-def clip_reason(reason: str) -> str:
-    """A reason string cut to what a frame may carry."""
-    return reason if len(reason) <= MAX_REASON_LEN else reason[: MAX_REASON_LEN - 3] + "..."
-
-
-class StateKey(NamedTuple):
-    """One key of a peer's shared state as reported in its ``sync`` frame."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    hash: int
-
-
-class LinkReport(NamedTuple):
-    """One measured link in a ``vote`` of ``optimize_topology()``: from the voter to ``peer_id``."""
-
-    peer_id: int
-    rtt: float  # seconds, smallest echo
-    bandwidth: float  # bytes/s over the voter's connections to it
-
-
-class Member(NamedTuple):
-    """A ring member in an ``epoch`` frame: who, and where its data port is."""
-
-    peer_id: int
-    host: str
-    port: int
-
-
-class _Frame:
-    """Base of every frame class: ``TYPE`` is the wire name."""
-
-    TYPE: ClassVar[str]
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": self.TYPE}
-        for f in fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            if v is None:
-                continue  # optional fields are left out
-            out[f.name] = _plain(v)
-        return out
-
-
-def _blob(m: Mapping[str, Any], field: str, size: int) -> bytes:
-    """A binary field of exactly ``size`` bytes."""
-    v = m.get(field)
-    if not isinstance(v, bytes) or len(v) != size:
-        raise FrameError(f"'{m.get('type')}' field '{field}' must be {size} bytes")
-    return v
-
-
-def _members(m: Mapping[str, Any], field: str, what: str) -> tuple[Member, ...]:
-    """A list of ``[peer_id, host, port]`` entries."""
-    out = []
-    for e in get_list(m, field, MAX_MEMBERS):
-        if not (isinstance(e, (list, tuple)) and len(e) == 3 and is_int(e[0], 1) and isinstance(e[1], str)
-                and len(e[1]) <= MAX_HOST_LEN and is_int(e[2], 1, 65535)):
-            raise FrameError(f"'{m.get('type')}' {what} entry {clip(e, 60)} is not [peer_id, host, port]")
-        out.append(Member(e[0], e[1], e[2]))
-    return tuple(out)
-
-
-def _host_ids(m: Mapping[str, Any], n: int) -> tuple[str, ...] | None:
-    """The optional ``hosts`` list of an ``epoch`` frame: one host id per member."""
-    if m.get("hosts") is None:
-        return None
-    ids = get_list(m, "hosts", MAX_MEMBERS)
-    if len(ids) != n or not all(isinstance(h, str) and len(h) <= MAX_HOST_ID_LEN for h in ids):
-        raise FrameError(f"'{m.get('type')}' field 'hosts' must list one host id (str <= {MAX_HOST_ID_LEN}) "
-                         "per member")
-    return tuple(ids)
-
-
-def _plain(v: Any) -> Any:
-    """Tuples (of NamedTuples) become lists, as msgpack sends them."""
-    if isinstance(v, tuple):
-        return [_plain(x) for x in v]
-    return v
-
 
 # ------------------------------------------------------------ peer -> master
 
 
 @dataclass(frozen=True, slots=True)
-class Hello(_Frame):
+class Hello(Frame):
     """First frame of a peer: which group it joins and where its data port is."""
 
     TYPE: ClassVar[str] = "hello"
@@ -162,6 +161,7 @@ class Hello(_Frame):
     nonce: bytes | None = None  # the peer's challenge to the master (see pyccl.auth)
     host_id: str = ""  # same non-empty id: same host, ring links may use shared memory
     region: str | None = None  # where the peer runs (Communicator(region=...)); issue 13
+    resume: Resume | None = None  # failover: what a member holds when it re-registers (see Resume)
     version: int = PROTOCOL_VERSION
 
     @classmethod
@@ -183,11 +183,12 @@ class Hello(_Frame):
             nonce=_blob(m, "nonce", NONCE_BYTES) if m.get("nonce") is not None else None,
             host_id=get_str(m, "host_id", MAX_HOST_ID_LEN, optional=True),
             region=get_str(m, "region", MAX_REGION_LEN) if m.get("region") is not None else None,
+            resume=Resume.parse(m["resume"]) if m.get("resume") is not None else None,
         )
 
 
 @dataclass(frozen=True, slots=True)
-class Auth(_Frame):
+class Auth(Frame):
     """The peer's proof that it holds the run secret (answer to ``challenge``)."""
 
     TYPE: ClassVar[str] = "auth"
@@ -199,7 +200,7 @@ class Auth(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class Heartbeat(_Frame):
+class Heartbeat(Frame):
     """Liveness, both ways."""
 
     TYPE: ClassVar[str] = "heartbeat"
@@ -213,7 +214,7 @@ HEARTBEAT = Heartbeat()
 
 
 @dataclass(frozen=True, slots=True)
-class Bye(_Frame):
+class Bye(Frame):
     """The peer leaves the group gracefully."""
 
     TYPE: ClassVar[str] = "bye"
@@ -224,7 +225,7 @@ class Bye(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class Vote(_Frame):
+class Vote(Frame):
     """``update_topology()``: the member's vote in round ``round``;
     ``optimize_topology()`` adds ``links``, what it measured."""
 
@@ -239,21 +240,8 @@ class Vote(_Frame):
                    get_bool(m, "relink") if m.get("relink") is not None else None)
 
 
-def _links(m: Mapping[str, Any]) -> tuple[LinkReport, ...]:
-    """A list of ``[peer_id, rtt, bandwidth]`` entries (finite, non-negative numbers)."""
-    out = []
-    for e in get_list(m, "links", MAX_LINK_REPORTS):
-        ok = isinstance(e, (list, tuple)) and len(e) == 3 and is_int(e[0], 1)
-        nums = e[1:] if ok else []
-        if not ok or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1e15
-                             for x in nums):
-            raise FrameError(f"'vote' links entry {clip(e, 60)} is not [peer_id, rtt, bandwidth]")
-        out.append(LinkReport(e[0], float(e[1]), float(e[2])))
-    return tuple(out)
-
-
 @dataclass(frozen=True, slots=True)
-class Done(_Frame):
+class Done(Frame):
     """The member's data plane finished op (epoch, tag, seq) without error."""
 
     TYPE: ClassVar[str] = "done"
@@ -267,7 +255,7 @@ class Done(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class Failed(_Frame):
+class Failed(Frame):
     """The member's data plane failed op (epoch, tag, seq): ``kind`` is one of FAILURE_KINDS."""
 
     TYPE: ClassVar[str] = "failed"
@@ -284,7 +272,7 @@ class Failed(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class Drained(_Frame):
+class Drained(Frame):
     """Answer to ``drain``: per tag, how many ops the member began in the epoch."""
 
     TYPE: ClassVar[str] = "drained"
@@ -297,7 +285,7 @@ class Drained(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class Sync(_Frame):
+class Sync(Frame):
     """``sync_shared_state``: the member's revision, strategy and per-key hashes."""
 
     TYPE: ClassVar[str] = "sync"
@@ -311,7 +299,7 @@ class Sync(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class SyncDone(_Frame):
+class SyncDone(Frame):
     """The member carried out its part of sync ``sync`` (or failed to)."""
 
     TYPE: ClassVar[str] = "sync_done"
@@ -328,7 +316,7 @@ class SyncDone(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class Challenge(_Frame):
+class Challenge(Frame):
     """A master with a secret answers ``hello`` with its nonce and its proof."""
 
     TYPE: ClassVar[str] = "challenge"
@@ -341,22 +329,23 @@ class Challenge(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class Welcome(_Frame):
+class Welcome(Frame):
     """Answer to ``hello``: the peer's id and the liveness settings."""
 
     TYPE: ClassVar[str] = "welcome"
     peer_id: int
     heartbeat_interval: float
     heartbeat_timeout: float
+    term: int = 0  # failover: the master's term (see Resume); 0 before it first committed an epoch
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Welcome:
         return cls(get_int(m, "peer_id", 1), get_float(m, "heartbeat_interval", 0.001, 3600.0),
-                   get_float(m, "heartbeat_timeout", 0.001, 36000.0))
+                   get_float(m, "heartbeat_timeout", 0.001, 36000.0), _term(m))
 
 
 @dataclass(frozen=True, slots=True)
-class Epoch(_Frame):
+class Epoch(Frame):
     """A new membership epoch: the ring, the fence, the joiners' round position."""
 
     TYPE: ClassVar[str] = "epoch"
@@ -369,6 +358,7 @@ class Epoch(_Frame):
     salt: bytes | None = None  # a run with a secret: the epoch key's salt (see pyccl.auth)
     hosts: tuple[str, ...] | None = None  # members' host ids, in ring order (absent: none gave one)
     regions: tuple[str, ...] | None = None  # per member ("": unknown); issue 13, two-level all-reduce
+    term: int = 0  # failover: the term of the master that committed the epoch
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Epoch:
@@ -380,20 +370,11 @@ class Epoch(_Frame):
                    get_str(m, "reason", MAX_REASON_LEN, optional=True),
                    _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None,
                    _host_ids(m, len(members)),
-                   _regions(m, len(members)) if m.get("regions") is not None else None)
-
-
-def _regions(m: Mapping[str, Any], n: int) -> tuple[str, ...]:
-    """One region label per member (strings of at most MAX_REGION_LEN)."""
-    v = get_list(m, "regions", MAX_MEMBERS)
-    if len(v) != n or not all(isinstance(r, str) and len(r) <= MAX_REGION_LEN for r in v):
-        raise FrameError(f"'epoch' field 'regions' must list one string of at most {MAX_REGION_LEN} "
-                         "characters per member")
-    return tuple(v)
+                   _regions(m, len(members)) if m.get("regions") is not None else None, _term(m))
 
 
 @dataclass(frozen=True, slots=True)
-class Drain(_Frame):
+class Drain(Frame):
     """Epoch ``epoch`` ends: fail its undecided ops and answer ``drained``."""
 
     TYPE: ClassVar[str] = "drain"
@@ -408,7 +389,7 @@ class Drain(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class OpOk(_Frame):
+class OpOk(Frame):
     """Every member reported op (epoch, tag, seq) done: commit it."""
 
     TYPE: ClassVar[str] = "op_ok"
@@ -422,7 +403,7 @@ class OpOk(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class RoundDone(_Frame):
+class RoundDone(Frame):
     """Round ``round`` is over; ``changed``: it admitted peers."""
 
     TYPE: ClassVar[str] = "round_done"
@@ -435,7 +416,7 @@ class RoundDone(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class Error(_Frame):
+class Error(Frame):
     """The master closes this peer's session, saying why."""
 
     TYPE: ClassVar[str] = "error"
@@ -449,7 +430,7 @@ class Error(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class SyncPlan(_Frame):
+class SyncPlan(Frame):
     """Sync ``sync``'s plan for this peer: the keys to fetch and who holds them."""
 
     TYPE: ClassVar[str] = "sync_plan"
@@ -466,7 +447,7 @@ class SyncPlan(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class SyncResult(_Frame):
+class SyncResult(Frame):
     """Sync ``sync`` ended for this peer: ``ok`` and the group's revision."""
 
     TYPE: ClassVar[str] = "sync_result"
@@ -481,13 +462,16 @@ class SyncResult(_Frame):
                    get_str(m, "reason", MAX_REASON_LEN, optional=True))
 
 
-PeerFrame = Hello | Auth | Heartbeat | Bye | Vote | Done | Failed | Drained | Sync | SyncDone
-MasterFrame = Challenge | Welcome | Heartbeat | Epoch | Drain | OpOk | RoundDone | Error | SyncPlan | SyncResult
+# ------------------------------------------------------------ frame unions
+
+PeerFrame = Hello | Auth | Heartbeat | Bye | Vote | Done | Failed | Drained | Sync | SyncDone | Probe
+MasterFrame = (Challenge | Welcome | Heartbeat | Epoch | Drain | OpOk | RoundDone | Error | SyncPlan | SyncResult
+               | Standing)
 
 PEER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Hello, Auth, Heartbeat, Bye, Vote, Done, Failed, Drained, Sync,
-                                                     SyncDone)}
+                                                     SyncDone, Probe)}
 MASTER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Challenge, Welcome, Heartbeat, Epoch, Drain, OpOk, RoundDone,
-                                                       Error, SyncPlan, SyncResult)}
+                                                       Error, SyncPlan, SyncResult, Standing)}
 
 
 def parse_peer_frame(m: Mapping[str, Any]) -> PeerFrame:
@@ -508,36 +492,3 @@ def parse_master_frame(m: Mapping[str, Any]) -> MasterFrame:
     return frame
 
 
-def parse_keys(m: Mapping[str, Any], field: str = "keys") -> tuple[StateKey, ...]:
-    """The ``sync`` frame's key list, fully checked, or FrameError naming the entry.
-
-    Each entry is ``[name (str <= 256), dtype (non-empty str <= 16), shape
-    (list of <= 32 ints in [0, 2**63)), nbytes (int in [0, 2**63)), hash
-    (int in [0, 2**64))]``; names strictly increasing (sorted by code point,
-    no duplicates); at most 65536 entries.
-    """
-    raw = get_list(m, field, MAX_STATE_KEYS)
-    keys: list[StateKey] = []
-    prev: str | None = None
-    for i, e in enumerate(raw):
-        where = f"'sync' field '{field}' entry {i}"
-        if not isinstance(e, (list, tuple)) or len(e) != 5:
-            raise FrameError(f"{where} must be [name, dtype, shape, nbytes, hash], got {clip(e, 60)}")
-        name, dtype, shape, nbytes, h = e
-        if not isinstance(name, str) or len(name) > MAX_KEY_NAME_LEN:
-            raise FrameError(f"{where}: name must be a string of at most {MAX_KEY_NAME_LEN} characters")
-        if not isinstance(dtype, str) or not 0 < len(dtype) <= MAX_DTYPE_LEN:
-            raise FrameError(f"{where}: dtype must be a non-empty string of at most {MAX_DTYPE_LEN} characters")
-        if (not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS
-                or not all(is_int(d) for d in shape)):
-            raise FrameError(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers")
-        if not is_int(nbytes):
-            raise FrameError(f"{where}: nbytes must be an integer in [0, {MAX_INT}]")
-        if not is_int(h, 0, MAX_UINT64):
-            raise FrameError(f"{where}: hash must be an integer in [0, 2**64)")
-        if prev is not None and not name > prev:
-            what = "duplicate key" if name == prev else "keys not sorted by name at key"
-            raise FrameError(f"{where}: {what} {clip(name, 60)}")
-        prev = name
-        keys.append(StateKey(name, dtype, tuple(shape), nbytes, h))
-    return tuple(keys)

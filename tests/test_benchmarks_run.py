@@ -18,6 +18,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 CASES = {
     "auth_latency": ["--reps", "1"],
+    "failover_recovery": ["--kills", "1", "--size", "1024"],
     "allreduce": ["--world-sizes", "2", "--sizes", "4", "64KiB", "--connections", "1", "--reps", "1"],
     "quantized": ["--world-size", "2", "--size", "1MiB", "--reps", "1"],
     "profile_allreduce": ["--world-size", "2", "--size", "1MiB", "--seconds", "0.5"],

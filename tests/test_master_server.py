@@ -325,7 +325,9 @@ def test_start_raises_when_port_taken():
 def test_cli_master_serves_and_stops_on_sigterm():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyccl.cli", "master", "--port", "0", "--heartbeat-timeout", "2"],
+        # --recovery-hold 0: admit at once (the default holds a new group for the
+        # heartbeat timeout, in case this is a restart whose members re-register).
+        [sys.executable, "-m", "pyccl.cli", "master", "--port", "0", "--heartbeat-timeout", "2", "--recovery-hold", "0"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

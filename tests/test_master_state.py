@@ -152,8 +152,9 @@ def test_first_peer_admitted_immediately():
     a = h.hello(name="a")
     welcome, epoch = h.take(a)
     assert welcome == {"type": "welcome", "peer_id": 1, "heartbeat_interval": TIMEOUT / 5,
-                       "heartbeat_timeout": TIMEOUT}
+                       "heartbeat_timeout": TIMEOUT, "term": 0}  # term: firm only once an epoch is committed
     assert epoch["type"] == "epoch"
+    assert epoch["term"] == 1
     assert epoch["epoch"] == 1
     assert epoch["members"] == [[1, "10.0.0.1", 7001]]
     assert epoch["fence"] == []

@@ -44,6 +44,12 @@ SAMPLES: list[Any] = [
     P.Error("expelled"),
     P.SyncPlan(1, 3, ((0, 17),), (P.Member(2, "h2", 7002),)),
     P.SyncResult(1, True, 3, ""),
+    P.Hello(0, "h", 1, resume=P.Resume(4, 9, (4, 2), True, ((0, 3),), ((0, 2),), ((0, 1),), 5, 6, 2, True, 1, 7,
+                                        2**64 - 1, 3)),
+    P.Welcome(5, 1.0, 5.0, 3),
+    P.Probe(2, True, "10.0.0.2:48148", b"n" * 32, b"p" * 32),
+    P.Probe(0, False, "h:1", b"n" * 32),
+    P.Standing(2, False),
 ]
 
 

@@ -620,3 +620,19 @@ def test_stress_catches_a_corrupted_result(tmp_path: Path) -> None:
     assert wrong["rev"] is not None and len(wrong["peers"]) >= 2  # (may happen before the third peer is in)
     assert wrong["values"]["got"] == wrong["values"]["expected"] + 1
     assert "VIOLATION [wrong_result]" in out and "RESULT: FAILED" in out
+
+
+@pytest.mark.timeout(240)
+def test_stress_with_master_kills_zero_violations(tmp_path: Path) -> None:
+    """--master-kill-rate: the master is SIGKILLed and restarted while peers die and join; every check holds."""
+    args = [
+        "--peers", "3", "--duration", "40s", "--size", "256KiB", "--concurrency", "2", "--connections", "2",
+        "--kill-rate", "0.05/s", "--hang-rate", "0", "--join-rate", "0.1/s", "--master-kill-rate", "0.15/s",
+        "--heartbeat-timeout", "2s", "--pace", "10ms", "--seed", "12",
+    ]
+    code, out, rep = _stress(args, 220, tmp_path)
+    assert code == 0, out[-6000:]
+    assert rep["ok"] and rep["violations"] == [], out[-6000:]
+    kinds = rep["faults_by_kind"]
+    assert kinds["master_kill"]["injected"] >= 2, kinds
+    assert kinds["master_kill"]["survived"] == kinds["master_kill"]["injected"], kinds

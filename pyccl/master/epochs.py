@@ -38,6 +38,7 @@ class Epochs:
         self.heartbeat_timeout = heartbeat_timeout
         self.salt = salt
         self.draining: dict[int, Group] = {}  # groups with a drain in progress
+        self.term = 0  # failover: the master's term, carried by every epoch frame (pyccl/master/recovery.py)
         # Last epoch of groups forgotten when they emptied (bounded: oldest out).
         self._forgotten_epochs: OrderedDict[int, int] = OrderedDict()
 
@@ -101,7 +102,8 @@ class Epochs:
     def forget_if_empty(self, group: Group) -> None:
         # Empty groups are dropped so that hellos with ever-new group numbers
         # cannot grow the table; a later hello starts the group afresh.
-        if not group.members and not group.pending and self._groups.get(group.gid) is group:
+        if (not group.members and not group.pending and group.recovery is None
+                and self._groups.get(group.gid) is group):
             del self._groups[group.gid]
             self._forgotten_epochs[group.gid] = group.epoch
             if len(self._forgotten_epochs) > MAX_FORGOTTEN_GROUPS:
@@ -128,6 +130,8 @@ class Epochs:
         # "for" another one (cannot happen with correct peers, cheap to rule out).
         promised = {id(p) for r in group.rounds.values() if r.result is None for p in r.joiners}
         joiners = [p for p in group.pending.values() if id(p) not in promised]
+        if k < group.round_floor:
+            joiners = []  # failover: a member of the re-formed group is already past round k
         if optimize:
             decision = RoundDecision.OPTIMIZE
         else:
@@ -243,11 +247,13 @@ class Epochs:
 
     def send_epoch(self, group: Group, kind: str, reason: str, fence: list[tuple[int, int]], next_round: int,
                     out: list[Action]) -> None:
+        if self.term == 0:
+            self.term = 1  # the first epoch this master commits makes its term firm
         # Host ids let ring neighbours on one machine use shared memory.
         hosts = tuple(m.host_id for m in group.members)
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
                         kind, reason, self.salt(), hosts if any(hosts) else None,
-                        topology.region_labels(group.members, group.links))
+                        topology.region_labels(group.members, group.links), self.term)
         out.extend([Send(m.conn_id, frame) for m in group.members])
         log.info("group %d committed epoch %d (%s): ring %s, fence %s",
                  group.gid, group.epoch, kind, [m.peer_id for m in group.members], fence)

@@ -23,6 +23,7 @@ class PeerPhase(enum.Enum):
     CONNECTED = "connected"  # no hello yet
     CHALLENGED = "challenged"  # hello to a master with a secret; its proof (auth) is due
     PENDING = "pending"  # welcomed, waiting for admission
+    RESUMING = "resuming"  # failover: a member of an earlier master re-registered, its group re-forms
     MEMBER = "member"  # in the group's current epoch
     GONE = "gone"  # closed, expelled or left; never comes back
 
@@ -181,7 +182,8 @@ class SyncRound:
 
 class Group:
     __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain",
-                 "revision", "syncs", "sync", "sync_queue", "links")
+                 "revision", "syncs", "sync", "sync_queue", "links",
+                 "recovery", "round_floor")  # failover (pyccl/master/recovery.py)
 
     def __init__(self, gid: int) -> None:
         self.gid = gid
@@ -200,6 +202,11 @@ class Group:
         self.sync_queue: dict[int, tuple[Peer, SyncRequest]] = {}
         # Measured links from optimize_topology(): (from id, to id) -> (bytes/s, one-way s).
         self.links: dict[tuple[int, int], tuple[float, float]] = {}
+        # Failover (pyccl/master/recovery.py): the re-registration in progress
+        # (a recovery.Collecting), and the round below which every round counts
+        # as answered NO_CHANGE (a member of the re-formed group is past it).
+        self.recovery: object | None = None
+        self.round_floor = 0
 
     @property
     def phase(self) -> GroupPhase:

@@ -21,11 +21,13 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from pyccl.auth import resolve_secret
 from pyccl.master.state import Action, MasterState, Send
+from pyccl.master.watch import watch_loop
 from pyccl.protocol import HEARTBEAT
 from pyccl.wire import FrameError, clip, decode_body, decode_length, encode
 
@@ -39,6 +41,13 @@ DEFAULT_PORT = 48148
 MAX_WRITE_BUFFER = 8 << 20
 # How long stop() lets closed connections flush before aborting them.
 _CLOSE_GRACE_S = 1.0
+
+
+def replacement_ids() -> int:
+    """First peer id of a master that may replace another: above every id an
+    earlier master gave out (unless it admitted over a million peers a
+    second), so fresh peers and re-registering members never collide."""
+    return (int(time.time()) << 20) + 1
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -324,6 +333,13 @@ class Master:
         * ``secret`` (default: ``PYCCL_SECRET`` from the environment): only
           peers that prove they hold it are admitted; without one the run
           is open to anyone who can reach the port (logged once at start).
+        * ``recovery_hold``: a master restarted in a running job waits this
+          long before forming a *new* group from fresh peers, so that the
+          previous members re-register first and the run goes on (see
+          :mod:`pyccl.master.recovery`); 0 (the default here) admits at once.
+        * ``standby_of="host:port"``: a standby. It serves no peer, probes that
+          master every heartbeat interval and takes over once it has not
+          answered for a heartbeat timeout (see :mod:`pyccl.master.standby`).
     """
 
     def __init__(
@@ -335,6 +351,8 @@ class Master:
         secret: str | bytes | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        recovery_hold: float = 0.0,
+        standby_of: str | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
@@ -349,7 +367,12 @@ class Master:
         self._port = port
         self._secret = resolve_secret(secret)
         # Built now so that bad timeouts fail in the caller's thread.
-        self._state = MasterState(heartbeat_timeout, heartbeat_interval, secret=self._secret)
+        if standby_of is not None and not recovery_hold:
+            recovery_hold = heartbeat_timeout  # after a takeover, members re-register before new groups form
+        self._state = MasterState(heartbeat_timeout, heartbeat_interval, secret=self._secret,
+                                  recovery_hold=recovery_hold, standby=standby_of is not None,
+                                  first_peer_id=replacement_ids() if recovery_hold else 1)
+        self._state.watch_address = standby_of
         self._lock = threading.Lock()
         self._used = False
         self._thread: threading.Thread | None = None
@@ -486,10 +509,12 @@ class Master:
             loop.add_signal_handler(sig, stop_event.set)
         ready()
         beat = loop.create_task(self._beat(core))
+        watch = loop.create_task(watch_loop(core, self._state, self._secret, self.address, self._tls is not None))
         try:
             await stop_event.wait()
         finally:
             beat.cancel()
+            watch.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             log.info("pyccl master on %s stopping", self.address)

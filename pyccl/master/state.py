@@ -57,6 +57,8 @@ from pyccl.master.model import (
     RoundDecision,
     Send,
 )
+from pyccl.master.recovery import Recovery
+from pyccl.master.standby import probe_proven
 from pyccl.protocol import PROTOCOL_VERSION, PeerFrame, clip_reason
 from pyccl.wire import FrameError, clip
 
@@ -80,7 +82,7 @@ MAX_OPEN_OPS = 1 << 16
 
 
 _Handler = Callable[["MasterState", Peer, Any, float, "list[Action]"], None]
-_ANY_PEER = frozenset({PeerPhase.PENDING, PeerPhase.MEMBER})
+_ANY_PEER = frozenset({PeerPhase.PENDING, PeerPhase.MEMBER, PeerPhase.RESUMING})
 _MEMBER = frozenset({PeerPhase.MEMBER})
 _NEW = frozenset({PeerPhase.CONNECTED})
 _CHALLENGED = frozenset({PeerPhase.CHALLENGED})
@@ -89,6 +91,7 @@ _PHASE_WORDS = {
     PeerPhase.CHALLENGED: "before 'auth' (the proof of the run secret)",
     PeerPhase.PENDING: "from a pending (not yet admitted) peer",
     PeerPhase.MEMBER: "from a member",
+    PeerPhase.RESUMING: "from a peer whose group is re-forming",
 }
 
 
@@ -108,6 +111,14 @@ class MasterState:
         secret: the run secret; a peer is welcomed only after proving it
             holds it (see :mod:`pyccl.auth`). None: an open run.
         nonce: source of the master's challenge nonces (tests pass their own).
+        recovery_hold: seconds after the first connection during which a new
+            group's first peers wait instead of being admitted at once, so a
+            restarted master hears from the previous members first (see
+            :mod:`pyccl.master.recovery`).
+        standby: start passive (refuse every peer) until :meth:`activate`.
+        first_peer_id: the first id given to a new peer. A master that may
+            replace another passes one above every id the other gave out,
+            so a fresh peer never takes the id of a member re-registering.
 
     Every event method returns the actions to carry out, in order. Methods
     never raise on peer input: an invalid frame becomes ``Send(error)`` +
@@ -115,7 +126,8 @@ class MasterState:
     """
 
     def __init__(self, heartbeat_timeout: float = 5.0, heartbeat_interval: float | None = None,
-                 secret: bytes | None = None, nonce: Callable[[], bytes] = auth.new_nonce) -> None:
+                 secret: bytes | None = None, nonce: Callable[[], bytes] = auth.new_nonce,
+                 recovery_hold: float = 0.0, standby: bool = False, first_peer_id: int = 1) -> None:
         if not heartbeat_timeout > 0:
             raise ValueError(f"heartbeat_timeout must be > 0, got {heartbeat_timeout}")
         if heartbeat_interval is None:
@@ -132,9 +144,15 @@ class MasterState:
         # always the first entry: O(1) per frame and per next_deadline().
         self._live: OrderedDict[int, float] = OrderedDict()
         self._groups: dict[int, Group] = {}
-        self._next_peer_id = 1
+        self._next_peer_id = first_peer_id
         self._gate = Gate(secret, nonce)  # the run-secret check (an open run without a secret)
         self._epochs = Epochs(self._groups, self.heartbeat_timeout, self._gate.salt)
+        # ---- failover (pyccl/master/recovery.py)
+        self._recovery = Recovery(self._epochs, self.heartbeat_timeout, recovery_hold, self._expel)
+        self._ids: dict[int, Peer] = {}  # peer id -> its live connection (re-registrations must not collide)
+        # Why this master serves nobody (a standby not yet active, or one that stepped down), or None.
+        self.passive: str | None = "this master is a standby and not active" if standby else None
+        self.watch_address: str | None = None  # the master this one probes (set by the server, or on stepping down)
 
     # ------------------------------------------------------------ events
 
@@ -144,6 +162,7 @@ class MasterState:
             raise ValueError(f"connection id {conn_id} is already in use")
         self._conns[conn_id] = Peer(conn_id, addr)
         self._live[conn_id] = now
+        self._recovery.start(now)
         return []
 
     def on_frame(self, conn_id: int, frame: Mapping[str, Any], now: float) -> list[Action]:
@@ -228,6 +247,7 @@ class MasterState:
                         error=f"expelled: no 'drained' within {self.heartbeat_timeout:g} s",
                         error_kind="expelled",
                     )
+        self._recovery.on_tick(now, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -239,6 +259,9 @@ class MasterState:
             assert group.drain is not None
             if best is None or group.drain.deadline < best:
                 best = group.drain.deadline
+        held = self._recovery.next_deadline()
+        if held is not None and (best is None or held < best):
+            best = held
         return best
 
     # ------------------------------------------------------------ queries
@@ -290,8 +313,11 @@ class MasterState:
     # FrameError (-> the sender is expelled); see _DISPATCH for who may send what.
 
     def _on_hello(self, peer: Peer, frame: P.Hello, now: float, out: list[Action]) -> None:
+        if self.passive is not None:
+            self._kill(peer, "refused: not active", now, out, error=self.passive, error_kind="standby")
+            return
         if self._gate.open:
-            self._welcome(peer, frame, out)
+            self._welcome(peer, frame, now, out)
             return
         challenge = self._gate.challenge(frame)
         peer.hello, peer.challenge, peer.phase = frame, challenge.nonce, PeerPhase.CHALLENGED
@@ -300,15 +326,24 @@ class MasterState:
     def _on_auth(self, peer: Peer, frame: P.Auth, now: float, out: list[Action]) -> None:
         assert peer.hello is not None
         self._gate.check(peer.hello, peer.challenge, frame)
-        self._welcome(peer, peer.hello, out)
+        self._welcome(peer, peer.hello, now, out)
 
-    def _welcome(self, peer: Peer, frame: P.Hello, out: list[Action]) -> None:
-        """Welcome a peer (authenticated, or the run is open) and queue it for admission."""
+    def _welcome(self, peer: Peer, frame: P.Hello, now: float, out: list[Action]) -> None:
+        """Welcome a peer (authenticated, or the run is open) and queue it for admission,
+        or, if it re-registers (``resume``), for its group's re-forming."""
         gid = frame.peer_group
+        resume = frame.resume
+        if resume is not None and not self._may_resume(peer, gid, resume, now, out):
+            return
         peer.order = frame.order
         peer.wants_beat = frame.beat
-        peer.peer_id = self._next_peer_id
-        self._next_peer_id += 1
+        if resume is not None:
+            peer.peer_id = resume.peer_id
+            self._next_peer_id = max(self._next_peer_id, resume.peer_id + 1)
+        else:
+            peer.peer_id = self._next_peer_id
+            self._next_peer_id += 1
+        self._ids[peer.peer_id] = peer
         peer.data_host, peer.data_port, peer.name = frame.data_host, frame.data_port, frame.name
         peer.host_id = frame.host_id
         peer.region = frame.region
@@ -316,14 +351,79 @@ class MasterState:
         if group is None:
             group = self._epochs.new_group(gid)
         peer.group = group
+        welcome = P.Welcome(peer.peer_id, self.heartbeat_interval, self.heartbeat_timeout, self._epochs.term)
+        out.append(Send(peer.conn_id, welcome))
+        if resume is not None:
+            self._recovery.collect(group, peer, resume, now, out)
+            return
         peer.phase = PeerPhase.PENDING
         group.pending[peer.peer_id] = peer
-        out.append(Send(peer.conn_id, P.Welcome(peer.peer_id, self.heartbeat_interval, self.heartbeat_timeout)))
-        if not group.members:
+        if not group.members and not self._recovery.holds(group, now):
             # Nobody to agree with: an empty group admits at once.
             self._epochs.admit_into_empty(group, f"{peer.label()} joined an empty group", out)
         else:
             log.info("%s is waiting for admission to group %d", peer.label(), gid)
+
+    # ---- failover (pyccl/master/recovery.py)
+
+    @property
+    def term(self) -> int:
+        """This master's term: 0 until it commits its first epoch (see :mod:`pyccl.master.recovery`)."""
+        return self._epochs.term
+
+    def activate(self, term: int, now: float) -> None:
+        """A standby takes over with ``term`` (higher than the active master's):
+        it serves peers from now on, holding new groups for the recovery hold."""
+        self.passive = None
+        self._epochs.term = max(self._epochs.term, term)
+        self._recovery.hold_until = now + self._recovery.hold
+        log.warning("this master is now active (term %d)", self._epochs.term)
+
+    def _may_resume(self, peer: Peer, gid: int, resume: P.Resume, now: float, out: list[Action]) -> bool:
+        """Whether a re-registration goes on; if not, the peer is refused (or this master stepped down)."""
+        if self._recovery.newer_term(resume):
+            self.step_down(f"a peer of group {gid} comes from a master with term {resume.term}, newer than this "
+                           f"master's {self._epochs.term}", out)
+            return False
+        why = self._recovery.refusal(self._groups.get(gid), resume)
+        if why is None and resume.peer_id in self._ids:
+            why = f"peer id {resume.peer_id} is in use on this master; create a new Communicator to rejoin"
+        if why is not None:
+            self._kill(peer, f"re-registration refused: {why}", now, out, error=why, error_kind="expelled")
+            return False
+        return True
+
+    def _on_probe(self, peer: Peer, frame: P.Probe, now: float, out: list[Action]) -> None:
+        """Another master asks whether this one is alive and active (pyccl/master/standby.py)."""
+        if not probe_proven(self._gate.secret, frame):
+            raise AuthRefused("a probe without a valid proof of the run secret")
+        out.append(Send(peer.conn_id, P.Standing(self._epochs.term, self.passive is None)))
+        self._kill(peer, "probe answered", now, out, error=None, quiet=True)
+        if frame.active and frame.term > self._epochs.term and self.passive is None:
+            self.step_down(f"the master at {frame.address} is active with term {frame.term}", out,
+                           watch=frame.address)
+
+    def step_down(self, why: str, out: list[Action], watch: str | None = None) -> None:
+        """Serve nobody from now on: a master with a higher term runs the run
+        (``watch``: its address; this master becomes its standby)."""
+        log.warning("this master steps down (term %d): %s", self._epochs.term, why)
+        self.passive = f"this master stepped down: {why}"
+        if watch is not None:
+            self.watch_address = watch
+        error = P.Error(clip_reason(self.passive), "standby")
+        for conn_id in list(self._conns):
+            out.append(Send(conn_id, error))
+            out.append(Close(conn_id, "stepped down"))
+        self._conns.clear()
+        self._live.clear()
+        self._groups.clear()
+        self._ids.clear()
+        self._epochs.draining.clear()
+        self._recovery.collecting.clear()
+        self._recovery.held.clear()
+
+    def _expel(self, peer: Peer, now: float, why: str, out: list[Action]) -> None:
+        self._kill(peer, f"expelled: {why}", now, out, error=why, error_kind="expelled")
 
     def _on_heartbeat(self, peer: Peer, frame: P.Heartbeat, now: float, out: list[Action]) -> None:
         pass  # liveness was refreshed by on_frame; that is all a heartbeat is for
@@ -432,13 +532,16 @@ class MasterState:
         self._kill(peer, f"protocol error: {why}", now, out, error=why)
 
     def _kill(self, peer: Peer, cause: str, now: float, out: list[Action], *, error: str | None,
-              closed: bool = False, drain_kind: str = "peer", error_kind: str = "protocol") -> None:
+              closed: bool = False, drain_kind: str = "peer", error_kind: str = "protocol",
+              quiet: bool = False) -> None:
         """Take ``peer`` out of everything; ``error`` is sent first if given."""
         if peer.phase is PeerPhase.GONE:
             return
         conn_id = peer.conn_id
         del self._conns[conn_id]
         self._live.pop(conn_id, None)
+        if self._ids.get(peer.peer_id) is peer:
+            del self._ids[peer.peer_id]
         if not closed:
             if error is not None:
                 out.append(Send(conn_id, P.Error(clip_reason(error), error_kind)))
@@ -446,10 +549,13 @@ class MasterState:
         previous, peer.phase = peer.phase, PeerPhase.GONE
         group = peer.group
         if previous in (PeerPhase.CONNECTED, PeerPhase.CHALLENGED) or group is None:
-            log.info("%s closed before 'hello': %s", peer.label(), cause)
+            log.log(logging.DEBUG if quiet else logging.INFO, "%s closed before 'hello': %s", peer.label(), cause)
             return
         level = logging.INFO if cause == "bye" else logging.WARNING
-        if previous is PeerPhase.PENDING:
+        if previous is PeerPhase.RESUMING:
+            log.log(level, "%s (re-registering to group %d) is gone: %s", peer.label(), group.gid, cause)
+            self._recovery.drop(group, peer, now, out)
+        elif previous is PeerPhase.PENDING:
             log.log(level, "%s (pending in group %d) is gone: %s", peer.label(), group.gid, cause)
             self._epochs.drop_pending(group, peer, out)
         else:
@@ -472,6 +578,7 @@ _DISPATCH: dict[type, tuple[_Handler, frozenset[PeerPhase]]] = {
     P.Drained: (MasterState._on_drained, _MEMBER),
     P.Sync: (MasterState._on_sync, _MEMBER),
     P.SyncDone: (MasterState._on_sync_done, _MEMBER),
+    P.Probe: (MasterState._on_probe, _NEW),
 }
 assert set(_DISPATCH) == set(P.PEER_FRAMES.values()), "every peer frame needs a handler"
 

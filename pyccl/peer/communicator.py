@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,11 +29,11 @@ from typing import Any
 
 from pyccl import _core
 from pyccl import protocol as P
-from pyccl.auth import epoch_key, new_nonce, resolve_secret
+from pyccl.auth import epoch_key, resolve_secret
 from pyccl.errors import CCLError, LostCause, Timeout
 from pyccl.peer import hierarchy, probing
 from pyccl.peer import state as S
-from pyccl.peer.control import ControlClient
+from pyccl.peer.failover import Failover
 from pyccl.peer.ops import (
     LOCAL_RESULTS,
     AsyncHandle,
@@ -48,8 +47,9 @@ from pyccl.peer.ops import (
     launch,
     pair_call,
 )
-from pyccl.peer.shared_state import STRATEGIES, SharedState, SyncInfo, content_hash, fetch_planned
-from pyccl.peer.transport import host_id, resolve_transport
+from pyccl.peer.reconnect import Backoff, dial_any
+from pyccl.peer.state_sync import SharedStateSync
+from pyccl.peer.transport import resolve_transport
 from pyccl.types import ReduceOp
 
 log = logging.getLogger("pyccl.comm")
@@ -57,11 +57,13 @@ log = logging.getLogger("pyccl.comm")
 __all__ = ["Communicator", "ReduceInfo", "AsyncHandle"]
 
 
-class Communicator:
+class Communicator(Failover, SharedStateSync):
     """A peer of a pyccl group.
 
     Args:
-        master: ``"host:port"`` of the master.
+        master: ``"host:port"`` of the master, or several,
+            ``"host1:port1,host2:port2"``, in order of preference (a standby
+            started with ``pyccl master --standby-of``).
         peer_group: peers with the same group number reduce together.
         connections: TCP connections per ring neighbour (1..64); every
             collective is striped over all of them. ``"auto"``: 4 until
@@ -93,6 +95,11 @@ class Communicator:
             (:mod:`pyccl.peer.hierarchy`): "auto" from 1 MiB, "on", "off".
         auto_optimize: measure and reorder (``optimize_topology()``) at the
             first ``update_topology()`` after each membership change.
+        master_timeout: seconds to keep looking for a master after losing
+            it (restarted or standby; ops in flight then fail with
+            ``PeerFailure``) before every call raises ``pyccl.Timeout``
+            (default: ``PYCCL_MASTER_TIMEOUT``, else 600). 0: the group is
+            lost at once (``GroupLost``), as for a master that cannot return.
 
     Thread safety: collectives, ``update_topology`` and
     ``sync_shared_state`` may be called from several threads; each call
@@ -115,6 +122,7 @@ class Communicator:
         data_host: str | None = None,
         two_level: str = "auto",
         auto_optimize: bool = False,
+        master_timeout: float | None = None,
     ) -> None:
         self._auto = connections == "auto"
         if self._auto:
@@ -135,7 +143,7 @@ class Communicator:
         self._auto_optimize, self._optimized_epoch = auto_optimize, 0
         self.data_host = data_host
         self._secret = resolve_secret(secret)
-        self._control = ControlClient(master, tls_ca if tls_ca is not None else os.environ.get("PYCCL_TLS_CA") or None)
+        self._init_failover(master, master_timeout, tls_ca)
         self._dp: Any = None
         self._cv = threading.Condition()
         self._state = S.PeerState()  # guarded by _cv
@@ -205,32 +213,31 @@ class Communicator:
         """Join the group; returns once the master has admitted this peer.
 
         The first peer of a group is admitted at once; later ones at the
-        members' next ``update_topology()``.
+        members' next ``update_topology()``. The masters of the list are
+        tried in order, again and again (with backoff), until one answers or
+        ``timeout`` passes (``Timeout``, naming the last failure); a wrong
+        secret raises ``AuthenticationError`` at once.
         """
         if self._connected:
             raise CCLError("connect() was already called on this Communicator")
         if self._state.closed:
             raise CCLError("this Communicator is closed; create a new one")
         deadline = time.monotonic() + timeout
-        local_ip = self._control.open(timeout)
         try:
-            self._dp = _core.DataPlane(self.data_host or local_ip, self.data_port, self.connections)
-            if self.data_host:
-                self._dp.set_source_host(self.data_host)
-            adv_host, adv_port = self.advertise or (self.data_host or local_ip, self._dp.port)
-            hello = P.Hello(self.peer_group, adv_host, adv_port, self.name[:P.MAX_NAME_LEN], beat=True,
-                            order=self.order, nonce=new_nonce(),
-                            host_id=host_id() if self.transport == "auto" else "", region=self.region)
-            welcome = self._control.handshake(hello, max(0.1, deadline - time.monotonic()), self._secret)
+            stop = threading.Event()
+            self._control, welcome = dial_any(Backoff(self._masters), self._dial, deadline, stop,
+                                              max(0.1, timeout), auth_fatal=True)
             with self._cv:
                 self._state.welcome(welcome)
+                self._state.term = welcome.term
             # Data links use the master's liveness settings: keepalives at the
             # heartbeat interval, silence for heartbeat_timeout kills a link.
             self._dp.set_link_timeouts(self._control.heartbeat_interval, self._control.heartbeat_timeout)
+            self._reconnect.per_try = self._control.heartbeat_timeout  # a dial to a frozen master ends then
             # A run with a secret: every data connection must prove membership of the epoch.
             self._dp.set_authenticate(self._secret is not None)
             self._connected = True
-            self._control.start(self._on_frame, self._on_lost)
+            self._control.start(self._on_frame, partial(self._on_lost_from, self._control))
             with self._cv:
                 ok = self._cv.wait_for(lambda: self._state.epoch is not None or self._state.stopped(),
                                        max(0.0, deadline - time.monotonic()))
@@ -254,6 +261,7 @@ class Communicator:
                 return
             self._state.close()
             self._cv.notify_all()
+        self._reconnect.stop()
         self._control.close(say_bye=self._connected and self._state.lost is None)
         if self._dp is not None:
             self._dp.close()
@@ -301,10 +309,11 @@ class Communicator:
         if self._auto_optimize and self._state.optimize_due(self._optimized_epoch):
             return self.optimize_topology()
         with self._cv:
-            self._cv.wait_for(self._state.quiet)
+            self._cv.wait_for(lambda: self._state.quiet() and self._state.can_vote())
             k = self._state.vote()
+            session = self._state.session
         log.debug("peer %d votes round %d", self.peer_id, k)
-        self._control.send(P.Vote(k))
+        self._send(P.Vote(k), session)
         with self._cv:
             self._cv.wait_for(lambda: self._state.round_known(k))
             return self._state.take_round_result(k)
@@ -463,85 +472,17 @@ class Communicator:
             self._finish_op()
 
     def _report(self, op: S.OpTicket, result: S.LocalResult, message: str) -> None:
-        frame = self._state.report(op, result, message)
+        with self._cv:
+            frame = self._state.report(op, result, message)
         if frame is None:
             return
         try:
-            self._control.send(frame)
+            self._send(frame, op.session)
         except CCLError:
             pass  # the lost-connection path wakes the waiter
 
     # ----------------------------------------------------------- shared state
 
-    def sync_shared_state(self, state: SharedState, strategy: str = "enforce_popular") -> SyncInfo:
-        """Make this peer's copy of ``state`` identical to the group's popular copy.
-
-        A collective: every member calls it at the same point. Each member
-        reports its revision and per-key hashes; the master picks the content
-        held by the most peers at the highest revision; members that are
-        behind or differ fetch exactly the keys that differ, from every
-        holder at once, and verify each by hash before this returns. On
-        success ``state.revision`` is the group's revision. If the transfer
-        cannot complete (every holder failed) this raises ``CCLError`` and
-        the revision is left unchanged.
-
-        Strategies: ``enforce_popular`` (default: send and receive),
-        ``receive_only`` (never counted as a holder), ``send_only`` (never
-        overwritten).
-        """
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-        if not isinstance(state, SharedState):
-            raise ValueError("sync_shared_state takes a pyccl.SharedState")
-        self._check_connected()
-        t0 = time.perf_counter()
-        keys = state.describe()
-        hashes = [content_hash(k.buffer) for k in keys]
-        with self._cv:
-            err = self._state.usable_error()
-            if err is not None:
-                raise err
-            if self._in_sync:
-                raise CCLError("sync_shared_state is already running on this Communicator")
-            self._cv.wait_for(self._state.quiet)
-            err = self._state.usable_error()
-            if err is not None:
-                raise err
-            self._in_sync = True
-            self._sync_frames.clear()
-        try:
-            # Publish before asking: a fetcher may call the moment the plan is out.
-            self._dp.state_publish([(k.buffer.ptr, k.nbytes, h) for k, h in zip(keys, hashes)])
-            self._control.send(P.Sync(state.revision, strategy, tuple(
-                P.StateKey(k.name, k.dtype, k.shape, k.nbytes, h) for k, h in zip(keys, hashes))))
-            first = self._await_sync_frame((P.SyncPlan, P.SyncResult))
-            if isinstance(first, P.SyncResult):
-                raise CCLError(f"shared-state sync refused: {first.reason or '?'}")
-            assert isinstance(first, P.SyncPlan)
-            # A holder silent for a heartbeat timeout is given up (the timeout
-            # restarts with every byte, so a slow but live holder is kept).
-            ok, reason, rx = fetch_planned(first, keys, self.peer_id, timeout=self._control.heartbeat_timeout,
-                                           credential=self._epoch_key)
-            self._control.send(P.SyncDone(first.sync, ok, P.clip_reason(reason)))
-            result = self._await_sync_frame((P.SyncResult,))
-        finally:
-            tx = self._dp.state_unpublish()
-            with self._cv:
-                self._in_sync = False
-        assert isinstance(result, P.SyncResult)
-        if not result.ok:
-            raise CCLError(f"shared-state sync failed: {result.reason or reason}")
-        state.revision = result.revision
-        return SyncInfo(state.revision, int(tx), int(rx), time.perf_counter() - t0)
-
-    def _await_sync_frame(self, types: tuple[type, ...]) -> P.MasterFrame:
-        with self._cv:
-            self._cv.wait_for(lambda: any(t in self._sync_frames for t in types) or self._state.stopped())
-            for t in types:
-                if t in self._sync_frames:
-                    return self._sync_frames.pop(t)
-            err = self._state.usable_error()
-            raise err if err is not None else CCLError("the shared-state sync was interrupted")
 
     # ------------------------------------------------- control-thread events
 
@@ -571,12 +512,15 @@ class Communicator:
 
     def _on_epoch(self, frame: P.Epoch) -> None:
         with self._cv:
+            prelude = self._state.recovery_prelude()  # a re-formed group: end the old epoch's ops
             plan = self._state.prepare_epoch(frame)
         # Data plane first: an op that sees the new epoch must find its links.
-        self._carry_out([plan])
+        self._carry_out([*prelude, plan])
         with self._cv:
             self._state.on_epoch(frame, plan)
+            after = self._state.after_epoch()
             self._cv.notify_all()
+        self._carry_out(after)
         self._notify_listeners()
         log.info("epoch %d: rank %d of %d (%s)", frame.epoch, plan.rank, plan.world_size, frame.reason)
 

@@ -97,6 +97,8 @@ class ControlClient:
                 "master with the secret (--secret-file, secret= or PYCCL_SECRET), or give this peer none",
                 master=self.address)
         if isinstance(frame, P.Error):
+            if frame.kind == "standby":  # not the active master: the caller tries the next one
+                raise CCLError(f"the master at {self.address} is not active: {frame.reason}")
             if frame.kind == "auth":
                 raise AuthenticationError(f"the master at {self.address} refused this peer: {frame.reason}",
                                           master=self.address)
@@ -180,9 +182,9 @@ class ControlClient:
         assert self._sock is not None
         reason = f"the master at {self.address} closed the connection"
         cause = LostCause.MASTER_UNREACHABLE
-        # The master heart-beats every interval: two timeouts of silence mean
-        # it froze or the path to it died.
-        silence = 2 * self.heartbeat_timeout
+        # The master heart-beats every interval (a fifth of the timeout): a
+        # timeout of silence means it froze or the path to it died.
+        silence = self.heartbeat_timeout
         self._sock.settimeout(silence)
         try:
             while not self._stop.is_set():
@@ -190,11 +192,12 @@ class ControlClient:
                     frame = P.parse_master_frame(wire.recv_frame(self._sock))
                 except TimeoutError:
                     reason = f"the master at {self.address} sent nothing for {silence:.1f} s"
-                    log.error("%s; leaving the group", reason)
+                    log.warning("%s; closing the connection", reason)
                     break
                 if isinstance(frame, P.Error):
                     reason = f"the master at {self.address} removed this peer: {frame.reason}"
-                    cause = LostCause.EXPELLED
+                    # A master that stepped down is gone for us like a dead one.
+                    cause = LostCause.MASTER_UNREACHABLE if frame.kind == "standby" else LostCause.EXPELLED
                     log.error("%s", reason)
                     break
                 if not isinstance(frame, P.Heartbeat):

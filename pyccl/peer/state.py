@@ -34,16 +34,18 @@ fences"):
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 from pyccl import protocol as P
-from pyccl.errors import CCLError, DrainKind, GroupLost, LostCause, MismatchError, PeerFailure
+from pyccl.errors import CCLError, DrainKind, GroupLost, LostCause, MismatchError, PeerFailure, Timeout
 from pyccl.peer import hierarchy
 from pyccl.wire import FrameError
 
 VOTE_BITS = 20
 VOTE_MASK = (1 << VOTE_BITS) - 1
 KEEP_EPOCHS = 16  # drains and memberships remembered (for late verdicts)
+RECENT_OK = 1024  # failover: op_ok frames remembered, reported when re-registering
 
 
 class LocalResult(enum.Enum):
@@ -130,6 +132,7 @@ class OpTicket:
     epoch: EpochView
     tag: int
     seq: int
+    session: int = 0  # failover: the master connection it began under (its report goes nowhere else)
 
 
 class PeerState:
@@ -153,6 +156,20 @@ class PeerState:
         self._round_results: dict[int, bool] = {}
         self.lost: GroupLost | None = None
         self.closed = False
+        # ---- failover (see "Failover" below and pyccl/peer/reconnect.py)
+        self.session = 0  # master connections lost so far: a frame of an older session is never sent
+        self.recovering = False  # the master is lost: no op or vote begins until the group re-forms
+        self.term = 0  # the highest master term seen
+        self.gave_up: tuple[str, float] | None = None  # no master came back: (why, after how many seconds)
+        self._undecided: set[tuple[int, int, int]] = set()  # reported done, verdict pending
+        self._recent_ok: deque[tuple[int, int, int]] = deque(maxlen=RECENT_OK)
+        self.waiting_round: int | None = None  # voted, not answered
+        self._vote_session = 0
+        self._sync: tuple[int, int, bool] | None = None  # (session, sync number (0: no plan yet), own transfer ok)
+        self._sync_fetched = False
+        self.last_sync = 0  # number of the last sync result received
+        self.revision: int | None = None  # the group's revision announced by that result
+        self.state_hash = 0
 
     # ------------------------------------------------------------ queries
 
@@ -164,6 +181,9 @@ class PeerState:
         """Why no call may run now, or None."""
         if self.closed:
             return CCLError("this Communicator is closed; create a new one to rejoin")
+        if self.gave_up is not None:
+            return Timeout(f"{self.gave_up[0]}; this peer is no longer part of the group, create a new "
+                           "Communicator", seconds=self.gave_up[1])
         if self.lost is not None:
             return GroupLost(f"{self.lost}; this peer is no longer part of the group, create a new Communicator",
                              cause=self.lost.cause, reason=self.lost.reason)
@@ -175,7 +195,7 @@ class PeerState:
 
     def can_begin(self) -> bool:
         """Whether an op may begin now (no drain running), or must raise."""
-        return self.draining is None or self.stopped()
+        return (self.draining is None and not self.recovering) or self.stopped()
 
     def quiet(self) -> bool:
         """No op of this peer in flight (votes and syncs wait for it)."""
@@ -202,7 +222,7 @@ class PeerState:
         seq = self._next_seq.get(tag, 0)
         self._next_seq[tag] = seq + 1
         self.inflight += 1
-        return OpTicket(self.epoch, tag, seq)
+        return OpTicket(self.epoch, tag, seq, self.session)
 
     def finish_op(self) -> None:
         """An op begun with :meth:`begin_op` returned (either way)."""
@@ -212,6 +232,7 @@ class PeerState:
         """The frame that reports this peer's part of an op (None: nothing to report)."""
         e, tag, seq = ticket.epoch.number, ticket.tag, ticket.seq
         if result is LocalResult.OK:
+            self._undecided.add((e, tag, seq))
             return P.Done(e, tag, seq)
         if result is LocalResult.ABORTED:
             return None  # the master already ended this epoch
@@ -228,6 +249,7 @@ class PeerState:
         """Return if the op was committed (``op_ok``); else raise its error.
         Call once :meth:`verdict_known`."""
         key = (ticket.epoch.number, ticket.tag, ticket.seq)
+        self._undecided.discard(key)
         if key in self._decided:
             self._decided.discard(key)
             return
@@ -266,6 +288,7 @@ class PeerState:
             raise CCLError("update_topology() was called over a million times in a row without a collective")
         k = (self.ops_begun << VOTE_BITS) | self.votes_since_op
         self.votes_since_op += 1
+        self.waiting_round, self._vote_session = k, self.session
         return k
 
     def optimize_due(self, optimized_epoch: int) -> bool:
@@ -286,6 +309,8 @@ class PeerState:
         err = self.usable_error()
         if err is not None:
             raise err
+        if self.waiting_round == k:
+            self.waiting_round = None
         return self._round_results.pop(k)
 
     # --------------------------------------------------------- master side
@@ -302,6 +327,8 @@ class PeerState:
             raise FrameError(f"epoch {frame.epoch} does not include this peer ({self.peer_id})")
         if self.epoch is not None and frame.epoch <= self.epoch.number:
             raise FrameError(f"epoch {frame.epoch} is not newer than the current epoch {self.epoch.number}")
+        if frame.term < self.term:
+            raise FrameError(f"epoch {frame.epoch} comes from a master with term {frame.term}, older than {self.term}")
         rank = ids.index(self.peer_id)
         n = len(ids)
         keep = self.epoch is None or set(self.epoch.peer_ids) <= set(ids)
@@ -314,6 +341,15 @@ class PeerState:
 
     def on_epoch(self, frame: P.Epoch, plan: SetDataPlaneEpoch) -> None:
         """Publish the epoch (after :meth:`prepare_epoch`'s action ran)."""
+        self.term = max(self.term, frame.term)
+        if self.recovering and self.epoch is not None:
+            # The group re-formed under a new master: every op of the old epoch
+            # without op_ok (confirmed just before this frame) has failed.
+            old = self.epoch.number
+            self.drained_through = max(self.drained_through, old)
+            self._drains.setdefault(old, _DrainRecord(DrainKind.PEER, "the master was lost and the group re-formed "
+                                                                      "with a new one"))
+        self.recovering = False
         if self.epoch is None:
             # Admitted now: stand where the round that admitted us stood.
             self.ops_begun = frame.next_round >> VOTE_BITS
@@ -344,7 +380,9 @@ class PeerState:
                 SendFrame(P.Drained(number, started))]
 
     def on_op_ok(self, frame: P.OpOk) -> None:
-        self._decided.add((frame.epoch, frame.tag, frame.seq))
+        key = (frame.epoch, frame.tag, frame.seq)
+        self._decided.add(key)
+        self._recent_ok.append(key)
 
     def on_round_done(self, frame: P.RoundDone) -> None:
         self._round_results[frame.round] = frame.changed
@@ -357,3 +395,83 @@ class PeerState:
 
     def close(self) -> None:
         self.closed = True
+
+    # ------------------------------------------------------------ failover
+    # The master is lost (connection closed or silent): the peer keeps its
+    # epoch and its ops waiting, re-registers with a restarted or standby
+    # master (pyccl/peer/reconnect.py) sending :meth:`resume`, and the group
+    # re-forms at a new epoch: ops the new master confirms (op_ok) commit,
+    # the others fail with PeerFailure there (docs/architecture.md, "Master
+    # failover").
+
+    def on_master_lost(self) -> None:
+        """The master connection is gone; a new one is being sought."""
+        self.recovering = True
+        self.session += 1
+
+    def can_vote(self) -> bool:
+        return not self.recovering or self.stopped()
+
+    def give_up(self, reason: str, seconds: float) -> list[Action]:
+        """No master came back in time: every call raises :class:`~pyccl.Timeout`."""
+        self.gave_up = (reason, seconds)
+        return self.on_lost(LostCause.MASTER_UNREACHABLE, reason)
+
+    def accepts_term(self, term: int) -> bool:
+        """A master of this term may be followed (never one older than a term seen)."""
+        return term == 0 or term >= self.term
+
+    def resume(self) -> P.Resume | None:
+        """What this peer holds, for the hello to a new master (None: not admitted yet)."""
+        e = self.epoch
+        if e is None:
+            return None
+        n = e.number
+        position = (self.ops_begun << VOTE_BITS) | self.votes_since_op
+        undecided = tuple(sorted((t, s) for ep, t, s in self._undecided if ep == n))[:P.MAX_RESUME_PAIRS]
+        committed = tuple((t, s) for ep, t, s in self._recent_ok if ep == n)[-P.MAX_RESUME_PAIRS:]
+        sync, ok = (self._sync[1], self._sync[2]) if self._sync is not None and self._sync_fetched else (0, False)
+        return P.Resume(self.peer_id, n, e.peer_ids, self.draining == n, tuple(sorted(self._next_seq.items())),
+                        undecided, committed, self.waiting_round if self.waiting_round is not None else position,
+                        position, sync, ok, self.last_sync, self.revision, self.state_hash, self.term)
+
+    def recovery_prelude(self) -> list[Action]:
+        """Before a re-formed group's first epoch: end the old epoch's data-plane ops."""
+        if self.recovering and self.epoch is not None:
+            return [AbortDataPlane(self.epoch.number, "the master was lost; the group re-formed with a new one")]
+        return []
+
+    def after_epoch(self) -> list[Action]:
+        """After an epoch: a vote sent to a master that is gone is sent again."""
+        if self.waiting_round is not None and self._vote_session != self.session:
+            self._vote_session = self.session
+            return [SendFrame(P.Vote(self.waiting_round))]
+        return []
+
+    # A sync in flight across a failover: it finishes only if the new master
+    # confirms its result (some member received it); otherwise PeerFailure.
+
+    def sync_begin(self) -> int:
+        self._sync, self._sync_fetched = (self.session, 0, False), False
+        return self.session
+
+    def sync_fetched(self, number: int, ok: bool) -> None:
+        assert self._sync is not None
+        self._sync, self._sync_fetched = (self._sync[0], number, ok), True
+
+    def sync_result(self, frame: P.SyncResult, state_hash: int) -> None:
+        self.last_sync = frame.sync
+        if frame.ok:
+            self.revision, self.state_hash = frame.revision, state_hash
+
+    def sync_end(self) -> None:
+        self._sync, self._sync_fetched = None, False
+
+    def sync_cut_off(self) -> bool:
+        """The sync began with a master that is gone and the group re-formed without finishing it."""
+        return self._sync is not None and self._sync[0] != self.session and not self.recovering
+
+    def sync_failure(self) -> PeerFailure:
+        return PeerFailure("shared-state sync aborted because the master was lost and the group re-formed; "
+                           f"world size is now {self.world_size}: retry the call", epoch=self.drained_through,
+                           kind=DrainKind.PEER, op="sync_shared_state", reason="the master was lost")

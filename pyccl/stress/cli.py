@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of hangs ended by SIGKILL instead of SIGCONT (default: %(default)s)")
     g.add_argument("--max-peers", type=int, default=0, help="most peer processes at once (default: 2 x --peers)")
     g.add_argument("--min-alive", type=int, default=2, help="never kill or hang below this many (default: 2)")
+    g.add_argument("--master-kill-rate", type=rate, default=0.0,
+                   help="SIGKILLs of the master per second; it is restarted on its address after "
+                        "--master-restart-delay and the peers must carry the run on (default: 0)")
+    g.add_argument("--master-restart-delay", type=rng, default=None,
+                   help="how long the master stays dead: 1s, 0s..5s (default: 0..heartbeat timeout)")
 
     g = p.add_argument_group("intruders (the run gets a secret: PYCCL_SECRET, or a fresh random one)")
     g.add_argument("--intruder-rate", type=rate, default=0.0,
@@ -141,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> StressConfig:
         peers=args.peers, duration=args.duration, size=args.size, dtype=args.dtype, op=args.op,
         connections=args.connections, concurrency=args.concurrency, kill_rate=args.kill_rate,
         hang_rate=args.hang_rate, join_rate=args.join_rate, intruder_rate=args.intruder_rate,
+        master_kill_rate=args.master_kill_rate, master_restart_delay=args.master_restart_delay,
         hang_duration=args.hang_duration,
         hang_kill_fraction=args.hang_kill_fraction, seed=args.seed, heartbeat_timeout=hb,
         stuck_slack=args.stuck_slack, sync_timeout=args.sync_timeout, max_peers=args.max_peers, min_alive=args.min_alive,

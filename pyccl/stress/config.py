@@ -225,6 +225,8 @@ class StressConfig:
     hang_rate: float = 0.02
     join_rate: float = 0.1
     intruder_rate: float = 0.0  # intruder attempts per second (pyccl.stress.intruders)
+    master_kill_rate: float = 0.0  # SIGKILLs of the master per second (restarted, pyccl.stress.master_faults)
+    master_restart_delay: DurationRange | None = None  # None: 0..heartbeat_timeout
     hang_duration: DurationRange | None = None  # None: 0.4..2.5 x heartbeat_timeout
     hang_kill_fraction: float = 0.3
     seed: int = 0
@@ -278,6 +280,12 @@ class StressConfig:
         return DurationRange(0.4 * self.heartbeat_timeout, 2.5 * self.heartbeat_timeout)
 
     @property
+    def restart_range(self) -> DurationRange:
+        if self.master_restart_delay is not None:
+            return self.master_restart_delay
+        return DurationRange(0.0, self.heartbeat_timeout)
+
+    @property
     def fault_cooldown(self) -> float:
         """No faults start in the last this-many seconds, so the end proves recovery."""
         if self.cooldown is not None:
@@ -303,7 +311,7 @@ class StressConfig:
             raise ValueError(f"--connections must be in [1, 64], got {self.connections}")
         if not 1 <= self.concurrency <= 64:
             raise ValueError(f"--concurrency must be in [1, 64], got {self.concurrency}")
-        for name in ("kill_rate", "hang_rate", "join_rate", "intruder_rate"):
+        for name in ("kill_rate", "hang_rate", "join_rate", "intruder_rate", "master_kill_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.net.stall_rate < 0 or self.net.reset_rate < 0:

@@ -26,6 +26,7 @@ class FaultKind(str, enum.Enum):
     NET_STALL = "net_stall"    # every connection into one peer goes silent
     NET_RESET = "net_reset"    # one connection into one peer is reset (RST)
     INTRUDER = "intruder"      # a stranger's attempt (pyccl.stress.intruders); not a FaultRecord
+    MASTER_KILL = "master_kill"  # SIGKILL of the master, restarted on its address after a random delay
 
 
 @dataclass
@@ -45,6 +46,11 @@ class FaultRecord:
     recovered_at: float | None = None
     ended_at: float | None = None    # hangs: SIGCONT/SIGKILL time; stalls: end of the stall
     outcome: str = ""                # hangs: "cont" or "kill"
+
+    @property
+    def victim(self) -> str:
+        """Who the fault hit, in words."""
+        return "the master" if self.kind is FaultKind.MASTER_KILL else f"peer #{self.target}"
 
     @property
     def recovery(self) -> float | None:

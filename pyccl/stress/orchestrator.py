@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from pyccl.auth import resolve_secret
-from pyccl.stress import intruders, worker
+from pyccl.stress import intruders, master_faults, worker
 from pyccl.stress.config import StressConfig
 from pyccl.stress.emunet import CompiledNetem
 from pyccl.stress.faults import FaultKind, FaultRecord, FaultScheduler
@@ -83,7 +83,7 @@ class Orchestrator:
         self.sched = FaultScheduler({
             FaultKind.KILL: cfg.kill_rate, FaultKind.HANG: cfg.hang_rate, FaultKind.JOIN: cfg.join_rate,
             FaultKind.NET_STALL: cfg.net.stall_rate, FaultKind.NET_RESET: cfg.net.reset_rate,
-            FaultKind.INTRUDER: cfg.intruder_rate,
+            FaultKind.INTRUDER: cfg.intruder_rate, FaultKind.MASTER_KILL: cfg.master_kill_rate,
         }, cfg.seed)
         self.rng = self.sched.rng
         self.ports = PortPool(cfg.seed)
@@ -271,7 +271,7 @@ class Orchestrator:
                 continue
             self.violation(Violation(
                 "not_recovered", now,
-                f"no step completed after the {f.kind.value} of peer #{f.target} at t={f.t:.1f}s "
+                f"no step completed after the {f.kind.value} of {f.victim} at t={f.t:.1f}s "
                 f"(the run ended {now - f.t:.1f} s later)", values={"fault": f.kind.value}))
         last = self.stats.last_completion()
         if last is None or now - last > self.cfg.stuck_threshold:
@@ -413,12 +413,22 @@ class Orchestrator:
                 rec = FaultRecord(kind, now, p.index, "new peer process")
         elif kind in (FaultKind.NET_STALL, FaultKind.NET_RESET):
             rec = await self._net_fault(kind)
+        elif kind == FaultKind.MASTER_KILL:
+            rec = await master_faults.kill_master(self, self.cfg.heartbeat_timeout,
+                                                  self.cfg.restart_range.draw(self.rng.random()) or 0.0)
         if rec is None:
             log.info("skipped a %s fault at t=%.2f (not applicable now)", kind.value, now)
             return
         self.stats.add_fault(rec)
         self.watchdog.on_fault(rec.t)
         log.info("fault: %s of peer #%d at t=%.2f %s", kind.value, rec.target, rec.t, rec.detail)
+
+    def background(self, coro: Any) -> None:
+        self._task(coro)
+
+    def on_master_back(self, rec: FaultRecord) -> None:
+        """The master killed by ``rec`` runs again: peers may wait for it until now."""
+        self.watchdog.on_fault(self.now())
 
     def _victim(self, states: tuple[PeerState, ...]) -> PeerProc | None:
         """A random peer in one of ``states``; members (RUNNING) only while more

@@ -22,7 +22,8 @@ __all__ = ["MasterProcess", "PortPool"]
 log = logging.getLogger("pyccl.stress")
 
 
-def _master_main(heartbeat_timeout: float, pipe: Any, log_path: str, secret: bytes | None) -> None:
+def _master_main(heartbeat_timeout: float, pipe: Any, log_path: str, secret: bytes | None, port: int,
+                 hold: float) -> None:
     from pyccl.stress.worker import _die_with_parent, _redirect_output
 
     _die_with_parent()
@@ -31,8 +32,8 @@ def _master_main(heartbeat_timeout: float, pipe: Any, log_path: str, secret: byt
                         format="%(asctime)s master %(levelname)s %(name)s: %(message)s")
     import pyccl
 
-    master = pyccl.Master(host="127.0.0.1", port=0, heartbeat_timeout=heartbeat_timeout,
-                          secret=secret).start()
+    master = pyccl.Master(host="127.0.0.1", port=port, heartbeat_timeout=heartbeat_timeout,
+                          secret=secret, recovery_hold=hold).start()
     pipe.send(master.address)
     try:
         pipe.recv()  # any message, or EOF when the orchestrator goes away, means stop
@@ -44,12 +45,15 @@ def _master_main(heartbeat_timeout: float, pipe: Any, log_path: str, secret: byt
 
 class MasterProcess:
     """``pyccl.Master`` in a child process (its latency is on every op's critical path,
-    so it gets its own interpreter and GIL)."""
+    so it gets its own interpreter and GIL). ``port``/``hold``: a master
+    restarted after a kill binds the old address and holds new groups while
+    the members re-register (see :class:`pyccl.Master`)."""
 
-    def __init__(self, heartbeat_timeout: float, log_path: str, secret: bytes | None = None) -> None:
+    def __init__(self, heartbeat_timeout: float, log_path: str, secret: bytes | None = None, port: int = 0,
+                 hold: float = 0.0) -> None:
         ctx = mp.get_context("spawn")
         self._pipe, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_master_main, args=(heartbeat_timeout, child, log_path, secret),
+        self._proc = ctx.Process(target=_master_main, args=(heartbeat_timeout, child, log_path, secret, port, hold),
                                  name="pyccl-stress-master", daemon=True)
         self._proc.start()
         child.close()
@@ -63,7 +67,21 @@ class MasterProcess:
         self.address = self._pipe.recv()
         return self.address
 
+    @property
+    def alive(self) -> bool:
+        """Started, and neither killed nor stopped."""
+        return not self._pipe.closed and self._proc.exitcode is None
+
+    def kill(self) -> None:
+        """SIGKILL (a fault): nothing is closed gracefully."""
+        if self._proc.pid is not None and self._proc.exitcode is None:
+            os.kill(self._proc.pid, signal.SIGKILL)
+        self._proc.join(10.0)
+        self._pipe.close()
+
     def stop(self, timeout: float = 10.0) -> None:
+        if self._pipe.closed:
+            return
         try:
             self._pipe.send("stop")
         except (OSError, BrokenPipeError):

@@ -94,7 +94,7 @@ def summary_table(r: StressResult) -> str:
     lines.append("-" * 59)
     lines += _intruder_lines(r.intruders)
     if slow is not None:
-        lines.append(f"slowest recovery: {slow.recovery:.2f} s after the {slow.kind.value} of peer #{slow.target} "
+        lines.append(f"slowest recovery: {slow.recovery:.2f} s after the {slow.kind.value} of {slow.victim} "
                      f"at t={slow.t:.1f}s {slow.detail}".rstrip())
     for ep in r.stuck:
         lines.append(f"stuck: peer #{ep.index} (id {ep.peer_id}) in '{ep.phase}' from t={ep.since:.1f}s "
@@ -192,6 +192,7 @@ _COLORS = {
     FaultKind.JOIN: "tab:green",
     FaultKind.NET_STALL: "tab:purple",
     FaultKind.NET_RESET: "tab:brown",
+    FaultKind.MASTER_KILL: "black",
 }
 
 

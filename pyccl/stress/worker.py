@@ -195,6 +195,11 @@ class _Peer:
             self._phase("sync", self.state.revision, comm.epoch, comm.peers)
             try:
                 sync = comm.sync_shared_state(self.state)
+            except pyccl.PeerFailure as exc:
+                # Aborted on every member alike (a master failover): the
+                # revision is unchanged, so go round again and sync anew.
+                log.info("sync aborted: %s", exc)
+                continue
             except pyccl.CCLError as exc:
                 if _is_lost(comm):
                     raise _Lost(f"sync_shared_state: {exc}") from exc

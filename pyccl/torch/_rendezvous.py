@@ -129,8 +129,12 @@ def rendezvous(store: Any, rank: int, size: int, timeout: float, group_name: str
     hub.register(endpoint)
     on_started(None, endpoint, None)
 
+    # A master inside a rank's process cannot come back when that rank dies:
+    # no failover then (the group is lost at once, as torch expects); an
+    # external master (PYCCL_MASTER, a list with standbys) can be restarted.
     comm = Communicator(address, peer_group=pgid, connections=options.connections or 4,
-                        name=f"torch:{group_name}:{rank}", order=rank)
+                        name=f"torch:{group_name}:{rank}", order=rank,
+                        master_timeout=None if options.master else 0.0)
     endpoint.credential = lambda: comm.membership_key
     comm.on_membership_change(hub.credentials_changed)
     on_started(None, None, comm)

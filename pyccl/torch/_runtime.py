@@ -32,7 +32,8 @@ class Options:
     explicit value overrides.
 
     Attributes:
-        master: ``host:port`` of an external ``pyccl master`` (``PYCCL_MASTER``).
+        master: ``host:port`` of an external ``pyccl master`` (``PYCCL_MASTER``), or a
+            list ``host1:port1,host2:port2`` of a master and its standbys.
             Default: the default group's rank 0 starts one in-process.
         heartbeat_timeout: seconds without a frame before the master declares a
             peer dead, i.e. how long a hung (SIGSTOPped) rank takes to fail the
@@ -138,8 +139,9 @@ def master_bind(options: Options, store: Any) -> tuple[str, str]:
 
 
 def local_ip_towards(address: str) -> str:
-    """The local address this machine uses to reach ``address`` (host:port)."""
-    host, _, port = address.rpartition(":")
+    """The local address this machine uses to reach ``address`` (host:port; of a
+    list of masters, the first)."""
+    host, _, port = address.split(",")[0].strip().rpartition(":")
     host = host.strip("[]")
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam, socket.SOCK_DGRAM) as s:
