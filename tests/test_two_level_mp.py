@@ -121,12 +121,15 @@ def _kill_peer(idx: int, q, master: str, region: str, n: int, count: int) -> Non
             continue
         if info.peers not in want:
             want[info.peers] = reference(list(info.peers), "float32", "sum", count).astype(np.float32)
-        assert np.array_equal(x, want[info.peers]), "wrong result"
+        # A strided sample keeps this peer inside ops most of the time (the
+        # kill must find ops in flight); the last result is checked in full.
+        assert np.array_equal(x[::997], want[info.peers][::997]), "wrong result"
         if info.two_level:
             two_level_ops += 1
             if two_level_ops == 3:
                 q.put(("running", idx, comm.peer_id))
         if info.world_size < n:
+            assert np.array_equal(x, want[info.peers]), "wrong result over the survivors"
             after = info
             break
     q.put(("survived", idx, (two_level_ops, failures, after.two_level if after else None,

@@ -16,7 +16,8 @@ SubOpResult two_level_all_reduce(const OpParams& p, const TwoLevelGeometry& g, c
   const size_t base = p.count / m, extra = p.count % m;
   const size_t shard_count = base + (r < extra ? 1 : 0);
   const size_t shard_offset = (r * base + std::min(r, extra)) * elem;
-  auto shard = std::make_unique<char[]>(std::max<size_t>(shard_count * elem, 1));
+  // Not value-initialised (make_unique would zero it): step 2 writes every byte before step 3 reads it.
+  std::unique_ptr<char[]> shard(new char[std::max<size_t>(shard_count * elem, 1)]);
 
   SubOpResult total;
   auto step = [&](SubRing ring, const OpParams& q) {
