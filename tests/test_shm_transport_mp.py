@@ -86,8 +86,15 @@ def _matrix_peer(master: str, n: int, transport: str, pipe: Any) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("n", [2, 3])
-def test_shared_memory_results_are_bit_identical_to_tcp(n: int) -> None:
+@pytest.mark.parametrize("n, ring", [(2, None), (3, None), (3, "65536")])
+def test_shared_memory_results_are_bit_identical_to_tcp(n: int, ring: str | None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ring: PYCCL_SHM_RING_BYTES, the smallest ring: frames larger than the
+    ring, and rings that fill up while reader threads forward (which must
+    then queue instead of waiting on a full ring, or the peers' readers
+    would wait on each other in a cycle)."""
+    if ring is not None:
+        monkeypatch.setenv("PYCCL_SHM_RING_BYTES", ring)  # the spawned peers inherit it
     runs = {}
     for transport in ("auto", "tcp"):
         with running_master() as master:
