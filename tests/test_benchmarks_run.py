@@ -21,6 +21,7 @@ CASES = {
     "failover_recovery": ["--kills", "1", "--size", "1024"],
     "allreduce": ["--world-sizes", "2", "--sizes", "4", "64KiB", "--connections", "1", "--reps", "1"],
     "quantized": ["--world-size", "2", "--size", "1MiB", "--reps", "1"],
+    "latency_split": ["--world-sizes", "2", "--reps", "20"],
     "profile_allreduce": ["--world-size", "2", "--size", "1MiB", "--seconds", "0.5"],
     "shared_state": ["--sizes", "1MiB", "--holders", "1", "--reps", "1"],
     "wan_connections": ["--size", "1MiB", "--connections", "1", "--delay", "5ms", "--reps", "1", "--no-reference"],

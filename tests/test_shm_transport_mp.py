@@ -78,14 +78,23 @@ def _matrix_peer(master: str, n: int, transport: str, pipe: Any) -> None:
             b = x.copy()
             comm.broadcast(b, root=n - 1)
             digests[f"bc {dtype} {count}"] = digest(b)
-    pipe.send({"rank": r, "digests": digests, "intact": intact, "shm": comm._dp.shm_links_accepted,
-               "rings": ring_mappings()})
+    report = {"rank": r, "digests": digests, "intact": intact, "shm": comm._dp.shm_links_accepted,
+              "rings": ring_mappings()}
+    comm.all_reduce(np.ones(1, np.float32))  # nobody leaves (a new epoch) before everyone looked
+    pipe.send(report)
     comm.close()
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("n", [2, 3])
-def test_shared_memory_results_are_bit_identical_to_tcp(n: int) -> None:
+@pytest.mark.parametrize("n, ring", [(2, None), (3, None), (3, "65536")])
+def test_shared_memory_results_are_bit_identical_to_tcp(n: int, ring: str | None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ring: PYCCL_SHM_RING_BYTES, the smallest ring: frames larger than the
+    ring, and rings that fill up while reader threads forward (which must
+    then queue instead of waiting on a full ring, or the peers' readers
+    would wait on each other in a cycle)."""
+    if ring is not None:
+        monkeypatch.setenv("PYCCL_SHM_RING_BYTES", ring)  # the spawned peers inherit it
     runs = {}
     for transport in ("auto", "tcp"):
         with running_master() as master:
@@ -129,10 +138,10 @@ def _enter_netns(name: str) -> None:
     os.close(fd)
 
 
-def _mixed_peer(idx: int, q: Any, master: str, n: int, netns: str | None) -> None:
+def _mixed_peer(idx: int, q: Any, master: str, n: int, netns: str | None, transport: str = "auto") -> None:
     if netns:
         _enter_netns(netns)
-    comm = pyccl.Communicator(master, connections=2, order=idx)
+    comm = pyccl.Communicator(master, connections=2, order=idx, transport=transport)
     comm.connect(timeout=60)
     while comm.world_size < n:
         if not comm.update_topology():
@@ -140,8 +149,13 @@ def _mixed_peer(idx: int, q: Any, master: str, n: int, netns: str | None) -> Non
     x = np.arange(300007, dtype=np.float32) * np.float32(idx + 1)
     out = np.empty_like(x)
     comm.all_reduce(x, out=out)
-    q.put(("result", idx, {"rank": comm.rank, "ok": bool(np.array_equal(out, x / (idx + 1) * sum(range(1, n + 1)))),
-                           "shm": comm._dp.shm_links_accepted}))
+    deadline = time.monotonic() + 5  # rings of earlier epochs (the group grew peer by peer) go away
+    while ring_mappings() > 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    report = {"rank": comm.rank, "ok": bool(np.array_equal(out, x / (idx + 1) * sum(range(1, n + 1)))),
+              "shm": comm._dp.shm_links_accepted, "rings": ring_mappings()}
+    comm.all_reduce(np.ones(1, np.float32))  # nobody leaves (a new epoch) before everyone looked
+    q.put(("result", idx, report))
     comm.close()
 
 
@@ -172,7 +186,7 @@ def netns() -> Any:
 def test_mixed_same_host_and_other_host_peers(netns: str) -> None:
     """Peers 0 and 1 share this namespace (one host), peer 2 is in another
     (another host): the ring 0 -> 1 -> 2 -> 0 has one shared-memory link
-    (into 1) and two TCP links, and reduces exactly."""
+    and two TCP links, and reduces exactly."""
     n = 3
     master = pyccl.Master(host=ROOT_IP, port=0)
     master.start()
@@ -186,8 +200,32 @@ def test_mixed_same_host_and_other_host_peers(netns: str) -> None:
         master.stop()
     assert all(res[i]["ok"] for i in range(n)), res
     assert [res[i]["rank"] for i in range(n)] == [0, 1, 2], res
-    assert res[1]["shm"] >= 2, res  # from peer 0, same host
-    assert res[0]["shm"] == 0 and res[2]["shm"] == 0, res  # from peer 2 / peer 1: other host
+    _check_one_shm_link(res)
+
+
+def _check_one_shm_link(res: dict[int, Any]) -> None:
+    """In the last epoch only 0 -> 1 is a shared-memory link (2 connections:
+    peer 0 maps the two rings it writes, peer 1 the two it reads); peer 2's
+    links are TCP both ways, in that epoch and in every earlier one."""
+    assert res[1]["shm"] >= 2, res
+    assert res[2]["shm"] == 0 and res[2]["rings"] == 0, res
+    assert res[0]["rings"] == 2 and res[1]["rings"] == 2, res
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_forced_to_tcp_among_same_host_peers() -> None:
+    """Peer 2 runs with transport="tcp" (PYCCL_TRANSPORT=tcp): it sends no
+    host id, so neither its predecessor nor itself asks for shared memory,
+    while 0 -> 1 still does."""
+    n = 3
+    with running_master() as master, PeerProcs() as procs:
+        for i in range(n):
+            procs.start(i, _mixed_peer, master.address, n, None, "tcp" if i == 2 else "auto")
+        res = procs.gather("result", range(n), timeout=90)
+        procs.join(range(n), timeout=20)
+    assert all(res[i]["ok"] for i in range(n)), res
+    assert [res[i]["rank"] for i in range(n)] == [0, 1, 2], res
+    _check_one_shm_link(res)
 
 
 def test_no_shared_memory_segment_is_left_in_dev_shm() -> None:

@@ -25,6 +25,16 @@ class ByteStream {
   virtual void discard(size_t n) = 0;
   // Wake any thread blocked on the stream; safe from any thread.
   virtual void shutdown_both() = 0;
+  // Whether n bytes can be written now without waiting for the reader.
+  // SendConn writes a frame on the caller's thread (a reader thread
+  // forwarding, say) only then: a reader blocked on a full ring would stop
+  // draining its own, and readers of a ring of peers could wait on each
+  // other in a cycle. Sockets say yes (the kernel's buffers are the limit,
+  // as before).
+  virtual bool writable_now(size_t n) const {
+    (void)n;
+    return true;
+  }
 };
 
 }  // namespace pyccl::net

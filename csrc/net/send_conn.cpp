@@ -46,13 +46,15 @@ void SendConn::submit(const std::shared_ptr<FrameSource>& op, const DataHeader& 
     }
   }
   // Idle connection and a small frame: write it from this thread if nobody
-  // else is writing right now; otherwise fall back to the queue.
+  // else is writing right now and it fits without waiting (see
+  // ByteStream::writable_now); otherwise fall back to the queue.
   std::unique_lock<std::mutex> wlock(write_mu_, std::try_to_lock);
-  if (wlock.owns_lock()) {
+  if (wlock.owns_lock() && stream_->writable_now(sizeof(DataHeader) + header.length)) {
     bool ok = write_frame(job);
     job.op->send_done(ok, ok ? job.header.length : 0);
     return;
   }
+  if (wlock.owns_lock()) wlock.unlock();
   std::lock_guard<std::mutex> lock(mu_);
   queue_.push_back(std::move(job));
   cv_.notify_one();

@@ -20,9 +20,10 @@ namespace pyccl::net {
 namespace {
 
 // Bytes moved between two publications of a cursor: small enough that the
-// other side starts copying while this one still copies (a 1 MiB chunk is
-// four pieces), large enough that the publication is noise.
-constexpr size_t kPiece = 256u << 10;
+// other side starts copying while this one still copies (a quarter of the
+// ring at most, so a full ring still leaves room to overlap), large enough
+// that the publication is noise.
+constexpr size_t kMaxPiece = 256u << 10;
 
 [[noreturn]] void fail(const std::string& what, int err) {
   throw SocketError(what + ": " + std::strerror(err));
@@ -123,6 +124,7 @@ ShmStream::ShmStream(int borrowed_fd, ShmRegion region, Role role, double wait_t
       ring_(region_.header()),
       data_(region_.data()),
       cap_(region_.capacity()),
+      piece_(std::min<size_t>(kMaxPiece, region_.capacity() / 4)),
       role_(role) {
   // Doorbells are single bytes that must leave at once, never wait for Nagle.
   int one = 1;
@@ -190,7 +192,7 @@ void ShmStream::write_iov(const iovec* iov, int iovcnt) {
   if (role_ != Role::Writer) throw SocketError("write on the reading end of a shared-memory link");
   // A frame (header + payload) is published as one piece when it fits, so
   // a waiting reader is woken once per frame, not once for the header and
-  // again for the payload; a big payload is published every kPiece bytes so
+  // again for the payload; a big payload is published every piece_ bytes so
   // that the reader copies out while the rest is copied in.
   uint64_t published = cursor_;
   for (int i = 0; i < iovcnt; ++i) {
@@ -216,7 +218,7 @@ void ShmStream::write_iov(const iovec* iov, int iovcnt) {
         }
         continue;
       }
-      const size_t k = std::min({n, static_cast<size_t>(cap_ - used), kPiece});
+      const size_t k = std::min({n, static_cast<size_t>(cap_ - used), piece_});
       const size_t off = cursor_ % cap_;
       const size_t first = std::min(k, static_cast<size_t>(cap_ - off));
       std::memcpy(data_ + off, p, first);
@@ -224,7 +226,7 @@ void ShmStream::write_iov(const iovec* iov, int iovcnt) {
       cursor_ += k;
       p += k;
       n -= k;
-      if (cursor_ - published >= kPiece) {
+      if (cursor_ - published >= piece_) {
         publish_tail();
         published = cursor_;
       }
@@ -248,7 +250,7 @@ void ShmStream::read_bytes(char* dst, size_t n) {
       }
       continue;
     }
-    const size_t k = std::min({n, static_cast<size_t>(avail), kPiece});
+    const size_t k = std::min({n, static_cast<size_t>(avail), piece_});
     const size_t off = cursor_ % cap_;
     const size_t first = std::min(k, static_cast<size_t>(cap_ - off));
     if (dst != nullptr) {
@@ -263,6 +265,11 @@ void ShmStream::read_bytes(char* dst, size_t n) {
         ring_->writer_waiting.exchange(0, std::memory_order_seq_cst) != 0)
       ring_bell();
   }
+}
+
+bool ShmStream::writable_now(size_t n) const {
+  // Only the writer moves the tail, so the free space it sees can only grow.
+  return role_ == Role::Writer && cap_ - (cursor_ - ring_->head.load(std::memory_order_acquire)) >= n;
 }
 
 void ShmStream::send_all(const void* data, size_t n) {

@@ -86,6 +86,7 @@ class ShmStream final : public ByteStream {
   void recv_exact(void* data, size_t n) override;
   void discard(size_t n) override;
   void shutdown_both() override;
+  bool writable_now(size_t n) const override;
 
  private:
   void write_iov(const iovec* iov, int iovcnt);
@@ -101,6 +102,7 @@ class ShmStream final : public ByteStream {
   ShmRingHeader* const ring_;
   char* const data_;
   const uint64_t cap_;
+  const size_t piece_;  // bytes between two publications of the cursor
   const Role role_;
   uint64_t cursor_ = 0;  // writer: tail; reader: head
   std::atomic<bool> closed_{false};
