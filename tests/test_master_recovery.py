@@ -223,3 +223,12 @@ def test_a_member_whose_path_broke_is_refused_if_the_others_go_on() -> None:
     h.send(c, {"type": "heartbeat"})
     h.tick(t0 + TIMEOUT)
     assert h.take(c)[-1]["kind"] == "expelled" and c in h.closed
+
+
+def test_a_member_that_re_dials_during_the_collection_replaces_its_first_try() -> None:
+    h = Harness()
+    a = rejoin(h, 1, members=(1, 2))
+    a2 = rejoin(h, 1, members=(1, 2))  # its first re-registration's connection broke on its side
+    assert a in h.closed
+    b = rejoin(h, 2, members=(1, 2))
+    assert ring(last_epoch(h.take(a2))) == [1, 2] and ring(last_epoch(h.take(b))) == [1, 2]

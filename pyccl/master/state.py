@@ -384,7 +384,8 @@ class MasterState:
                            f"master's {self._epochs.term}", out)
             return False
         old = self._ids.get(resume.peer_id)
-        own = old is not None and old.phase is PeerPhase.MEMBER and old.group is not None and old.group.gid == gid
+        own = (old is not None and old.phase in (PeerPhase.MEMBER, PeerPhase.RESUMING) and old.group is not None
+               and old.group.gid == gid)
         if own:
             # This master is the one the peer lost (frozen, or the path broke):
             # its old connection is dead for the peer; drop it like a death.
