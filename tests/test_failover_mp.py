@@ -7,6 +7,7 @@ run completes. Also: no master coming back ends in pyccl.Timeout."""
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -256,5 +257,37 @@ def test_master_killed_while_a_joiner_fetches_the_state() -> None:
         assert joiner[0][0] > 0 and joiner[0][1] in by_rev[joiner[0][0]]  # it got the group's state
         print(f"syncs aborted by the failover: {[results[i][1] for i in range(3)]}")
         assert "re-formed at epoch" in master.text()
+    finally:
+        master.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_frozen_master_that_thaws_takes_its_members_back() -> None:
+    """SIGSTOP of the master for longer than the heartbeat timeout: the peers
+    declare it lost, keep dialing it, and re-register once it thaws."""
+    port = free_port()
+    master = MasterProc(port, heartbeat_timeout=HB, hold=HB).start()
+    try:
+        with PeerProcs() as procs:
+            for i in range(3):
+                procs.start(i, trainer, master.address, 3, 14, 1 << 16, False, 0.05)
+            procs.gather("ready", range(3), timeout=60, ignore=("step",))
+            seen: dict[int, int] = {}
+            while min(seen.get(i, -1) for i in range(3)) < 3:
+                kind, idx, payload = procs.get(60, ("step",))
+                seen[idx] = payload
+            master.signal(signal.SIGSTOP)
+            frozen_at = time.time()
+            time.sleep(2.5 * HB)
+            master.signal(signal.SIGCONT)
+            logs: dict[int, Any] = {}
+            while len(logs) < 3:
+                kind, idx, payload = procs.get(120, ("step", "result"))
+                if kind == "result":
+                    logs[idx] = payload
+            procs.join(range(3), 30)
+        assert "re-formed at epoch" in master.text()
+        rec = _check_run(logs, [frozen_at])
+        print(f"frozen for {2.5 * HB:g} s: the run went on {rec[0]:.2f} s after the freeze")
     finally:
         master.stop()

@@ -188,3 +188,47 @@ def test_re_registration_goes_through_the_secret_handshake() -> None:
     bad = h.hello(resume=resume(2, members=(2,), term=99), nonce=np_)
     h.send(bad, {"type": "auth", "proof": b"x" * 32})
     assert h.take(bad)[-1]["kind"] == "auth" and h.st.passive is None  # an unproven term changes nothing
+
+
+def test_members_re_dialing_their_own_thawed_master_re_form_the_group() -> None:
+    """The master froze; its members gave up their connections and re-dial it.
+    Their old connections are still registered when the re-registrations
+    come in: each replaces its old connection and the group re-forms."""
+    h = Harness()
+    old = h.join_group(3)
+    ids = [h.pid(c) for c in old]
+    e = h.info().epoch
+    new = [h.hello(resume=resume(pid, epoch=e, members=tuple(ids))) for pid in ids]
+    for c in new:
+        frames = h.take(c)
+        assert frames[0]["type"] == "welcome" and last_epoch(frames)["epoch"] > e
+        assert ring(last_epoch(frames)) == ids
+    assert all(c in h.closed for c in old) and h.info().members == tuple(ids)
+
+
+def test_a_member_whose_path_broke_is_refused_if_the_others_go_on() -> None:
+    h = Harness()
+    old = h.join_group(3)
+    ids = [h.pid(c) for c in old]
+    e = h.info().epoch
+    c = h.hello(resume=resume(ids[0], epoch=e, members=tuple(ids)))
+    assert old[0] in h.closed
+    for m in old[1:]:
+        h.drained(m, epoch=e)  # the others are alive: the group goes on without it
+    assert h.info().members == tuple(ids[1:])
+    t0 = h.now
+    h.now += TIMEOUT / 2
+    for m in old[1:]:
+        h.send(m, {"type": "heartbeat"})
+    h.send(c, {"type": "heartbeat"})
+    h.tick(t0 + TIMEOUT)
+    assert h.take(c)[-1]["kind"] == "expelled" and c in h.closed
+
+
+def test_a_member_that_re_dials_during_the_collection_replaces_its_first_try() -> None:
+    h = Harness()
+    a = rejoin(h, 1, members=(1, 2))
+    a2 = rejoin(h, 1, members=(1, 2))  # its first re-registration's connection broke on its side
+    assert a in h.closed
+    b = rejoin(h, 2, members=(1, 2))
+    assert ring(last_epoch(h.take(a2))) == [1, 2] and ring(last_epoch(h.take(b))) == [1, 2]

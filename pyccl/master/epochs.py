@@ -94,7 +94,7 @@ class Epochs:
         group.ops.clear()
         group.rounds.clear()  # every voter is gone; joiners start at next_unused_round
         log.info("group %d has no member left after epoch %d", group.gid, group.epoch)
-        if group.pending:
+        if group.pending and group.recovery is None:  # (while members re-register, joiners wait for them)
             self.admit_into_empty(group, f"{reason}; admitting waiting peers", out)
         else:
             self.forget_if_empty(group)

@@ -114,9 +114,12 @@ class Recovery:
         """The member comes from a master with a higher term than this one's firm term."""
         return self.term > 0 and resume.term > self.term
 
-    def refusal(self, group: Group | None, resume: P.Resume) -> str | None:
-        """Why a re-registration cannot be accepted (None: accept it)."""
-        if group is None or group.recovery is not None or not group.members:
+    def refusal(self, group: Group | None, resume: P.Resume, own: bool = False) -> str | None:
+        """Why a re-registration cannot be accepted (None: accept it). ``own``:
+        the peer was a member here (this master lost it, e.g. while frozen):
+        it is collected like the others; if its group goes on without it
+        here, it is refused when the collection ends."""
+        if group is None or group.recovery is not None or not group.members or own:
             return None
         if group.epoch >= resume.epoch:
             return (f"group {group.gid} re-formed without this peer (it is at epoch {group.epoch}, this peer "
@@ -181,6 +184,13 @@ class Recovery:
         assert isinstance(col, Collecting)
         group.recovery = None
         self.collecting.pop(group.gid, None)
+        if group.members:
+            # The group went on here without them (their connections broke,
+            # the others' did not): they are late, as after an expulsion.
+            for peer, _ in col.resumes.values():
+                self.expel(peer, now, f"group {group.gid} went on without this peer (epoch {group.epoch}); create "
+                                      "a new Communicator to rejoin", out)
+            return
         top = col.top
         keep: list[tuple[Peer, P.Resume]] = []
         for peer, r in col.resumes.values():
@@ -191,7 +201,6 @@ class Recovery:
             else:
                 self.expel(peer, now, f"this peer re-registered from epoch {r.epoch}, but the group had reached epoch "
                                  f"{top} without it; create a new Communicator to rejoin", out)
-        assert not group.members, "a group with members never collects re-registrations (see refusal)"
         if not keep:
             self.epochs.forget_if_empty(group)
             return

@@ -385,7 +385,15 @@ class MasterState:
             self.step_down(f"a peer of group {gid} comes from a master with term {resume.term}, newer than this "
                            f"master's {self._epochs.term}", out)
             return False
-        why = self._recovery.refusal(self._groups.get(gid), resume)
+        old = self._ids.get(resume.peer_id)
+        own = (old is not None and old.phase in (PeerPhase.MEMBER, PeerPhase.RESUMING) and old.group is not None
+               and old.group.gid == gid)
+        if own:
+            # This master is the one the peer lost (frozen, or the path broke):
+            # its old connection is dead for the peer; drop it like a death.
+            assert old is not None
+            self._kill(old, "re-registered on a new connection", now, out, error=None)
+        why = self._recovery.refusal(self._groups.get(gid), resume, own)
         if why is None and resume.peer_id in self._ids:
             why = f"peer id {resume.peer_id} is in use on this master; create a new Communicator to rejoin"
         if why is not None:

@@ -421,7 +421,7 @@ class Orchestrator:
             return
         self.stats.add_fault(rec)
         self.watchdog.on_fault(rec.t)
-        log.info("fault: %s of peer #%d at t=%.2f %s", kind.value, rec.target, rec.t, rec.detail)
+        log.info("fault: %s of %s at t=%.2f %s", kind.value, rec.victim, rec.t, rec.detail)
 
     def background(self, coro: Any) -> None:
         self._task(coro)
