@@ -17,6 +17,8 @@ import pyccl
 import pytest
 from pyccl import _core, wire
 
+from group_helpers import all_reduce, group
+
 pytestmark = pytest.mark.timeout(90)
 
 SECRET = b"a run secret for the data plane"
@@ -28,42 +30,15 @@ def test_core_hmac_matches_python() -> None:
         assert _core.hmac_sha256(key, data) == hmac.new(key, data, hashlib.sha256).digest()
 
 
-def _group(address: str, n: int, secret: bytes | None) -> list[pyccl.Communicator]:
-    """n members: each connects and votes until the group has all of them."""
-    comms = [pyccl.Communicator(address, connections=2, secret=secret) for _ in range(n)]
-
-    def join(c: pyccl.Communicator) -> None:
-        c.connect(timeout=20)
-        deadline = time.monotonic() + 20
-        while c.world_size < n and time.monotonic() < deadline:
-            if not c.update_topology():
-                time.sleep(0.005)
-
-    threads = [threading.Thread(target=join, args=(c,)) for c in comms]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert [c.world_size for c in comms] == [n] * n
-    return comms
-
-
-def _all_reduce(comms: list[pyccl.Communicator], n: int = 1 << 16) -> list[np.ndarray]:
-    xs = [np.full(n, float(i + 1), np.float32) for i in range(len(comms))]
-    ts = [threading.Thread(target=c.all_reduce, args=(x,)) for c, x in zip(comms, xs)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
-    return xs
-
-
-def _intrude(port: int, opening: bytes, proof: bytes | None) -> bytes:
-    """Connect to a data port, send an opening (and a proof after reading the
-    nonce, if the port challenges); return what the port sent back before closing."""
+def _intrude(port: int, opening: bytes, proof: bytes | None, key: bytes | None = None) -> bytes:
+    """Connect to a data port, send an opening (and, if the port challenges,
+    ``proof``, or the proof a member holding ``key`` computes from the nonce);
+    return what the port sent back before closing, its nonce included."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.settimeout(5)
-        nonce = s.recv(32) if proof is not None else b""
+        nonce = s.recv(32) if proof is not None or key is not None else b""
+        if key is not None:
+            proof = hmac.new(key, b"pyccl-v1 data" + nonce + opening, hashlib.sha256).digest()
         s.sendall(opening + (proof or b""))
         got = b""
         try:
@@ -78,9 +53,9 @@ def test_a_run_with_a_secret_reduces_and_syncs_and_refuses_intruders(monkeypatch
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delenv("PYCCL_SECRET", raising=False)
     with pyccl.Master(host="127.0.0.1", port=0, secret=SECRET) as master:
-        comms = _group(master.address, 2, SECRET)
+        comms = group(master.address, 2, SECRET)
         try:
-            xs = _all_reduce(comms)
+            xs = all_reduce(comms)
             assert all((x == 3).all() for x in xs)
             epoch = comms[0].epoch
             old_epoch, old_key = comms[0]._epoch_key
@@ -120,7 +95,7 @@ def test_a_run_with_a_secret_reduces_and_syncs_and_refuses_intruders(monkeypatch
             assert nonce_and_rest == b""  # closed without a word
             # The group never noticed: same epoch, exact results, and a joiner's state sync works.
             assert comms[0].epoch == new_epoch
-            xs = _all_reduce(comms)
+            xs = all_reduce(comms)
             assert all((x == 6).all() for x in xs)
             states = [pyccl.SharedState({"w": np.full(1 << 18, float(i == 2), np.float32)}) for i in range(3)]
             infos: list[object] = [None] * 3
@@ -143,9 +118,9 @@ def test_a_run_with_a_secret_reduces_and_syncs_and_refuses_intruders(monkeypatch
 def test_an_open_run_does_not_challenge(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYCCL_SECRET", raising=False)
     with pyccl.Master(host="127.0.0.1", port=0) as master:
-        comms = _group(master.address, 2, None)
+        comms = group(master.address, 2, None)
         try:
-            assert all((x == 3).all() for x in _all_reduce(comms))
+            assert all((x == 3).all() for x in all_reduce(comms))
             assert comms[0]._epoch_key[1] == b""
             # No nonce: the port waits for a hello at once (a garbage one is just closed).
             assert _intrude(comms[1]._dp.port, b"\0" * 40, None) == b""
@@ -155,26 +130,16 @@ def test_an_open_run_does_not_challenge(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _with_key(port: int, opening: bytes, key: bytes) -> bytes:
-    """Connect, prove ``opening`` with ``key`` (as a member would), return every byte the port sent after its nonce."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.settimeout(5)
-        nonce = s.recv(32)
-        s.sendall(opening + hmac.new(key, b"pyccl-v1 data" + nonce + opening, hashlib.sha256).digest())
-        got = b""
-        try:
-            while chunk := s.recv(4096):
-                got += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return got
+    """What the port answers, after its nonce, to ``opening`` proven with ``key``."""
+    return _intrude(port, opening, None, key)[32:]
 
 
 def test_an_expelled_peer_loses_every_data_port_at_the_next_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYCCL_SECRET", raising=False)
     with pyccl.Master(host="127.0.0.1", port=0, secret=SECRET) as master:
-        comms = _group(master.address, 3, SECRET)
+        comms = group(master.address, 3, SECRET)
         try:
-            assert all((x == 6).all() for x in _all_reduce(comms))
+            assert all((x == 6).all() for x in all_reduce(comms))
             victim, survivors = comms[2], comms[:2]
             epoch, key = victim._epoch_key
             port = survivors[1]._dp.port
@@ -200,7 +165,7 @@ def test_an_expelled_peer_loses_every_data_port_at_the_next_epoch(monkeypatch: p
                 assert _with_key(port, struct.pack("<IIQQQQ", REQ_MAGIC, 0, 0, 0, 16, e), key) == b""
                 link = struct.pack("<IB3xQQQII", LINK_MAGIC, 1, e, victim.peer_id, survivors[1].peer_id, 0, 1)
                 assert _with_key(port, link, key) == b""
-            xs = _all_reduce(survivors)
+            xs = all_reduce(survivors)
             assert all((x == 3).all() for x in xs)
         finally:
             for c in comms:

@@ -6,45 +6,16 @@ see the intruder get in (so they can fail)."""
 from __future__ import annotations
 
 import threading
-import time
 
-import numpy as np
 import pyccl
 import pytest
 from pyccl.stress.intruders import Attack, attack
 
+from group_helpers import all_reduce, group
+
 pytestmark = pytest.mark.timeout(150)
 
 SECRET = b"the run's secret, which intruders lack"
-
-
-def _group(address: str, n: int, secret: bytes | None) -> list[pyccl.Communicator]:
-    comms = [pyccl.Communicator(address, connections=2, secret=secret).connect(timeout=10)]
-    threads = []
-    for _ in range(n - 1):
-        c = pyccl.Communicator(address, connections=2, secret=secret)
-        t = threading.Thread(target=c.connect, kwargs={"timeout": 20})
-        t.start()
-        threads.append(t)
-        comms.append(c)
-    deadline = time.monotonic() + 20
-    while comms[0].world_size < n and time.monotonic() < deadline:
-        comms[0].update_topology()
-        time.sleep(0.01)
-    for t in threads:
-        t.join(20)
-    assert all(c.world_size == n for c in comms)
-    return comms
-
-
-def _all_reduce(comms: list[pyccl.Communicator]) -> list[np.ndarray]:
-    xs = [np.full(1 << 14, float(i + 1), np.float32) for i in range(len(comms))]
-    ts = [threading.Thread(target=c.all_reduce, args=(x,)) for c, x in zip(comms, xs)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
-    return xs
 
 
 def _target(kind: Attack, master: pyccl.Master, comm: pyccl.Communicator) -> tuple[str, int]:
@@ -57,9 +28,9 @@ def _target(kind: Attack, master: pyccl.Master, comm: pyccl.Communicator) -> tup
 def test_every_attack_is_rejected_by_a_run_with_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYCCL_SECRET", raising=False)
     with pyccl.Master(host="127.0.0.1", port=0, secret=SECRET) as master:
-        comms = _group(master.address, 2, SECRET)
+        comms = group(master.address, 2, SECRET)
         try:
-            assert all((x == 3).all() for x in _all_reduce(comms))
+            assert all((x == 3).all() for x in all_reduce(comms))
             epoch = comms[0].epoch
             for i, kind in enumerate(Attack):
                 rejected, leak, detail = attack(kind, _target(kind, master, comms[1]), SECRET, seed=i)
@@ -71,7 +42,7 @@ def test_every_attack_is_rejected_by_a_run_with_a_secret(monkeypatch: pytest.Mon
             for t in ts:
                 t.join(20)
             assert [c.epoch for c in comms] == [epoch, epoch] and [c.world_size for c in comms] == [2, 2]
-            assert all((x == 3).all() for x in _all_reduce(comms))
+            assert all((x == 3).all() for x in all_reduce(comms))
         finally:
             for c in comms:
                 c.close()
@@ -80,7 +51,7 @@ def test_every_attack_is_rejected_by_a_run_with_a_secret(monkeypatch: pytest.Mon
 def test_the_checks_see_an_intruder_get_into_an_open_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYCCL_SECRET", raising=False)
     with pyccl.Master(host="127.0.0.1", port=0) as master:
-        comms = _group(master.address, 2, None)
+        comms = group(master.address, 2, None)
         try:
             rejected, leak, _ = attack(Attack.JOIN_NO_SECRET, _target(Attack.JOIN_NO_SECRET, master, comms[0]),
                                        SECRET, seed=1)
