@@ -52,6 +52,9 @@ def _peer(master: str, n: int, pipe: Any) -> None:
         comm.all_reduce(np.ones(4, np.float64), quantize="uint8")
     except ValueError as exc:
         out["dtype"] = str(exc)
+    # Nobody leaves before everyone saw the NaN op fail: a peer that reaches
+    # it after a faster one left would get PeerFailure (the group changed).
+    comm.all_reduce(np.ones(1, np.float32))
     pipe.send(out)
     comm.close()
 
