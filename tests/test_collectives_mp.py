@@ -102,3 +102,48 @@ def test_reduce_scatter_all_gather_broadcast(n):
         assert out["async_ok"]
         assert "world_size" in out["ag_size"], out["ag_size"]
         assert "disagree" in out["mixed"] and "all_gather" in out["mixed"] and "all_reduce" in out["mixed"], out["mixed"]
+
+
+@pytest.mark.timeout(60)
+def test_a_call_that_does_not_fit_the_epoch_fails_everywhere_instead_of_hanging() -> None:
+    """A shape that only the epoch's world size can check (all_gather's
+    output) is checked after the op took its number: the others must be told
+    it failed, not wait for this peer's part."""
+    import threading
+    import time
+
+    from group_helpers import group
+
+    with pyccl.Master(host="127.0.0.1", port=0) as master:
+        comms = group(master.address, 2, None)
+        errors: dict[int, BaseException] = {}
+
+        def run(i: int) -> None:
+            out = np.empty(4 if i == 0 else 3, np.float32)  # peer 1's output is one element short
+            try:
+                comms[i].all_gather(np.ones(2, np.float32), out)
+            except Exception as exc:  # recorded and checked below
+                errors[i] = exc
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        try:
+            assert time.monotonic() - t0 < 20, "a peer hung"
+            assert type(errors.get(1)) is ValueError and "world_size (2) x 2" in str(errors[1])
+            assert isinstance(errors.get(0), pyccl.MismatchError), errors
+            out = np.empty(4, np.float32)  # the group is fine afterwards
+            threads = [threading.Thread(target=c.all_gather, args=(np.ones(2, np.float32), np.empty(4, np.float32)))
+                       for c in comms[1:]]
+            for t in threads:
+                t.start()
+            comms[0].all_gather(np.ones(2, np.float32), out)
+            for t in threads:
+                t.join(20)
+            assert (out == 1).all()
+        finally:
+            for c in comms:
+                c.close()
