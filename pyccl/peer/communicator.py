@@ -452,14 +452,7 @@ class Communicator(Failover, SharedStateSync):
         n = op.epoch.world_size
         bufs: WorkBuffers | None = None
         try:
-            try:
-                check_for_epoch(call, n)
-            except ValueError as exc:
-                # The op is begun (its number taken): the others must learn it
-                # failed, or they would wait for this peer's part forever.
-                if n > 1:
-                    self._report(op, S.LocalResult.MISMATCH, f"peer {self.peer_id}: {exc}")
-                raise
+            check_for_epoch(call, n)
             bufs = WorkBuffers(call, self._scratch)
             kind, message, tx, rx, two = launch(self._dp, call, bufs, op.epoch, op.tag, op.seq, self.two_level)
             result = LOCAL_RESULTS[kind]
