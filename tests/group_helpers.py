@@ -40,3 +40,12 @@ def all_reduce(comms: list[pyccl.Communicator], n: int = 1 << 16) -> list[np.nda
     for t in ts:
         t.join(30)
     return xs
+
+
+def vote_all(comms: list[pyccl.Communicator]) -> None:
+    """One update_topology() round: every member votes (on its own thread)."""
+    threads = [threading.Thread(target=c.update_topology) for c in comms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)

@@ -17,7 +17,7 @@ import pyccl
 import pytest
 from pyccl import _core, wire
 
-from group_helpers import all_reduce, group
+from group_helpers import all_reduce, group, vote_all
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -72,11 +72,7 @@ def test_a_run_with_a_secret_reduces_and_syncs_and_refuses_intruders(monkeypatch
             t.start()
             deadline = time.monotonic() + 20
             while comms[0].world_size < 3 and time.monotonic() < deadline:
-                threads = [threading.Thread(target=c.update_topology) for c in comms]
-                for th in threads:
-                    th.start()
-                for th in threads:
-                    th.join(20)
+                vote_all(comms)
             t.join(20)
             comms.append(j)
             new_epoch = comms[0].epoch
@@ -151,11 +147,7 @@ def test_an_expelled_peer_loses_every_data_port_at_the_next_epoch(monkeypatch: p
             victim._control._sock.sendall(wire.encode({"type": "vote", "round": "not a number"}))
             deadline = time.monotonic() + 20
             while survivors[0].world_size != 2 and time.monotonic() < deadline:
-                threads = [threading.Thread(target=c.update_topology) for c in survivors]
-                for th in threads:
-                    th.start()
-                for th in threads:
-                    th.join(20)
+                vote_all(survivors)
             new_epoch = survivors[0].epoch
             assert new_epoch > epoch and survivors[1].world_size == 2
             # It still holds the secret and the old epoch's key, but no key of

@@ -5,13 +5,11 @@ see the intruder get in (so they can fail)."""
 
 from __future__ import annotations
 
-import threading
-
 import pyccl
 import pytest
 from pyccl.stress.intruders import Attack, attack
 
-from group_helpers import all_reduce, group
+from group_helpers import all_reduce, group, vote_all
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -36,11 +34,7 @@ def test_every_attack_is_rejected_by_a_run_with_a_secret(monkeypatch: pytest.Mon
                 rejected, leak, detail = attack(kind, _target(kind, master, comms[1]), SECRET, seed=i)
                 assert rejected and not leak, (kind, leak, detail)
             # The group never noticed: same epoch, same members, exact results.
-            ts = [threading.Thread(target=c.update_topology) for c in comms]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join(20)
+            vote_all(comms)
             assert [c.epoch for c in comms] == [epoch, epoch] and [c.world_size for c in comms] == [2, 2]
             assert all((x == 3).all() for x in all_reduce(comms))
         finally:
