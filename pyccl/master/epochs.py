@@ -39,6 +39,11 @@ class Epochs:
         self.salt = salt
         self.draining: dict[int, Group] = {}  # groups with a drain in progress
         self.term = 0  # failover: the master's term, carried by every epoch frame (pyccl/master/recovery.py)
+        # Whether a standby may have taken over by ``now`` (it watched this
+        # master and its probes stopped): a group then shrinks to half of its
+        # epoch or less only with a quorum (docs/architecture.md, "How far
+        # split brain is excluded"). Set by the state machine.
+        self.rival_possible: Callable[[float], bool] = lambda now: False
         # Last epoch of groups forgotten when they emptied (bounded: oldest out).
         self._forgotten_epochs: OrderedDict[int, int] = OrderedDict()
 
@@ -199,6 +204,14 @@ class Epochs:
         """Every survivor answered the drain: start the next epoch."""
         drain = group.drain
         assert drain is not None and not drain.expected
+        if len(group.members) * 2 <= group.epoch_size and self.rival_possible(now):
+            # The others may be alive on the far side of a partition, re-forming
+            # the group under a standby: wait for them, or for the standby's
+            # next probe (:meth:`retry_blocked`), rather than fork the run.
+            log.warning("group %d: %d of the %d members of epoch %d are left and a standby may have taken over; "
+                        "waiting for a probe from it or for members to return", group.gid, len(group.members),
+                        group.epoch_size, group.epoch)
+            return
         group.drain = None
         del self.draining[group.gid]
         fence: dict[int, int] = {}
@@ -245,12 +258,19 @@ class Epochs:
                 out.append(Send(m.conn_id, done))
         self.check_rounds(group, now, out)
 
+    def retry_blocked(self, now: float, out: list[Action]) -> None:
+        """Commit the drains that waited for a quorum, if no rival may be active any more."""
+        for group in list(self.draining.values()):
+            if group.drain is not None and not group.drain.expected:
+                self.commit(group, now, out)
+
     def send_epoch(self, group: Group, kind: str, reason: str, fence: list[tuple[int, int]], next_round: int,
                     out: list[Action]) -> None:
         if self.term == 0:
             self.term = 1  # the first epoch this master commits makes its term firm
         # Host ids let ring neighbours on one machine use shared memory.
         hosts = tuple(m.host_id for m in group.members)
+        group.epoch_size = len(group.members)
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
                         kind, reason, self.salt(), hosts if any(hosts) else None,
                         topology.region_labels(group.members, group.links), self.term)

@@ -182,7 +182,7 @@ class SyncRound:
 
 class Group:
     __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain",
-                 "revision", "syncs", "sync", "sync_queue", "links",
+                 "revision", "syncs", "sync", "sync_queue", "links", "epoch_size",
                  "recovery", "round_floor")  # failover (pyccl/master/recovery.py)
 
     def __init__(self, gid: int) -> None:
@@ -194,6 +194,7 @@ class Group:
         self.next_unused_round = 0
         self.ops: dict[tuple[int, int], set[int]] = {}  # (tag, seq) -> ids that reported done
         self.drain: DrainRecord | None = None
+        self.epoch_size = 0  # members of the committed epoch (a shrink to half or less may need a quorum)
         self.revision: int | None = None  # last synced shared-state revision
         self.syncs = 0  # sync rounds opened so far (the open round's number)
         self.sync: SyncRound | None = None

@@ -66,6 +66,10 @@ class Collecting:
     def complete(self) -> bool:
         return self.expected - self.gone <= self.resumes.keys()
 
+    def majority(self) -> bool:
+        """More than half of the members of epoch ``top`` are back."""
+        return len(self.expected & self.resumes.keys()) * 2 > len(self.expected)
+
 
 class Recovery:
     """Re-registrations, the hold on new groups, and the term.
@@ -88,6 +92,11 @@ class Recovery:
         self.hold_until: float | None = None
         self.held: dict[int, Group] = {}
         self.collecting: dict[int, Group] = {}
+        # A standby that took over: the old master may still run on the far
+        # side of a partition, so a group re-forms only from a majority of
+        # its latest epoch (docs/architecture.md, "How far split brain is
+        # excluded"). A master restarted on its own address needs none.
+        self.quorum = False
 
     @property
     def term(self) -> int:
@@ -182,6 +191,12 @@ class Recovery:
         """Form the group's next epoch from the members that re-registered."""
         col = group.recovery
         assert isinstance(col, Collecting)
+        if self.quorum and not group.members and not col.majority():
+            col.deadline = now + self.timeout
+            log.warning("group %d: only %d of the %d members of epoch %d re-registered; waiting for a majority "
+                        "(the others may still run under the old master)", group.gid,
+                        len(col.expected & col.resumes.keys()), len(col.expected), col.top)
+            return
         group.recovery = None
         self.collecting.pop(group.gid, None)
         if group.members:
@@ -221,6 +236,7 @@ class Recovery:
         revisions = [r.revision for _, r in keep if r.revision is not None]
         group.epoch = max(group.epoch, top) + 1
         group.members = [p for p, _ in keep]
+        group.epoch_size = len(group.members)
         order_ring(group.members)
         group.ops.clear()
         group.rounds.clear()

@@ -153,6 +153,8 @@ class MasterState:
         # Why this master serves nobody (a standby not yet active, or one that stepped down), or None.
         self.passive: str | None = "this master is a standby and not active" if standby else None
         self.watch_address: str | None = None  # the master this one probes (set by the server, or on stepping down)
+        self._lease_until: float | None = None  # no standby can take over before (None: none ever probed)
+        self._epochs.rival_possible = lambda now: self._lease_until is not None and now >= self._lease_until
 
     # ------------------------------------------------------------ events
 
@@ -377,6 +379,7 @@ class MasterState:
         self.passive = None
         self._epochs.term = max(self._epochs.term, term)
         self._recovery.hold_until = now + self._recovery.hold
+        self._recovery.quorum = True  # the old master may live on behind a partition
         log.warning("this master is now active (term %d)", self._epochs.term)
 
     def _may_resume(self, peer: Peer, gid: int, resume: P.Resume, now: float, out: list[Action]) -> bool:
@@ -407,6 +410,11 @@ class MasterState:
             raise AuthRefused("a probe without a valid proof of the run secret")
         out.append(Send(peer.conn_id, P.Standing(self._epochs.term, self.passive is None)))
         self._kill(peer, "probe answered", now, out, error=None, quiet=True)
+        if not frame.active and self.passive is None:
+            # A standby heard this master as active just now, so it cannot take
+            # over before ``now`` + a heartbeat timeout: half of that is ours.
+            self._lease_until = now + self.heartbeat_timeout / 2
+            self._epochs.retry_blocked(now, out)
         if frame.active and frame.term > self._epochs.term and self.passive is None:
             self.step_down(f"the master at {frame.address} is active with term {frame.term}", out,
                            watch=frame.address)
