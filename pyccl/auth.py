@@ -75,10 +75,11 @@ def epoch_key(secret: bytes, group: int, epoch: int, salt: bytes) -> bytes:
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
-def probe_proof(secret: bytes, nonce: bytes, term: int, active: bool, address: str) -> bytes:
+def probe_proof(secret: bytes, nonce: bytes, term: int, active: bool, address: str, silence_ms: int = 0) -> bytes:
     """A master's proof, in a probe to another master, that it holds the run
     secret (so a stranger cannot make a master step down)."""
-    msg = _PROBE + nonce + term.to_bytes(8, "little") + bytes([active]) + address.encode()
+    msg = (_PROBE + nonce + term.to_bytes(8, "little") + bytes([active]) + silence_ms.to_bytes(8, "little")
+           + address.encode())
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 

@@ -85,8 +85,10 @@ class Probe(Frame):
     """Master to master (first and only frame of a connection): is the
     receiver alive, active, and in which term? ``active``/``term``/``address``
     describe the prober; an active prober with a higher term makes the
-    receiver step down and watch ``address``. ``proof`` (a run with a
-    secret): HMAC of the secret over these fields and ``nonce``."""
+    receiver step down and watch ``address``. ``silence_ms``: how long a
+    passive prober has gone without an active answer, so the receiver knows
+    how long the prober cannot take over (its lease). ``proof`` (a run with
+    a secret): HMAC of the secret over these fields and ``nonce``."""
 
     TYPE: ClassVar[str] = "probe"
     term: int
@@ -94,12 +96,13 @@ class Probe(Frame):
     address: str
     nonce: bytes
     proof: bytes | None = None
+    silence_ms: int = 0
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> Probe:
         return cls(get_int(m, "term"), get_bool(m, "active"), get_str(m, "address", MAX_HOST_LEN + 6),
                    blob(m, "nonce", NONCE_BYTES), blob(m, "proof", PROOF_BYTES) if m.get("proof") is not None
-                   else None)
+                   else None, get_int(m, "silence_ms") if m.get("silence_ms") is not None else 0)
 
 
 @dataclass(frozen=True, slots=True)

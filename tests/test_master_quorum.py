@@ -63,9 +63,12 @@ def _lose_two_of_four(h: Harness, conns: list[int]) -> list[int]:
     return survivors
 
 
-def _probe(h: Harness) -> None:
+def _probe(h: Harness, silence: float = 0.0, sent_after: float = 0.0) -> None:
+    """A passive standby's probe, ``silence`` s after it last heard this master
+    active, arriving ``sent_after`` s after its connection was accepted."""
     c = h.connect()
-    h.send(c, make_probe(None, 0, False, "standby:1", b"n" * 32).to_wire())
+    h.now += sent_after
+    h.send(c, make_probe(None, 0, False, "standby:1", b"n" * 32, silence).to_wire())
     assert h.types(c) == ["standing"] and c in h.closed
 
 
@@ -73,12 +76,16 @@ def test_a_watched_master_without_probes_keeps_half_a_group_waiting_until_a_prob
     h = Harness()
     conns = h.join_group(4)
     _probe(h)
-    _wait(h, conns, TIMEOUT / 2)  # the standby's probes stop: it may take over within a timeout
+    _wait(h, conns, TIMEOUT)  # the standby's probes stop: it may have taken over by now
     survivors = _lose_two_of_four(h, conns)
     _wait(h, survivors, 2 * TIMEOUT)
     for c in survivors:
         assert h.types(c) == [] and c not in h.closed  # waiting, no epoch without the other half
-    _probe(h)  # the standby is back and passive: nobody took over
+    _probe(h, sent_after=TIMEOUT)  # a probe held up in the network says nothing about now
+    _probe(h, silence=TIMEOUT)  # a standby about to take over: no lease left
+    for c in survivors:
+        assert h.types(c) == []
+    _probe(h)  # the standby hears this master again: nobody took over
     for c in survivors:
         assert ring(last_epoch(h.take(c))) == [h.pid(s) for s in survivors]
 
@@ -95,9 +102,26 @@ def test_a_watched_master_without_probes_still_loses_fewer_than_half() -> None:
     h = Harness()
     conns = h.join_group(3)
     _probe(h)
-    _wait(h, conns, TIMEOUT)
+    _wait(h, conns, 2 * TIMEOUT)
     h.disconnect(conns[2])
     for c in conns[:2]:
         assert "drain" in h.types(c)
         h.drained(c)
     assert ring(last_epoch(h.take(conns[0]))) == [h.pid(c) for c in conns[:2]]
+
+
+def test_a_sync_round_of_half_a_group_waits_like_its_epoch() -> None:
+    h = Harness()
+    conns = h.join_group(4)
+    _probe(h)
+    _wait(h, conns, 2 * TIMEOUT)
+    for c in conns:
+        h.send(c, {"type": "sync", "revision": 0, "strategy": "enforce_popular", "keys": []})
+    assert all(h.types(c) == ["sync_plan"] for c in conns)
+    survivors = _lose_two_of_four(h, conns)
+    for c in survivors:
+        h.send(c, {"type": "sync_done", "sync": 1, "ok": True, "reason": ""})
+    assert all(h.types(c) == [] for c in survivors)  # no revision committed by half of the group
+    _probe(h)
+    for c in survivors:
+        assert h.types(c) == ["epoch", "sync_result"]

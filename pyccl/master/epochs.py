@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from pyccl import protocol as P
-from pyccl.master import topology
+from pyccl.master import sync_rounds, topology
 from pyccl.master.model import Action, DrainRecord, Group, Peer, PeerPhase, Round, RoundDecision, Send, order_ring
 from pyccl.protocol import clip_reason
 
@@ -39,11 +39,11 @@ class Epochs:
         self.salt = salt
         self.draining: dict[int, Group] = {}  # groups with a drain in progress
         self.term = 0  # failover: the master's term, carried by every epoch frame (pyccl/master/recovery.py)
-        # Whether a standby may have taken over by ``now`` (it watched this
-        # master and its probes stopped): a group then shrinks to half of its
+        # No standby can have taken over before this time (None: no standby
+        # ever probed this master). After it a group shrinks to half of its
         # epoch or less only with a quorum (docs/architecture.md, "How far
-        # split brain is excluded"). Set by the state machine.
-        self.rival_possible: Callable[[float], bool] = lambda now: False
+        # split brain is excluded").
+        self.lease_until: float | None = None
         # Last epoch of groups forgotten when they emptied (bounded: oldest out).
         self._forgotten_epochs: OrderedDict[int, int] = OrderedDict()
 
@@ -204,7 +204,7 @@ class Epochs:
         """Every survivor answered the drain: start the next epoch."""
         drain = group.drain
         assert drain is not None and not drain.expected
-        if len(group.members) * 2 <= group.epoch_size and self.rival_possible(now):
+        if self.quorum_lost(group, now):
             # The others may be alive on the far side of a partition, re-forming
             # the group under a standby: wait for them, or for the standby's
             # next probe (:meth:`retry_blocked`), rather than fork the run.
@@ -256,10 +256,21 @@ class Epochs:
             for m in voters:
                 m.waiting_round = None
                 out.append(Send(m.conn_id, done))
+        if group.sync is not None:
+            sync_rounds.check_sync(group, out)  # a round held while the group had lost its quorum
         self.check_rounds(group, now, out)
 
-    def retry_blocked(self, now: float, out: list[Action]) -> None:
-        """Commit the drains that waited for a quorum, if no rival may be active any more."""
+    def rival_possible(self, now: float) -> bool:
+        return self.lease_until is not None and now >= self.lease_until
+
+    def quorum_lost(self, group: Group | None, now: float) -> bool:
+        """Half of the group's epoch or more is gone and a standby may have taken over."""
+        return group is not None and len(group.members) * 2 <= group.epoch_size and self.rival_possible(now)
+
+    def renew_lease(self, until: float, now: float, out: list[Action]) -> None:
+        """A passive standby's probe: it cannot take over before ``until``;
+        commit the drains that waited for a quorum if that is still ahead."""
+        self.lease_until = max(until, self.lease_until or until)
         for group in list(self.draining.values()):
             if group.drain is not None and not group.drain.expected:
                 self.commit(group, now, out)

@@ -101,6 +101,7 @@ class Peer:
         "challenge",
         "host_id",
         "region",
+        "since",
     )
 
     def __init__(self, conn_id: int, addr: str) -> None:
@@ -120,6 +121,7 @@ class Peer:
         self.challenge: bytes = b""  # CHALLENGED: the master's nonce
         self.host_id = ""  # from the hello: which machine; passed on in epoch frames
         self.region: str | None = None  # from the hello (Communicator(region=...))
+        self.since = 0.0  # when the connection was accepted
 
     def label(self) -> str:
         if not self.peer_id:

@@ -68,15 +68,22 @@ class Watcher:
         since = self.last_active if self.last_active is not None else self.first_probe
         return Decision.ACTIVATE if now - since >= self.timeout else Decision.NONE
 
+    def silence(self, now: float) -> float:
+        """How long no active answer came (what a passive probe tells the watched master)."""
+        since = self.last_active if self.last_active is not None else self.first_probe
+        return 0.0 if since is None else max(0.0, now - since)
+
     def takeover_term(self, my_term: int) -> int:
         # At least 2: the watched master may have answered before its first
         # epoch (term 0) and made its term 1 just before it froze.
         return max(self.seen_term, my_term, 1) + 1
 
 
-def make_probe(secret: bytes | None, term: int, active: bool, address: str, nonce: bytes) -> P.Probe:
-    proof = auth.probe_proof(secret, nonce, term, active, address) if secret is not None else None
-    return P.Probe(term, active, address, nonce, proof)
+def make_probe(secret: bytes | None, term: int, active: bool, address: str, nonce: bytes,
+               silence: float = 0.0) -> P.Probe:
+    ms = max(0, int(silence * 1000))
+    proof = auth.probe_proof(secret, nonce, term, active, address, ms) if secret is not None else None
+    return P.Probe(term, active, address, nonce, proof, ms)
 
 
 def probe_proven(secret: bytes | None, probe: P.Probe) -> bool:
@@ -84,4 +91,4 @@ def probe_proven(secret: bytes | None, probe: P.Probe) -> bool:
     if secret is None:
         return True
     return probe.proof is not None and auth.same(
-        probe.proof, auth.probe_proof(secret, probe.nonce, probe.term, probe.active, probe.address))
+        probe.proof, auth.probe_proof(secret, probe.nonce, probe.term, probe.active, probe.address, probe.silence_ms))

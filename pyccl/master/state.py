@@ -153,8 +153,6 @@ class MasterState:
         # Why this master serves nobody (a standby not yet active, or one that stepped down), or None.
         self.passive: str | None = "this master is a standby and not active" if standby else None
         self.watch_address: str | None = None  # the master this one probes (set by the server, or on stepping down)
-        self._lease_until: float | None = None  # no standby can take over before (None: none ever probed)
-        self._epochs.rival_possible = lambda now: self._lease_until is not None and now >= self._lease_until
 
     # ------------------------------------------------------------ events
 
@@ -162,7 +160,8 @@ class MasterState:
         """A connection was accepted. It must send ``hello`` within the heartbeat timeout."""
         if conn_id in self._conns:
             raise ValueError(f"connection id {conn_id} is already in use")
-        self._conns[conn_id] = Peer(conn_id, addr)
+        self._conns[conn_id] = peer = Peer(conn_id, addr)
+        peer.since = now
         self._live[conn_id] = now
         self._recovery.start(now)
         return []
@@ -411,10 +410,10 @@ class MasterState:
         out.append(Send(peer.conn_id, P.Standing(self._epochs.term, self.passive is None)))
         self._kill(peer, "probe answered", now, out, error=None, quiet=True)
         if not frame.active and self.passive is None:
-            # A standby heard this master as active just now, so it cannot take
-            # over before ``now`` + a heartbeat timeout: half of that is ours.
-            self._lease_until = now + self.heartbeat_timeout / 2
-            self._epochs.retry_blocked(now, out)
+            # The prober sent this after the connection opened (``since``) and
+            # was then silent for ``silence_ms``: it cannot take over before
+            # since + timeout - silence, however late the probe arrived.
+            self._epochs.renew_lease(peer.since + self.heartbeat_timeout * 0.9 - frame.silence_ms / 1000, now, out)
         if frame.active and frame.term > self._epochs.term and self.passive is None:
             self.step_down(f"the master at {frame.address} is active with term {frame.term}", out,
                            watch=frame.address)
@@ -528,10 +527,10 @@ class MasterState:
             self._epochs.commit(group, now, out)
 
     def _on_sync(self, peer: Peer, frame: P.Sync, now: float, out: list[Action]) -> None:
-        sync_rounds.on_sync(peer, frame, out)
+        sync_rounds.on_sync(peer, frame, out, self._epochs.quorum_lost(peer.group, now))
 
     def _on_sync_done(self, peer: Peer, frame: P.SyncDone, now: float, out: list[Action]) -> None:
-        sync_rounds.on_sync_done(peer, frame, out)
+        sync_rounds.on_sync_done(peer, frame, out, self._epochs.quorum_lost(peer.group, now))
 
     # ------------------------------------------------------------ transitions
 
@@ -578,7 +577,7 @@ class MasterState:
             log.log(level, "%s of group %d died: %s", peer.label(), group.gid, cause)
             self._epochs.drop_member(group, peer, f"peer {peer.peer_id} is gone: {cause}", drain_kind, now, out)
             # After the drop: a sync round opened from here must not include the dead peer.
-            sync_rounds.sync_drop(group, peer, out)
+            sync_rounds.sync_drop(group, peer, out, self._epochs.quorum_lost(group, now))
 
 
 # Frame type -> (handler, the phases allowed to send it). Anything else, or a

@@ -7,6 +7,11 @@ only by death, and is planned by the pure :func:`pyccl.master.sync.plan_sync`.
 A ``sync`` from a member outside the open round (admitted after it opened,
 or already answered) waits in ``sync_queue`` and opens the next round when
 this one ends. Called by :class:`~pyccl.master.state.MasterState` only.
+
+``held``: the group has lost half of its epoch or more while a standby may
+have taken over (:meth:`pyccl.master.epochs.Epochs.quorum_lost`); the round
+neither plans nor finishes until the next epoch commits, so a revision is
+never committed by a minority that may be one side of a partition.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pyccl.wire import FrameError, clip
 log = logging.getLogger("pyccl.master")
 
 
-def on_sync(peer: Peer, frame: P.Sync, out: list[Action]) -> None:
+def on_sync(peer: Peer, frame: P.Sync, out: list[Action], held: bool = False) -> None:
     """A member's ``sync`` frame: join (or queue for) the group's sync round."""
     revision, strategy, keys = frame.revision, frame.strategy, frame.keys
     group = peer.group
@@ -46,9 +51,9 @@ def on_sync(peer: Peer, frame: P.Sync, out: list[Action]) -> None:
     else:
         rnd = open_sync(group)
         rnd.reports[pid] = request
-    check_sync(group, out)
+    check_sync(group, out, held)
 
-def on_sync_done(peer: Peer, frame: P.SyncDone, out: list[Action]) -> None:
+def on_sync_done(peer: Peer, frame: P.SyncDone, out: list[Action], held: bool = False) -> None:
     """A member finished (or failed) its transfer."""
     number, ok, reason = frame.sync, frame.ok, frame.reason
     group = peer.group
@@ -62,7 +67,7 @@ def on_sync_done(peer: Peer, frame: P.SyncDone, out: list[Action]) -> None:
     if not ok:
         log.warning("group %d sync %d: %s failed its transfer: %s",
                     group.gid, number, peer.label(), clip(reason, 300))
-    check_sync(group, out)
+    check_sync(group, out, held)
 
 def open_sync(group: Group) -> SyncRound:
     group.syncs += 1
@@ -70,7 +75,7 @@ def open_sync(group: Group) -> SyncRound:
     log.info("group %d opened sync %d with members %s", group.gid, rnd.number, list(rnd.waiting))
     return rnd
 
-def sync_drop(group: Group, peer: Peer, out: list[Action]) -> None:
+def sync_drop(group: Group, peer: Peer, out: list[Action], held: bool = False) -> None:
     """A member died: out of the open round (at any stage) and out of the queue."""
     group.sync_queue.pop(peer.peer_id, None)
     rnd = group.sync
@@ -79,11 +84,11 @@ def sync_drop(group: Group, peer: Peer, out: list[Action]) -> None:
     rnd.reports.pop(peer.peer_id, None)
     rnd.done.pop(peer.peer_id, None)
     log.info("group %d sync %d goes on without peer %d", group.gid, rnd.number, peer.peer_id)
-    check_sync(group, out)
+    check_sync(group, out, held)
 
-def check_sync(group: Group, out: list[Action]) -> None:
+def check_sync(group: Group, out: list[Action], held: bool = False) -> None:
     """Plan or finish the open round when its last awaited frame is in; then open the next one."""
-    while True:
+    while not held:
         rnd = group.sync
         if rnd is None:
             return

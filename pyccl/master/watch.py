@@ -77,7 +77,7 @@ async def watch_loop(core: _Applies, state: MasterState, secret: bytes | None, o
             watcher, watched = Watcher(state.heartbeat_timeout), target
         assert watcher is not None
         active = state.passive is None
-        frame = make_probe(secret, state.term, active, own_address, new_nonce())
+        frame = make_probe(secret, state.term, active, own_address, new_nonce(), watcher.silence(core.now()))
         try:
             answer = await probe(target, frame, max(0.05, state.heartbeat_timeout / 2), tls)
             decision = watcher.on_answer(core.now(), answer, state.term, active)
