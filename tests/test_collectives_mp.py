@@ -87,6 +87,16 @@ def _peer(master: str, n: int, pipe: Any) -> None:
     except pyccl.MismatchError as exc:
         out["mixed"] = str(exc)
     comm.all_reduce(np.ones(3, np.float32))  # still works afterwards
+    # One peer's misuse raises at the call and takes no place in the sequence:
+    # its corrected call matches the others' (they would wait for it otherwise).
+    if r == 0:
+        try:
+            comm.all_gather(np.ones(2, np.float32), np.empty(2 * n + 1, np.float32))
+        except ValueError:
+            pass
+    g2 = np.empty(2 * n, np.float32)
+    comm.all_gather(np.full(2, r, np.float32), g2)
+    out["misuse_then_ok"] = bool(np.array_equal(g2, np.repeat(np.arange(n), 2)))
     pipe.send(out)
     comm.close()
 
@@ -101,4 +111,5 @@ def test_reduce_scatter_all_gather_broadcast(n):
         assert out["bad"] == [], out["bad"][:10]
         assert out["async_ok"]
         assert "world_size" in out["ag_size"], out["ag_size"]
+        assert out["misuse_then_ok"]
         assert "disagree" in out["mixed"] and "all_gather" in out["mixed"] and "all_reduce" in out["mixed"], out["mixed"]

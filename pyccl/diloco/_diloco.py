@@ -427,8 +427,7 @@ class DiLoCo:
         into = s.pg if avg else s.out
         assert into is not None
         if self._int4(s):
-            gathered = torch.empty(self.comm.world_size * s.ef.packer.nbytes, dtype=torch.uint8)
-            info = self.comm.all_gather(s.ef.packed, gathered, tag=self._tag(s))
+            info, gathered = self._gather(s, lambda g: self.comm.all_gather(s.ef.packed, g, tag=self._tag(s)))
             ranks = s.ef.packer.sum_gathered(gathered, into)
             if avg:
                 into.div_(float(ranks))
@@ -437,10 +436,23 @@ class DiLoCo:
             return self.comm.all_reduce(s.pg, op="avg", tag=self._tag(s), **self._q(s))
         return self.comm.all_reduce(s.pg, out=s.out, op="sum", tag=self._tag(s), **self._q(s))
 
+    def _gather(self, s: Slot, call: Callable[[torch.Tensor], Any]) -> tuple[Any, torch.Tensor]:
+        """``call`` (an all_gather of the slot's packed bytes) into a buffer sized
+        for the world. If the epoch changed between reading the world size and
+        the call, the call raises ValueError before it takes its place in the
+        sequence: size the buffer again and call again."""
+        while True:
+            n = self.comm.world_size
+            gathered = torch.empty(n * s.ef.packer.nbytes, dtype=torch.uint8)
+            try:
+                return call(gathered), gathered
+            except ValueError:
+                if self.comm.world_size == n:
+                    raise
+
     def _reduce_async(self, s: Slot) -> Any:
         if self._int4(s):
-            gathered = torch.empty(self.comm.world_size * s.ef.packer.nbytes, dtype=torch.uint8)
-            h = self.comm.all_gather_async(s.ef.packed, gathered, tag=self._tag(s))
+            h, gathered = self._gather(s, lambda g: self.comm.all_gather_async(s.ef.packed, g, tag=self._tag(s)))
             return GatherSum(h, gathered, s)
         return self.comm.all_reduce_async(s.pg, out=s.out, op="sum", tag=self._tag(s), **self._q(s))
 

@@ -418,10 +418,17 @@ class Communicator(Failover, SharedStateSync):
                                                 tag))
 
     def _begin(self, call: Call, tag: int) -> Ticket:
-        """Give a validated call its place in the sequence (program order)."""
+        """Give a validated call its place in the sequence (program order).
+
+        Shapes that depend on the world size are checked first, against the
+        epoch the op will run in (the lock holds it): a misuse raises
+        ValueError without taking a place, so this peer's next call still
+        matches the others' instead of leaving them waiting for this one."""
         self._check_connected()
         with self._cv:
             self._cv.wait_for(self._state.can_begin)
+            if self._state.epoch is not None and self._state.usable_error() is None:
+                check_for_epoch(call, self._state.epoch.world_size)
             return Ticket(call, self._state.begin_op(tag, call.name))
 
     def _submit(self, begin: Callable[[], Ticket]) -> AsyncHandle:
@@ -452,7 +459,6 @@ class Communicator(Failover, SharedStateSync):
         n = op.epoch.world_size
         bufs: WorkBuffers | None = None
         try:
-            check_for_epoch(call, n)
             bufs = WorkBuffers(call, self._scratch)
             kind, message, tx, rx, two = launch(self._dp, call, bufs, op.epoch, op.tag, op.seq, self.two_level)
             result = LOCAL_RESULTS[kind]
