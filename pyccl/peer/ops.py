@@ -3,9 +3,9 @@ the work buffer it runs in, and what it returns.
 
 :func:`check_call` validates what can be checked before the op takes its
 place in the sequence (dtypes, overlaps, the quantize option);
-:func:`check_for_epoch` what depends on the world size of the op's epoch
-(every participant sees the same one, so they all fail together and nobody
-waits for data). :class:`WorkBuffers` picks where the ring writes: never
+:func:`check_for_epoch` what depends on the world size of the epoch the op
+will run in (checked before the op takes its seq, so a misuse on one peer
+leaves nobody waiting for it). :class:`WorkBuffers` picks where the ring writes: never
 the caller's input, so a failed op leaves it intact.
 """
 
