@@ -337,6 +337,14 @@ class Sim:
         for p in group.live():
             p.send(data)
 
+    @staticmethod
+    async def beat(groups: list[SimGroup], interval: float) -> None:
+        """What each peer's heartbeat thread does: a heartbeat every interval, pending peers included."""
+        while True:
+            await asyncio.sleep(interval)
+            for g in groups:
+                Sim.heartbeat(g)
+
     async def join_storm(self, group: SimGroup, n: int) -> dict[str, float]:
         """n peers connect at once; members vote whenever a welcomed peer waits."""
         target = group.admitted + n
@@ -469,6 +477,7 @@ async def scale_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
     try:
         sim = Sim(master.address, master)
         group = SimGroup(1)
+        beat = asyncio.ensure_future(sim.beat([group], args.heartbeat_timeout / 5))
         row: dict[str, Any] = {"peers": n, "join": await sim.join_storm(group, n)}
         row["collective"] = await sim.collectives(group, args.reps)
         row["admission"] = await sim.admissions(group, args.admissions)
@@ -476,6 +485,7 @@ async def scale_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
         sim.heartbeat(group)
         await asyncio.sleep(0.05)
         row["leave"] = await sim.leave_storm(group, 0.1)
+        beat.cancel()
         for p in group.peers:
             if p.transport is not None:
                 p.transport.close()
@@ -489,20 +499,18 @@ async def quiet_run(args: argparse.Namespace) -> None:
     --period until stdin closes, then print every collective's latencies as JSON."""
     sim = Sim(args.address, None)
     group = SimGroup(args.group)
+    beat = asyncio.ensure_future(sim.beat([group], args.heartbeat_timeout / 5))
     await sim.join_storm(group, args.quiet_peers)
     loop = asyncio.get_running_loop()
     stop = loop.run_in_executor(None, sys.stdin.read)
     print("ready", flush=True)
     samples: list[tuple[float, list[float]]] = []
-    last_beat = now()
     while not stop.done():
         t = now()
         times, _ = await sim.collective(group)
         samples.append((t, times))
-        if now() - last_beat > args.heartbeat_timeout / 5:
-            sim.heartbeat(group)
-            last_beat = now()
         await asyncio.sleep(max(0.0, args.period - (now() - t)))
+    beat.cancel()
     print(json.dumps(samples), flush=True)
 
 
@@ -520,22 +528,24 @@ async def groups_run(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("the quiet group's simulator did not start")
         sim = Sim(master.address, master)
         storm = SimGroup(2)
+        beat = asyncio.ensure_future(sim.beat([storm], args.heartbeat_timeout / 5))
         windows: list[tuple[str, float, float]] = []
 
         async def window(name: str, phase: Any) -> None:
             t0 = now()
             await phase
             windows.append((name, t0, now()))
+            print(f"  storm group: {name} took {now() - t0:.3f} s", file=sys.stderr, flush=True)
 
         await window("calm", asyncio.sleep(args.calm))
         await window("join storm", sim.join_storm(storm, args.storm_peers))
         await window("calm", asyncio.sleep(args.calm))
         for _ in range(args.storms):
-            sim.heartbeat(storm)
             await window("10% join", sim.join_storm(storm, max(1, args.storm_peers // 10)))
             await window("10% leave", sim.leave_storm(storm, 0.1))
             await window("mismatch", sim.mismatch(storm))
         await window("calm", asyncio.sleep(args.calm))
+        beat.cancel()
         out, _ = quiet.communicate(timeout=120)
         samples = json.loads(out.strip().splitlines()[-1])
         return {"windows": _per_window(samples, windows), "quiet_peers": args.quiet_peers,
@@ -617,17 +627,27 @@ def main() -> None:
     if args.role == "quiet":
         runner(quiet_run(args))
         return
-    rows = [runner(scale_run(n, args)) for n in args.peers]
-    text = scale_table(rows, args.label) if rows else ""
+    rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"label": args.label, "scale": rows}
+    text = ""
+    for n in args.peers:
+        rows.append(runner(scale_run(n, args)))
+        text = scale_table(rows, args.label)
+        _report(text, result, args.out)
     if args.groups:
         result["groups"] = runner(groups_run(args))
-        text += "\n\n" + groups_table(result["groups"], args.label)
+        text += ("\n\n" if text else "") + groups_table(result["groups"], args.label)
+        _report(text, result, args.out)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+
+
+def _report(text: str, result: dict[str, Any], out: str | None) -> None:
+    """Write what was measured so far (a long run that fails late keeps its tables)."""
+    print(text.splitlines()[-1], file=sys.stderr, flush=True)
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
-        with open(args.out + ".json", "w") as f:
+        with open(out + ".json", "w") as f:
             json.dump(result, f, indent=1)
 
 

@@ -461,7 +461,7 @@ class MasterState:
             out.append(Send(peer.conn_id, P.RoundDone(k, rnd.result)))
             return
         peer.waiting_round = k
-        self._epochs.check_rounds(group, now, out)
+        self._epochs.check_vote(group, k, rnd, now, out)
 
     def _on_done(self, peer: Peer, frame: P.Done, now: float, out: list[Action]) -> None:
         # Hot path: every collective of every member passes here. Keep it flat.
