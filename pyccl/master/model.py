@@ -188,7 +188,8 @@ class SyncRound:
 class Group:
     __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain",
                  "revision", "syncs", "sync", "sync_queue", "links",
-                 "recovery", "round_floor")  # failover (pyccl/master/recovery.py)
+                 "recovery", "round_floor",  # failover (pyccl/master/recovery.py)
+                 "fanout")
 
     def __init__(self, gid: int) -> None:
         self.gid = gid
@@ -212,6 +213,8 @@ class Group:
         # as answered NO_CHANGE (a member of the re-formed group is past it).
         self.recovery: object | None = None
         self.round_floor = 0
+        # ((epoch, member count), the members' connection ids): the op_ok fan-out (pyccl/master/verdicts.py).
+        self.fanout: tuple[tuple[int, int], tuple[int, ...]] | None = None
 
     @property
     def phase(self) -> GroupPhase:

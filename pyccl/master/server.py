@@ -27,6 +27,7 @@ from typing import Any, cast
 
 from pyccl.auth import resolve_secret
 from pyccl.master.state import Action, MasterState, Send
+from pyccl.master.verdicts import Verdict
 from pyccl.master.watch import watch_loop
 from pyccl.protocol import HEARTBEAT
 from pyccl.wire import FrameError, clip, decode_body, decode_length, encode
@@ -41,6 +42,28 @@ DEFAULT_PORT = 48148
 MAX_WRITE_BUFFER = 8 << 20
 # How long stop() lets closed connections flush before aborting them.
 _CLOSE_GRACE_S = 1.0
+# Listen backlog (the kernel caps it at net.core.somaxconn): a join storm of
+# thousands of peers must queue, not have its SYNs dropped and retried 1-3 s
+# later into many small epochs.
+LISTEN_BACKLOG = 65535
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (one descriptor
+    per peer: 10,000 peers need more than the usual 1024); returns it."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            log.warning("cannot raise the open-file limit from %d to %d; the master serves at most about %d peers",
+                        soft, hard, soft)
+    return int(soft)
 
 
 def replacement_ids() -> int:
@@ -101,6 +124,8 @@ class _Core:
         self._now = 0.0
         self._closing = False
         self._all_closed: asyncio.Event | None = None
+        self._fan_ids: tuple[int, ...] | None = None  # the last verdict's connections, and their transports
+        self._fan: list[asyncio.Transport | None] = []
 
     def now(self) -> float:
         # The state machine wants non-decreasing times; loop timers may fire a
@@ -148,6 +173,41 @@ class _Core:
             actions = self.state.on_bad_frame(conn_id, "internal error in the master", now)
         self.apply(actions)
 
+    def done(self, conn_id: int, frame: dict[str, Any], now: float) -> bool:
+        """A ``done`` frame (the hot path); True if the timer may need re-arming."""
+        try:
+            result = self.state.on_done(conn_id, frame, now)
+        except Exception:  # a bug in the state machine must not take the server down
+            log.exception("internal error handling a done frame on connection %d", conn_id)
+            result = self.state.on_bad_frame(conn_id, "internal error in the master", now)
+        if type(result) is Verdict:
+            self.fan_out(result)
+            return False  # a done only moves deadlines later: the armed timer stands
+        assert isinstance(result, list)
+        if result:
+            self.apply(result)
+        return bool(result)
+
+    def fan_out(self, verdict: Verdict) -> None:
+        """Write one encoded frame to every connection of a verdict. The
+        transports of the last fan-out are reused while its connection tuple
+        (one per epoch) is the same; a closed one is skipped."""
+        data = encode(verdict.frame.to_wire())
+        ids = verdict.conn_ids
+        if ids is not self._fan_ids:
+            get = self.transports.get
+            self._fan = [get(c) for c in ids]
+            self._fan_ids = ids
+        overflow: list[int] = []
+        for conn_id, t in zip(ids, self._fan):
+            if t is None or t.is_closing():
+                continue
+            t.write(data)
+            if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                overflow.append(conn_id)
+        if overflow:
+            self.apply([], overflow)
+
     def bad_frame(self, conn_id: int, why: str, now: float) -> None:
         self.apply(self.state.on_bad_frame(conn_id, why, now))
         t = self.transports.get(conn_id)
@@ -156,12 +216,14 @@ class _Core:
 
     # -- actions
 
-    def apply(self, actions: Iterable[Action]) -> None:
-        """Carry out actions in order; fan-outs of one frame object are encoded once."""
+    def apply(self, actions: Iterable[Action], overflow: list[int] | None = None) -> None:
+        """Carry out actions in order; fan-outs of one frame object are encoded once.
+        Connections in ``overflow`` (and any whose unsent bytes pass the limit
+        here) are treated as dead."""
         transports = self.transports
         last_frame: Any = None
         data = b""
-        overflow: list[int] = []
+        overflow = [] if overflow is None else overflow
         for action in actions:
             t = transports.get(action.conn_id)
             if t is None or t.is_closing():
@@ -282,6 +344,7 @@ class _Connection(asyncio.Protocol):
         conn_id = self._conn_id
         pos = 0
         end = len(data)
+        rearm = False
         try:
             while end - pos >= 4:
                 n = decode_length(data[pos : pos + 4])
@@ -289,14 +352,20 @@ class _Connection(asyncio.Protocol):
                     break
                 frame = decode_body(data[pos + 4 : pos + 4 + n])
                 pos += 4 + n
-                core.frame(conn_id, frame, now)
+                if frame["type"] == "done":
+                    rearm = core.done(conn_id, frame, now) or rearm
+                else:
+                    core.frame(conn_id, frame, now)
+                    rearm = True
                 if transport.is_closing():
                     return
         except FrameError as exc:
+            rearm = True
             core.bad_frame(conn_id, str(exc), now)
             return
         finally:
-            core.rearm()
+            if rearm:
+                core.rearm()
         if pos < end:
             buf += data[pos:]
             self._need = 4 if len(buf) < 4 else 4 + int.from_bytes(buf[:4], "big")
@@ -491,8 +560,10 @@ class Master:
 
     async def _main(self, loop: asyncio.AbstractEventLoop, ready: Callable[[], None], install_signals: bool) -> None:
         core = _Core(loop, self._state)
+        raise_fd_limit()
         server = await loop.create_server(
-            lambda: _Connection(core), self._host, self._port, reuse_address=True, backlog=1024, ssl=self._tls
+            lambda: _Connection(core), self._host, self._port, reuse_address=True, backlog=LISTEN_BACKLOG,
+            ssl=self._tls
         )
         stop_event = asyncio.Event()
         sockname = server.sockets[0].getsockname()
