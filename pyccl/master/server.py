@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from pyccl.auth import resolve_secret
-from pyccl.master.state import Action, MasterState, Send
+from pyccl.master.state import Action, MasterState
 from pyccl.master.verdicts import Verdict
 from pyccl.master.watch import watch_loop
+from pyccl.master.writer import MAX_WRITE_BUFFER, Writer
 from pyccl.protocol import HEARTBEAT
 from pyccl.wire import FrameError, clip, decode_body, decode_length, encode
 
@@ -37,9 +38,6 @@ __all__ = ["Master", "DEFAULT_PORT"]
 log = logging.getLogger("pyccl.master")
 
 DEFAULT_PORT = 48148
-# A peer whose unsent control bytes pile up past this is not reading its
-# connection; it is treated as dead rather than buffered without bound.
-MAX_WRITE_BUFFER = 8 << 20
 # How long stop() lets closed connections flush before aborting them.
 _CLOSE_GRACE_S = 1.0
 # Listen backlog (the kernel caps it at net.core.somaxconn): a join storm of
@@ -124,8 +122,7 @@ class _Core:
         self._now = 0.0
         self._closing = False
         self._all_closed: asyncio.Event | None = None
-        self._fan_ids: tuple[int, ...] | None = None  # the last verdict's connections, and their transports
-        self._fan: list[asyncio.Transport | None] = []
+        self.writer = Writer(loop, self.transports, self.overflow)
 
     def now(self) -> float:
         # The state machine wants non-decreasing times; loop timers may fire a
@@ -181,32 +178,12 @@ class _Core:
             log.exception("internal error handling a done frame on connection %d", conn_id)
             result = self.state.on_bad_frame(conn_id, "internal error in the master", now)
         if type(result) is Verdict:
-            self.fan_out(result)
+            self.writer.fan_out(result)
             return False  # a done only moves deadlines later: the armed timer stands
         assert isinstance(result, list)
         if result:
             self.apply(result)
         return bool(result)
-
-    def fan_out(self, verdict: Verdict) -> None:
-        """Write one encoded frame to every connection of a verdict. The
-        transports of the last fan-out are reused while its connection tuple
-        (one per epoch) is the same; a closed one is skipped."""
-        data = encode(verdict.frame.to_wire())
-        ids = verdict.conn_ids
-        if ids is not self._fan_ids:
-            get = self.transports.get
-            self._fan = [get(c) for c in ids]
-            self._fan_ids = ids
-        overflow: list[int] = []
-        for conn_id, t in zip(ids, self._fan):
-            if t is None or t.is_closing():
-                continue
-            t.write(data)
-            if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
-                overflow.append(conn_id)
-        if overflow:
-            self.apply([], overflow)
 
     def bad_frame(self, conn_id: int, why: str, now: float) -> None:
         self.apply(self.state.on_bad_frame(conn_id, why, now))
@@ -216,34 +193,14 @@ class _Core:
 
     # -- actions
 
-    def apply(self, actions: Iterable[Action], overflow: list[int] | None = None) -> None:
-        """Carry out actions in order; fan-outs of one frame object are encoded once.
-        Connections in ``overflow`` (and any whose unsent bytes pass the limit
-        here) are treated as dead."""
-        transports = self.transports
-        last_frame: Any = None
-        data = b""
-        overflow = [] if overflow is None else overflow
-        for action in actions:
-            t = transports.get(action.conn_id)
-            if t is None or t.is_closing():
-                continue
-            if type(action) is Send:
-                frame = action.frame
-                if frame is not last_frame:
-                    try:
-                        data = encode(frame.to_wire())
-                    except FrameError:  # over the frame limit (a ring of thousands of long hostnames)
-                        log.error("cannot send a %r frame: larger than the frame limit", frame.TYPE)
-                        continue
-                    last_frame = frame
-                t.write(data)
-                if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
-                    overflow.append(action.conn_id)
-            else:
-                t.close()  # flushes the error frame sent just before, then closes
-        for conn_id in overflow:
-            t = transports.get(conn_id)
+    def apply(self, actions: Iterable[Action]) -> None:
+        """Carry out actions (see :class:`~pyccl.master.writer.Writer`)."""
+        self.writer.apply(actions)
+
+    def overflow(self, conn_ids: list[int]) -> None:
+        """Connections that stopped reading (unsent bytes over the limit) are treated as dead."""
+        for conn_id in conn_ids:
+            t = self.transports.get(conn_id)
             if t is None or t.is_closing():
                 continue
             cause = f"not reading its connection (over {MAX_WRITE_BUFFER} bytes unsent)"
@@ -287,6 +244,7 @@ class _Core:
     async def close_all(self, server: asyncio.AbstractServer) -> None:
         """Stop accepting, close every connection (flushing briefly), stop the timer."""
         self._closing = True
+        self.writer.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -554,9 +512,8 @@ class Master:
         interval = self._state.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
-            for conn_id, t in list(core.transports.items()):
-                if not t.is_closing() and self._state.wants_heartbeat(conn_id):
-                    t.write(data)
+            wants = self._state.wants_heartbeat
+            core.writer.broadcast([c for c in core.transports if wants(c)], data)
 
     async def _main(self, loop: asyncio.AbstractEventLoop, ready: Callable[[], None], install_signals: bool) -> None:
         core = _Core(loop, self._state)
