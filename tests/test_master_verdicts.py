@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_master_state import Harness
-
 from pyccl.master.state import MasterState, Send
 from pyccl.master.verdicts import Verdict
+
+from test_master_state import Harness
 
 pytestmark = pytest.mark.timeout(30)
 

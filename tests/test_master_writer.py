@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from pyccl import protocol as P
 from pyccl.master.model import Close, Send
 from pyccl.master.verdicts import Verdict
