@@ -42,6 +42,7 @@ import json
 import os
 import random
 import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -499,7 +500,11 @@ async def scale_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
         group = SimGroup(1)
         beat = asyncio.ensure_future(sim.beat([group], args.heartbeat_timeout / 5))
         row: dict[str, Any] = {"peers": n, "join": await sim.join_storm(group, n)}
+        perf = _perf(master, args.perf_collectives, n)
         row["collective"] = await sim.collectives(group, args.reps)
+        if perf is not None:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(60)
         row["admission"] = await sim.admissions(group, args.admissions)
         row["rss_mib"], row["hwm_mib"] = master.rss_mib()
         sim.heartbeat(group)
@@ -509,9 +514,22 @@ async def scale_run(n: int, args: argparse.Namespace) -> dict[str, Any]:
         for p in group.peers:
             if p.transport is not None:
                 p.transport.close()
+        if args.floor:
+            await asyncio.sleep(0.5)
+            row["floor"] = await floor_run(n, args.reps)
         return row
     finally:
         master.close()
+
+
+def _perf(master: MasterProc, out: str | None, n: int) -> subprocess.Popen[bytes] | None:
+    """``perf record`` of the master during the collectives phase (``--perf-collectives``)."""
+    if out is None:
+        return None
+    proc = subprocess.Popen(["perf", "record", "-F", "4999", "-g", "-p", str(master.proc.pid), "-o",
+                             f"{out}.{n}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # perf attaches
+    return proc
 
 
 async def quiet_run(args: argparse.Namespace) -> None:
@@ -589,6 +607,81 @@ def _per_window(samples: list[tuple[float, list[float]]], windows: list[tuple[st
                    "max_ms": 1e3 * max(v)} for name, v in by.items() if v}
 
 
+# ---------------------------------------------------------------- floor
+
+
+class _FloorServer(asyncio.Protocol):
+    """--role floor: no protocol at all. Counts frames; once every connection
+    sent one, writes one pre-encoded frame to every connection. What one
+    uvloop process pays per peer and round for one read and one write."""
+
+    conns: list[asyncio.Transport] = []
+    count = 0
+    reply = encoded(P.OpOk(1, 0, 0))
+
+    def connection_made(self, transport: Any) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _FloorServer.conns.append(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _FloorServer.conns = [t for t in _FloorServer.conns if not t.is_closing()]
+
+    def data_received(self, data: bytes) -> None:
+        _FloorServer.count += 1
+        if _FloorServer.count == len(_FloorServer.conns):
+            _FloorServer.count = 0
+            reply = _FloorServer.reply
+            for t in _FloorServer.conns:
+                t.write(reply)
+
+
+async def floor_server(port: int) -> None:
+    server = await asyncio.get_running_loop().create_server(_FloorServer, "127.0.0.1", port, backlog=65535)
+    async with server:
+        await server.serve_forever()
+
+
+class _FloorClient(asyncio.Protocol):
+    tally: Tally | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if _FloorClient.tally is not None:
+            _FloorClient.tally.hit(now())
+
+
+async def floor_run(n: int, reps: int) -> dict[str, float]:
+    """The same round trip as a collective (N frames in, N out) against the bare server."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", "floor", "--address",
+                             f"127.0.0.1:{port}"])
+    try:
+        loop = asyncio.get_running_loop()
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            await asyncio.sleep(0.1)
+        clients = [(await loop.create_connection(_FloorClient, "127.0.0.1", port))[1] for _ in range(n)]
+        await asyncio.sleep(0.5)
+        data = encoded(P.Done(1, 0, 0))
+        master = MasterProc.__new__(MasterProc)
+        master.proc = proc  # type: ignore[assignment]
+        cpu0 = master.cpu()
+        for _ in range(reps):
+            tally = _FloorClient.tally = Tally(n)
+            for c in clients:
+                c.transport.write(data)
+            await asyncio.wait_for(tally.fut, PHASE_TIMEOUT)
+        return {"cpu_ms": 1e3 * (master.cpu() - cpu0) / reps}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -604,6 +697,11 @@ def scale_table(rows: list[dict[str, Any]], label: str) -> str:
             f"| {c['send_ms']:.2f} ms | {a['shuffled']:.1f} / {a['ring']:.1f} ms "
             f"| {lv['ms']:.0f} ms ({lv['epochs']} epochs) | {c['cpu_ms']:.2f} ms ({100 * c['sys_share']:.0f}%) "
             f"| {a['cpu_shuffled']:.1f} / {a['cpu_ring']:.1f} ms | {r['rss_mib']:.0f} ({r['hwm_mib']:.0f}) MiB |")
+    floors = [r for r in rows if "floor" in r]
+    if floors:
+        lines += ["", "Floor: a bare uvloop server (no protocol: N frames in, one frame written to each of N "
+                  "connections) costs per round " + ", ".join(
+                      f"{r['floor']['cpu_ms']:.2f} ms at {r['peers']:,}" for r in floors) + "."]
     return "\n".join(lines)
 
 
@@ -624,6 +722,8 @@ def main() -> None:
     ap.add_argument("--peers", type=int, nargs="*", default=[100, 1000, 10000])
     ap.add_argument("--reps", type=int, default=30, help="collectives per N")
     ap.add_argument("--admissions", type=int, default=5, help="admission rounds per vote order per N")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure a bare uvloop server: one read and one write per peer, no protocol")
     ap.add_argument("--groups", action="store_true", help="also measure a storm next to a quiet group")
     ap.add_argument("--quiet-peers", type=int, default=100)
     ap.add_argument("--storm-peers", type=int, default=1000)
@@ -634,9 +734,11 @@ def main() -> None:
     ap.add_argument("--master-pythonpath", default=None, help="PYTHONPATH of the master (another source tree)")
     ap.add_argument("--master-profile", default=None, metavar="FILE",
                     help="run the master under cProfile, stats to FILE (distorts the times: for profiles only)")
+    ap.add_argument("--perf-collectives", default=None, metavar="FILE",
+                    help="perf record the master during the collectives phase, to FILE.N")
     ap.add_argument("--label", default="this tree")
     ap.add_argument("--out", default=None, help="also write the tables (markdown) and a .json next to it")
-    ap.add_argument("--role", default="main", choices=["main", "quiet"], help=argparse.SUPPRESS)
+    ap.add_argument("--role", default="main", choices=["main", "quiet", "floor"], help=argparse.SUPPRESS)
     ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--group", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -648,6 +750,9 @@ def main() -> None:
         runner = asyncio.run
     if args.role == "quiet":
         runner(quiet_run(args))
+        return
+    if args.role == "floor":
+        runner(floor_server(int(args.address.rpartition(":")[2])))
         return
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"label": args.label, "scale": rows}
