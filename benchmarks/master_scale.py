@@ -438,6 +438,7 @@ class Sim:
         """One joiner per round; votes in shuffled and in ring order, interleaved."""
         out: dict[str, list[float]] = {"shuffled": [], "ring": [], "cpu_shuffled": [], "cpu_ring": [],
                                        "send_shuffled": [], "send_ring": []}
+        user = kernel = 0.0
         for i in range(2 * reps):
             order = "shuffled" if i % 2 == 0 else "ring"
             self.heartbeat(group)
@@ -450,14 +451,19 @@ class Sim:
             voters = list(group.members)
             if order == "shuffled":
                 random.shuffle(voters)
-            cpu0 = self.cpu()
+            cpu0, us0 = self.cpu(), self.user_sys()
             took, sent = await self.vote_round(group, voters)
             out[f"cpu_{order}"].append(self.cpu() - cpu0)
+            us1 = self.user_sys()
+            user += us1[0] - us0[0]
+            kernel += us1[1] - us0[1]
             out[order].append(took)
             out[f"send_{order}"].append(sent)
             if group.pending():
                 raise RuntimeError("an admission round ended without admitting its joiner")
-        return {k: 1e3 * statistics.median(v) for k, v in out.items()}
+        res = {k: 1e3 * statistics.median(v) for k, v in out.items()}
+        res["sys_share"] = kernel / max(1e-9, user + kernel)
+        return res
 
     async def leave_storm(self, group: SimGroup, fraction: float) -> dict[str, float]:
         members = list(group.members)
@@ -688,7 +694,7 @@ async def floor_run(n: int, reps: int) -> dict[str, float]:
 def scale_table(rows: list[dict[str, Any]], label: str) -> str:
     lines = [f"master: {label}", "",
              "| peers | join storm | verdict median / p99 | sim send of the N `done` | admission shuffled / ring "
-             "| 10% leave | master CPU per collective (kernel share) | per admission shuffled / ring | master RSS (peak) |",
+             "| 10% leave | master CPU per collective (kernel share) | per admission shuffled / ring (kernel share) | master RSS (peak) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         j, c, a, lv = r["join"], r["collective"], r["admission"], r["leave"]
@@ -696,7 +702,7 @@ def scale_table(rows: list[dict[str, Any]], label: str) -> str:
             f"| {r['peers']:,} | {j['s']:.2f} s ({j['epochs']} epochs) | {c['median_ms']:.2f} / {c['p99_ms']:.2f} ms "
             f"| {c['send_ms']:.2f} ms | {a['shuffled']:.1f} / {a['ring']:.1f} ms "
             f"| {lv['ms']:.0f} ms ({lv['epochs']} epochs) | {c['cpu_ms']:.2f} ms ({100 * c['sys_share']:.0f}%) "
-            f"| {a['cpu_shuffled']:.1f} / {a['cpu_ring']:.1f} ms | {r['rss_mib']:.0f} ({r['hwm_mib']:.0f}) MiB |")
+            f"| {a['cpu_shuffled']:.1f} / {a['cpu_ring']:.1f} ms ({100 * a.get('sys_share', 0):.0f}%) | {r['rss_mib']:.0f} ({r['hwm_mib']:.0f}) MiB |")
     floors = [r for r in rows if "floor" in r]
     if floors:
         lines += ["", "Floor: a bare uvloop server (no protocol: N frames in, one frame written to each of N "
