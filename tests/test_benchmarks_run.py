@@ -29,6 +29,8 @@ CASES = {
     "linkemu": ["--connections", "2", "--plain-bytes", "64MiB", "--plain-connections", "1", "--seconds", "0.2",
                 "--reps", "1"],
     "geo": ["--configs", "6x2", "--sizes", "1MiB", "--reps", "1"],
+    "master_scale": ["--peers", "20", "--reps", "3", "--admissions", "1", "--floor", "--groups", "--quiet-peers", "5",
+                     "--storm-peers", "20", "--storms", "1", "--calm", "0.3"],
 }
 
 

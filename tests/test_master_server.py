@@ -365,3 +365,42 @@ def test_cli_rejects_unknown_subcommand(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["teleport"])
     assert exc.value.code == 2
+
+
+@pytest.mark.timeout(60)
+def test_fan_outs_larger_than_a_write_slice_keep_their_order(master: Master):
+    """400 members: the drain, the epoch and round_done go out in slices
+    (pyccl/master/writer.py), each connection still gets them in order, and
+    an op_ok fan-out reaches every member."""
+    from pyccl.master.writer import SLICE_WRITES
+
+    n = 400
+    assert n > SLICE_WRITES
+    first = RawPeer(master.address)
+    first.hello(0, "first")
+    first.expect("epoch", epoch=1)
+    peers = [RawPeer(master.address) for _ in range(n - 1)]
+    try:
+        for p in peers:
+            p.hello(0)
+        first.send({"type": "vote", "round": 0})
+        first.expect("drain", epoch=1, kind="admit")
+        first.send({"type": "drained", "epoch": 1, "next_seq": []})
+        ring = first.expect("epoch", epoch=2)["members"]
+        first.expect("round_done", round=0, changed=True)
+        assert len(ring) == n
+        for p in peers:
+            assert p.expect("epoch", epoch=2)["members"] == ring
+        everyone = [first, *peers]
+        check_op(everyone, 2, tag=0, seq=0)
+        peers[-1].send({"type": "failed", "epoch": 2, "tag": 0, "seq": 1, "kind": "mismatch", "reason": "x"})
+        for p in everyone:
+            p.expect("drain", epoch=2, kind="mismatch")
+            p.send({"type": "drained", "epoch": 2, "next_seq": [[0, 2]]})
+        for p in everyone:
+            assert p.expect("epoch", epoch=3)["fence"] == [[0, 2]]
+        check_op(everyone, 3, tag=0, seq=0)
+    finally:
+        first.close()
+        for p in peers:
+            p.close()

@@ -155,21 +155,38 @@ class Epochs:
         return rnd
 
     def check_rounds(self, group: Group, now: float, out: list[Action]) -> None:
-        """Start the admission drain of an ADMIT round every member has voted."""
+        """Start the admission drain of an ADMIT round every member has voted
+        (after a commit: rounds voted during the drain wait for it)."""
         if group.drain is not None or not group.members:
             return  # re-checked after the running drain commits
-        for k, rnd in group.rounds.items():
+        for k, rnd in list(group.rounds.items()):
             if rnd.result is None and all(m.waiting_round == k for m in group.members):
-                ids = [p.peer_id for p in rnd.joiners]
-                if rnd.decision is RoundDecision.OPTIMIZE:
-                    if not self._plan_optimized(group, k, rnd, out):
-                        continue  # the ring stays as it is: answered already
-                    ring = [p.peer_id for p in rnd.order or []]
-                    self.start_drain(group, "topology", f"reordering the ring to {ring} at round {k}", now, out,
-                                     admit_round=k)
+                if self._complete(group, k, rnd, now, out):
                     return
-                self.start_drain(group, "admit", f"admitting peers {ids} at round {k}", now, out, admit_round=k)
-                return
+
+    def check_vote(self, group: Group, k: int, rnd: Round, now: float, out: list[Action]) -> None:
+        """A member just voted undecided round ``k``: start its drain if every
+        member has voted it. Only round k can have become complete, and only
+        once its vote count reaches the member count is the scan worth doing."""
+        rnd.votes += 1
+        members = group.members
+        if (group.drain is None and rnd.votes >= len(members) and members
+                and all(m.waiting_round == k for m in members)):
+            self._complete(group, k, rnd, now, out)
+
+    def _complete(self, group: Group, k: int, rnd: Round, now: float, out: list[Action]) -> bool:
+        """Every member voted round k: drain for it (True), or answer an
+        OPTIMIZE round that leaves the ring as it is (False)."""
+        if rnd.decision is RoundDecision.OPTIMIZE:
+            if not self._plan_optimized(group, k, rnd, out):
+                return False  # the ring stays as it is: answered already
+            ring = [p.peer_id for p in rnd.order or []]
+            self.start_drain(group, "topology", f"reordering the ring to {ring} at round {k}", now, out,
+                             admit_round=k)
+            return True
+        ids = [p.peer_id for p in rnd.joiners]
+        self.start_drain(group, "admit", f"admitting peers {ids} at round {k}", now, out, admit_round=k)
+        return True
 
     def _plan_optimized(self, group: Group, k: int, rnd: Round, out: list[Action]) -> bool:
         """Plan an OPTIMIZE round every member voted; False (and the round

@@ -26,8 +26,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from pyccl.auth import resolve_secret
-from pyccl.master.state import Action, MasterState, Send
+from pyccl.master.state import Action, MasterState
+from pyccl.master.verdicts import Verdict
 from pyccl.master.watch import watch_loop
+from pyccl.master.writer import MAX_WRITE_BUFFER, Writer
 from pyccl.protocol import HEARTBEAT
 from pyccl.wire import FrameError, clip, decode_body, decode_length, encode
 
@@ -36,11 +38,30 @@ __all__ = ["Master", "DEFAULT_PORT"]
 log = logging.getLogger("pyccl.master")
 
 DEFAULT_PORT = 48148
-# A peer whose unsent control bytes pile up past this is not reading its
-# connection; it is treated as dead rather than buffered without bound.
-MAX_WRITE_BUFFER = 8 << 20
 # How long stop() lets closed connections flush before aborting them.
 _CLOSE_GRACE_S = 1.0
+# Listen backlog (the kernel caps it at net.core.somaxconn): a join storm of
+# thousands of peers must queue, not have its SYNs dropped and retried 1-3 s
+# later into many small epochs.
+LISTEN_BACKLOG = 65535
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (one descriptor
+    per peer: 10,000 peers need more than the usual 1024); returns it."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            log.warning("cannot raise the open-file limit from %d to %d; the master serves at most about %d peers",
+                        soft, hard, soft)
+    return int(soft)
 
 
 def replacement_ids() -> int:
@@ -101,6 +122,7 @@ class _Core:
         self._now = 0.0
         self._closing = False
         self._all_closed: asyncio.Event | None = None
+        self.writer = Writer(loop, self.transports, self.overflow)
 
     def now(self) -> float:
         # The state machine wants non-decreasing times; loop timers may fire a
@@ -148,6 +170,21 @@ class _Core:
             actions = self.state.on_bad_frame(conn_id, "internal error in the master", now)
         self.apply(actions)
 
+    def done(self, conn_id: int, frame: dict[str, Any], now: float) -> bool:
+        """A ``done`` frame (the hot path); True if the timer may need re-arming."""
+        try:
+            result = self.state.on_done(conn_id, frame, now)
+        except Exception:  # a bug in the state machine must not take the server down
+            log.exception("internal error handling a done frame on connection %d", conn_id)
+            result = self.state.on_bad_frame(conn_id, "internal error in the master", now)
+        if type(result) is Verdict:
+            self.writer.fan_out(result)
+            return False  # a done only moves deadlines later: the armed timer stands
+        assert isinstance(result, list)
+        if result:
+            self.apply(result)
+        return bool(result)
+
     def bad_frame(self, conn_id: int, why: str, now: float) -> None:
         self.apply(self.state.on_bad_frame(conn_id, why, now))
         t = self.transports.get(conn_id)
@@ -157,31 +194,13 @@ class _Core:
     # -- actions
 
     def apply(self, actions: Iterable[Action]) -> None:
-        """Carry out actions in order; fan-outs of one frame object are encoded once."""
-        transports = self.transports
-        last_frame: Any = None
-        data = b""
-        overflow: list[int] = []
-        for action in actions:
-            t = transports.get(action.conn_id)
-            if t is None or t.is_closing():
-                continue
-            if type(action) is Send:
-                frame = action.frame
-                if frame is not last_frame:
-                    try:
-                        data = encode(frame.to_wire())
-                    except FrameError:  # over the frame limit (a ring of thousands of long hostnames)
-                        log.error("cannot send a %r frame: larger than the frame limit", frame.TYPE)
-                        continue
-                    last_frame = frame
-                t.write(data)
-                if t.get_write_buffer_size() > MAX_WRITE_BUFFER:
-                    overflow.append(action.conn_id)
-            else:
-                t.close()  # flushes the error frame sent just before, then closes
-        for conn_id in overflow:
-            t = transports.get(conn_id)
+        """Carry out actions (see :class:`~pyccl.master.writer.Writer`)."""
+        self.writer.apply(actions)
+
+    def overflow(self, conn_ids: list[int]) -> None:
+        """Connections that stopped reading (unsent bytes over the limit) are treated as dead."""
+        for conn_id in conn_ids:
+            t = self.transports.get(conn_id)
             if t is None or t.is_closing():
                 continue
             cause = f"not reading its connection (over {MAX_WRITE_BUFFER} bytes unsent)"
@@ -225,6 +244,7 @@ class _Core:
     async def close_all(self, server: asyncio.AbstractServer) -> None:
         """Stop accepting, close every connection (flushing briefly), stop the timer."""
         self._closing = True
+        self.writer.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -282,6 +302,7 @@ class _Connection(asyncio.Protocol):
         conn_id = self._conn_id
         pos = 0
         end = len(data)
+        rearm = False
         try:
             while end - pos >= 4:
                 n = decode_length(data[pos : pos + 4])
@@ -289,14 +310,20 @@ class _Connection(asyncio.Protocol):
                     break
                 frame = decode_body(data[pos + 4 : pos + 4 + n])
                 pos += 4 + n
-                core.frame(conn_id, frame, now)
+                if frame["type"] == "done":
+                    rearm = core.done(conn_id, frame, now) or rearm
+                else:
+                    core.frame(conn_id, frame, now)
+                    rearm = True
                 if transport.is_closing():
                     return
         except FrameError as exc:
+            rearm = True
             core.bad_frame(conn_id, str(exc), now)
             return
         finally:
-            core.rearm()
+            if rearm:
+                core.rearm()
         if pos < end:
             buf += data[pos:]
             self._need = 4 if len(buf) < 4 else 4 + int.from_bytes(buf[:4], "big")
@@ -485,14 +512,15 @@ class Master:
         interval = self._state.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
-            for conn_id, t in list(core.transports.items()):
-                if not t.is_closing() and self._state.wants_heartbeat(conn_id):
-                    t.write(data)
+            wants = self._state.wants_heartbeat
+            core.writer.broadcast([c for c in core.transports if wants(c)], data)
 
     async def _main(self, loop: asyncio.AbstractEventLoop, ready: Callable[[], None], install_signals: bool) -> None:
         core = _Core(loop, self._state)
+        raise_fd_limit()
         server = await loop.create_server(
-            lambda: _Connection(core), self._host, self._port, reuse_address=True, backlog=1024, ssl=self._tls
+            lambda: _Connection(core), self._host, self._port, reuse_address=True, backlog=LISTEN_BACKLOG,
+            ssl=self._tls
         )
         stop_event = asyncio.Event()
         sockname = server.sockets[0].getsockname()

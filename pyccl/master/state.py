@@ -43,7 +43,7 @@ from typing import Any
 
 from pyccl import auth
 from pyccl import protocol as P
-from pyccl.master import sync_rounds, topology
+from pyccl.master import sync_rounds, topology, verdicts
 from pyccl.master.epochs import Epochs
 from pyccl.master.gate import AuthRefused, Gate
 from pyccl.master.model import (
@@ -59,6 +59,7 @@ from pyccl.master.model import (
 )
 from pyccl.master.recovery import Recovery
 from pyccl.master.standby import probe_proven
+from pyccl.master.verdicts import Verdict
 from pyccl.protocol import PROTOCOL_VERSION, PeerFrame, clip_reason
 from pyccl.wire import FrameError, clip
 
@@ -193,6 +194,27 @@ class MasterState:
         except FrameError as exc:
             self._reject(peer, str(exc), now, out)
         return out
+
+    def on_done(self, conn_id: int, frame: Mapping[str, Any], now: float) -> Verdict | list[Action]:
+        """The hot path of a decoded ``done`` map: the same outcome as
+        :meth:`on_frame`, but a complete op comes back as one
+        :class:`~pyccl.master.verdicts.Verdict` (one frame, every member's
+        connection) instead of one Send per member; anything unusual (a bad
+        field, a sender not a member) takes the general path."""
+        peer = self._conns.get(conn_id)
+        fields = verdicts.done_fields(frame)
+        if peer is None or fields is None or peer.phase is not PeerPhase.MEMBER:
+            return self.on_frame(conn_id, frame, now)
+        live = self._live
+        live[conn_id] = now
+        live.move_to_end(conn_id)
+        try:
+            verdict = verdicts.record_done(peer, *fields, MAX_OPEN_OPS)
+        except FrameError as exc:
+            out: list[Action] = []
+            self._reject(peer, str(exc), now, out)
+            return out
+        return [] if verdict is None else verdict
 
     def on_bad_frame(self, conn_id: int, why: str, now: float) -> list[Action]:
         """The I/O layer could not decode a frame (bad length, garbage, truncated)."""
@@ -468,33 +490,12 @@ class MasterState:
             out.append(Send(peer.conn_id, P.RoundDone(k, rnd.result)))
             return
         peer.waiting_round = k
-        self._epochs.check_rounds(group, now, out)
+        self._epochs.check_vote(group, k, rnd, now, out)
 
     def _on_done(self, peer: Peer, frame: P.Done, now: float, out: list[Action]) -> None:
-        # Hot path: every collective of every member passes here. Keep it flat.
-        epoch, tag, seq = frame.epoch, frame.tag, frame.seq
-        group = peer.group
-        assert group is not None
-        if epoch != group.epoch:
-            if epoch > group.epoch:
-                raise FrameError(f"'done' for epoch {epoch}, newer than the current epoch {group.epoch}")
-            return  # stale: that epoch's undecided ops already failed
-        if group.drain is not None:
-            return  # the drain failed every undecided op of this epoch
-        key = (tag, seq)
-        reported = group.ops.get(key)
-        if reported is None:
-            if len(group.ops) >= MAX_OPEN_OPS:
-                raise FrameError(f"more than {MAX_OPEN_OPS} undecided ops in epoch {epoch}")
-            reported = group.ops[key] = set()
-        elif peer.peer_id in reported:
-            raise FrameError(f"duplicate 'done' for epoch {epoch} tag {tag} seq {seq}")
-        reported.add(peer.peer_id)
-        members = group.members
-        if len(reported) == len(members):
-            del group.ops[key]
-            ok = P.OpOk(epoch, tag, seq)
-            out.extend([Send(m.conn_id, ok) for m in members])
+        verdict = verdicts.record_done(peer, frame.epoch, frame.tag, frame.seq, MAX_OPEN_OPS)
+        if verdict is not None:
+            out.extend([Send(c, verdict.frame) for c in verdict.conn_ids])
 
     def _on_failed(self, peer: Peer, frame: P.Failed, now: float, out: list[Action]) -> None:
         epoch, tag, seq, kind, reason = frame.epoch, frame.tag, frame.seq, frame.kind, frame.reason
