@@ -207,6 +207,7 @@ class SimGroup:
         self.rounds: dict[int, Tally] = {}
         self.op_oks: dict[tuple[int, int], Tally] = {}
         self.epoch_waiters: list[tuple[Callable[[P.Epoch], bool], Tally]] = []
+        self.bases: dict[int, P.Epoch] = {}  # the last epochs by number (what an epoch_delta expands from)
         self.changed = asyncio.Event()
         self._drained: dict[tuple[int, int], bytes] = {}
 
@@ -244,7 +245,16 @@ class SimGroup:
                 data = self._drained[key] = encoded(P.Drained(frame.epoch, ((0, peer.began),) if peer.began else ()))
             peer.send(data)
         elif type(frame) is P.Epoch:
+            self.bases.setdefault(frame.epoch, frame)
             self._on_epoch(peer, frame, t)
+        elif type(frame) is P.EpochDelta:
+            # Every member holds the same ring: expand once per epoch, as each Communicator would for itself.
+            full = self.bases.get(frame.epoch)
+            if full is None:
+                full = self.bases[frame.epoch] = frame.expand(self.bases.get(frame.base))
+                for old in [e for e in self.bases if e < frame.epoch - 4]:
+                    del self.bases[old]
+            self._on_epoch(peer, full, t)
         elif type(frame) is P.Welcome:
             peer.peer_id = frame.peer_id
             self.by_id[frame.peer_id] = peer

@@ -23,6 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pyccl.epoch_delta import Added as Added
+from pyccl.epoch_delta import EpochDelta as EpochDelta
+from pyccl.epoch_delta import make_delta as make_delta
 from pyccl.failover_frames import Probe as Probe
 from pyccl.failover_frames import Resume as Resume
 from pyccl.failover_frames import Standing as Standing
@@ -465,13 +468,13 @@ class SyncResult(Frame):
 # ------------------------------------------------------------ frame unions
 
 PeerFrame = Hello | Auth | Heartbeat | Bye | Vote | Done | Failed | Drained | Sync | SyncDone | Probe
-MasterFrame = (Challenge | Welcome | Heartbeat | Epoch | Drain | OpOk | RoundDone | Error | SyncPlan | SyncResult
-               | Standing)
+MasterFrame = (Challenge | Welcome | Heartbeat | Epoch | EpochDelta | Drain | OpOk | RoundDone | Error | SyncPlan
+               | SyncResult | Standing)
 
 PEER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Hello, Auth, Heartbeat, Bye, Vote, Done, Failed, Drained, Sync,
                                                      SyncDone, Probe)}
-MASTER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Challenge, Welcome, Heartbeat, Epoch, Drain, OpOk, RoundDone,
-                                                       Error, SyncPlan, SyncResult, Standing)}
+MASTER_FRAMES: dict[str, Any] = {c.TYPE: c for c in (Challenge, Welcome, Heartbeat, Epoch, EpochDelta, Drain, OpOk,
+                                                       RoundDone, Error, SyncPlan, SyncResult, Standing)}
 
 
 def parse_peer_frame(m: Mapping[str, Any]) -> PeerFrame:

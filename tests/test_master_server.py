@@ -17,6 +17,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from pyccl import protocol as P
 from pyccl import wire
 from pyccl.master import Master
 
@@ -32,6 +33,8 @@ class RawPeer:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._lock = threading.Lock()
         self.peer_id = 0
+        self.held: P.Epoch | None = None  # the last epoch, to expand an epoch_delta from
+        self.deltas = 0
 
     def send(self, frame: dict[str, Any]) -> None:
         self.send_raw(wire.encode(frame))
@@ -42,7 +45,13 @@ class RawPeer:
 
     def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         self.sock.settimeout(timeout)
-        return wire.recv_frame(self.sock)
+        frame = wire.recv_frame(self.sock)
+        if frame["type"] == "epoch_delta":  # as a Communicator does: expanded from the epoch it holds
+            frame = P.EpochDelta.parse(frame).expand(self.held).to_wire()
+            self.deltas += 1
+        if frame["type"] == "epoch":
+            self.held = P.Epoch.parse(frame)
+        return frame
 
     def expect(self, ftype: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
         frame = self.recv(timeout)

@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+from pyccl import protocol as P
 from pyccl.master.state import (
     Close,
     GroupPhase,
@@ -30,6 +31,8 @@ class Harness:
         self._next_conn = 1
         self.inbox: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self.closed: dict[int, str] = {}
+        self.held: dict[int, P.Epoch] = {}  # each connection's last epoch (an epoch_delta expands from it)
+        self.deltas = 0
 
     # -- events
 
@@ -53,7 +56,13 @@ class Harness:
         for a in actions:
             if isinstance(a, Send):
                 assert a.conn_id not in self.closed, "sent to a closed connection"
-                self.inbox[a.conn_id].append(a.frame.to_wire())
+                frame = a.frame
+                if isinstance(frame, P.EpochDelta):  # as a Communicator does: expanded from the epoch it holds
+                    frame = frame.expand(self.held.get(a.conn_id))
+                    self.deltas += 1
+                if isinstance(frame, P.Epoch):
+                    self.held[a.conn_id] = frame
+                self.inbox[a.conn_id].append(frame.to_wire())
             else:
                 assert isinstance(a, Close)
                 assert a.conn_id not in self.closed, "closed twice"

@@ -50,6 +50,8 @@ SAMPLES: list[Any] = [
     P.Probe(2, True, "10.0.0.2:48148", b"n" * 32, b"p" * 32),
     P.Probe(0, False, "h:1", b"n" * 32),
     P.Standing(2, False),
+    P.EpochDelta(8, 7, (2,), (P.Added(1, 9, "h9", 7009, "cd"),), ((0, 3),), 4, "admit", "", b"s" * 32, ("eu", "us"), 3),
+    P.EpochDelta(8, 7, (), (), (), 0, "peer", "why"),
 ]
 
 

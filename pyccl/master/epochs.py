@@ -302,6 +302,11 @@ class Epochs:
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
                         kind, reason, self.salt(), hosts if any(hosts) else None,
                         topology.region_labels(group.members, group.links), self.term)
-        out.extend([Send(m.conn_id, frame) for m in group.members])
+        # Members that hold the previous epoch get the change (pyccl/epoch_delta.py); joiners the ring.
+        prev, group.last_epoch = group.last_epoch, frame
+        delta = P.make_delta(prev, frame) if prev is not None else None
+        held = {m.peer_id for m in prev.members} if delta is not None and prev is not None else set()
+        out.extend([Send(m.conn_id, delta if delta is not None and m.peer_id in held else frame)
+                    for m in group.members])
         log.info("group %d committed epoch %d (%s): ring %s, fence %s",
                  group.gid, group.epoch, kind, [m.peer_id for m in group.members], fence)

@@ -191,7 +191,7 @@ class Group:
     __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain",
                  "revision", "syncs", "sync", "sync_queue", "links", "epoch_size",
                  "recovery", "round_floor",  # failover (pyccl/master/recovery.py)
-                 "fanout")
+                 "fanout", "last_epoch")
 
     def __init__(self, gid: int) -> None:
         self.gid = gid
@@ -218,6 +218,8 @@ class Group:
         self.round_floor = 0
         # ((epoch, member count), the members' connection ids): the op_ok fan-out (pyccl/master/verdicts.py).
         self.fanout: tuple[tuple[int, int], tuple[int, ...]] | None = None
+        # The last epoch frame its members hold: the next one goes to them as an epoch_delta from it.
+        self.last_epoch: P.Epoch | None = None
 
     @property
     def phase(self) -> GroupPhase:

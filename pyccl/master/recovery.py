@@ -272,6 +272,7 @@ class Recovery:
             if frame is None:
                 frame = frames[f] = P.Epoch(group.epoch, entries, f, group.next_unused_round, "peer", reason, salt,
                                             hosts if any(hosts) else None, regions, self.term)
+                group.last_epoch = frame  # the ring is the same in each: the next delta's base
             out.append(Send(m.conn_id, frame))
         log.info("group %d re-formed at epoch %d (term %d): ring %s, fence %s, revision %s, %d ops confirmed",
                  group.gid, group.epoch, self.term, [m.peer_id for m in group.members], sorted(fence.items()),

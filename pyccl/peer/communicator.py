@@ -149,6 +149,7 @@ class Communicator(Failover, SharedStateSync):
         self._state = S.PeerState()  # guarded by _cv
         self._connected = False
         self._sync_frames: dict[type, P.MasterFrame] = {}  # latest SyncPlan / SyncResult
+        self._last_epoch: P.Epoch | None = None  # the ring an epoch_delta from the master applies to
         self._in_sync = False
         self._scratch = ScratchPool()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -499,6 +500,8 @@ class Communicator(Failover, SharedStateSync):
                 self._cv.notify_all()
         elif isinstance(frame, P.Epoch):
             self._on_epoch(frame)
+        elif isinstance(frame, P.EpochDelta):  # the change from the epoch this peer holds (FrameError if not)
+            self._on_epoch(frame.expand(self._last_epoch))
         elif isinstance(frame, P.Drain):
             with self._cv:
                 actions = self._state.on_drain(frame)
@@ -517,6 +520,7 @@ class Communicator(Failover, SharedStateSync):
             log.warning("ignoring an unexpected %r frame from the master", frame.TYPE)
 
     def _on_epoch(self, frame: P.Epoch) -> None:
+        self._last_epoch = frame
         with self._cv:
             prelude = self._state.recovery_prelude()  # a re-formed group: end the old epoch's ops
             plan = self._state.prepare_epoch(frame)
