@@ -31,6 +31,7 @@ def control_frames() -> list[P.PeerFrame | P.MasterFrame]:
         P.Epoch(4, (P.Member(1, "h1", 7001), P.Member(2, "h2", 7002)), ((0, 3),), 12, "peer", "gone", b"s" * 32),
         P.Drain(4, "admit", "admitting [5]"), P.OpOk(4, 2, 9), P.RoundDone(7, True), P.HEARTBEAT,
         P.SyncPlan(1, 3, ((0, 17),), (P.Member(2, "h2", 7002),)), P.SyncResult(1, True, 3, ""),
+        P.EpochDelta(5, 4, (2,), (P.Added(1, 9, "h9", 7009, "cd"),), ((0, 3),), 4, "admit", "", b"s" * 32),
     ]
 
 
