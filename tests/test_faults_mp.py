@@ -32,6 +32,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from pyccl import protocol as P
 from pyccl import wire
 
 from mp_helpers import (
@@ -648,6 +649,7 @@ class FakeMember:
         self._frames: list[dict[str, Any]] = []
         self._cv = threading.Condition()
         self._stop = threading.Event()
+        self.held: P.Epoch | None = None  # the last epoch, to expand an epoch_delta from
         self.send({"type": "hello", "version": 1, "peer_group": 0, "data_host": "127.0.0.1",
                    "data_port": data_port, "name": "fake"})
         welcome = wire.recv_frame(self.sock)
@@ -667,6 +669,10 @@ class FakeMember:
         try:
             while True:
                 f = wire.recv_frame(self.sock)
+                if f["type"] == "epoch_delta":  # as a Communicator does: expanded from the epoch it holds
+                    f = P.EpochDelta.parse(f).expand(self.held).to_wire()
+                if f["type"] == "epoch":
+                    self.held = P.Epoch.parse(f)
                 if f["type"] == "drain":
                     self.send({"type": "drained", "epoch": f["epoch"], "next_seq": []})
                 with self._cv:
