@@ -111,6 +111,8 @@ class Failover:
             self._state.welcome(welcome)
             self._state.term = max(self._state.term, welcome.term)
         client.start(self._on_frame, partial(self._on_lost_from, client))
+        with self._cv:
+            self._cv.notify_all()  # callers between connections wait on the new one's channel now
         old.close(say_bye=False)
         return True
 
