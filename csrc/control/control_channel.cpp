@@ -115,7 +115,10 @@ WaitResult ControlChannel::wait(const VerdictKey& key, uint64_t gen) {
     callers_cv_.wait(lk);
     --callers_waiting_;
   }
-  if (reading) release_role(lk);
+  // Leaving: if nobody reads now (this caller read, or it was the one a
+  // released role was handed to), pass the role on, or the socket goes unread.
+  if (reading) role_ = Role::None;
+  if (role_ == Role::None) release_role(lk);
   return result;
 }
 
