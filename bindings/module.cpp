@@ -201,7 +201,7 @@ PYBIND11_MODULE(_core, m) {
   // The master connection read by the core (csrc/control/control_channel.h):
   // verdicts wake their caller without a Python thread.
   py::class_<control::ControlChannel, std::shared_ptr<control::ControlChannel>>(m, "ControlChannel")
-      .def(py::init<int, double, bool>(), py::arg("fd"), py::arg("silence_s"), py::arg("preempt") = true)
+      .def(py::init<int, double, bool>(), py::arg("fd"), py::arg("silence_s"), py::arg("preempt") = false)
       .def(
           "send",
           [](control::ControlChannel& c, const py::bytes& frame) {

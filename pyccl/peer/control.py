@@ -19,7 +19,6 @@ everything (the core does not speak TLS).
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -148,8 +147,10 @@ class ControlClient:
         """Start the reader and heartbeat threads."""
         assert self._sock is not None
         if not isinstance(self._sock, ssl.SSLSocket):
-            preempt = os.environ.get("PYCCL_VERDICT_PREEMPT", "1") != "0"
-            self._channel = _core.ControlChannel(self._sock.fileno(), self.heartbeat_timeout, preempt)
+            # preempt=False: the background reader is not asked to step aside for
+            # a waiting caller; on 2 cores the extra hand-offs cost more than
+            # the hop they save (benchmarks/results/latency_split.md).
+            self._channel = _core.ControlChannel(self._sock.fileno(), self.heartbeat_timeout, preempt=False)
         reader = threading.Thread(target=self._read_loop, args=(on_frame, on_lost), name="pyccl-control", daemon=True)
         beat = threading.Thread(target=self._heartbeat_loop, name="pyccl-heartbeat", daemon=True)
         self._threads = [reader, beat]
