@@ -74,4 +74,6 @@ def report_and_wait(cv: threading.Condition, state: S.PeerState, control: Callab
         pending = None
         if outcome == _core.WaitResult.DECIDED:
             with cv:
-                state.on_op_ok(P.OpOk(*key))
+                state.on_op_ok(P.OpOk(*key))  # now verdict_known: committed
+                state.verdict(op, result, message, what)
+            return
