@@ -210,14 +210,13 @@ void ControlChannel::release_role(std::unique_lock<std::mutex>&) {
 // says "look at the state": a preemption, a new generation, the end).
 // Called and returns with `lk` held; the socket is touched without it.
 void ControlChannel::read_once(std::unique_lock<std::mutex>& lk) {
-  const auto quiet = Clock::now() - last_rx_;
-  if (quiet >= silence_) {
-    end_locked(ChannelEnd::Silent, "silent");
-    return;
-  }
+  // Silent means no byte for silence_ while bytes could have come: a reader
+  // that resumes after a pause (the control thread busy in Python) first
+  // looks at what waits in the socket, so the pause itself never counts.
+  const auto left = silence_ - (Clock::now() - last_rx_);
   lk.unlock();
   pollfd fds[2] = {{fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
-  const int rc = ::poll(fds, 2, poll_ms(silence_ - quiet));
+  const int rc = ::poll(fds, 2, poll_ms(left));
   ChannelEnd err = ChannelEnd::None;
   std::string why;
   std::vector<VerdictKey> oks;
@@ -250,6 +249,7 @@ void ControlChannel::read_once(std::unique_lock<std::mutex>& lk) {
   }
   lk.lock();
   if (got) last_rx_ = Clock::now();
+  else if (rc == 0 && Clock::now() - last_rx_ >= silence_) err = ChannelEnd::Silent, why = "silent";
   for (const VerdictKey& k : oks) decided_.insert(k);
   if (!oks.empty()) callers_cv_.notify_all();
   for (std::string& f : frames) queue_.push_back(std::move(f));

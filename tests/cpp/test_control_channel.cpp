@@ -229,6 +229,15 @@ TEST(endings_wake_everyone_and_say_why) {
     Background bg(ch);
     CHECK(eventually([&] { return bg.end == static_cast<int>(ChannelEnd::Silent); }));
   }
+  {  // a pause of the reader is not silence: what waits in the socket counts
+    Master m;
+    ControlChannel ch(m.peer_fd(), 0.2, false);
+    m.send(kRoundDone);
+    std::this_thread::sleep_for(400ms);  // nobody reads (the control thread busy elsewhere)
+    std::string body;
+    CHECK(ch.next_frame(&body) == ChannelEnd::None);
+    CHECK_EQ(body, kRoundDone.substr(4));
+  }
   {  // a length over the limit
     Master m;
     ControlChannel ch(m.peer_fd(), 5.0, false);
