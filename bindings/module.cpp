@@ -248,6 +248,20 @@ PYBIND11_MODULE(_core, m) {
             return out;
           },
           "op_ok keys no caller has taken yet, as (epoch, tag, seq).")
+      .def(
+          "recorded",
+          [](control::ControlChannel& c, uint64_t epoch, uint64_t tag, uint64_t seq) {
+            c.recorded(control::VerdictKey{epoch, tag, seq});
+          },
+          py::arg("epoch"), py::arg("tag"), py::arg("seq"), "The caller recorded the op_ok its wait() returned.")
+      .def(
+          "unrecorded",
+          [](control::ControlChannel& c) {
+            std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> out;
+            for (const auto& k : c.unrecorded()) out.emplace_back(k.epoch, k.tag, k.seq);
+            return out;
+          },
+          "op_ok keys callers took from wait() but have not recorded yet.")
       .def("end", &control::ControlChannel::end, py::arg("kind"), py::arg("why"),
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("ended", &control::ControlChannel::ended);

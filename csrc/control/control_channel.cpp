@@ -86,6 +86,7 @@ WaitResult ControlChannel::wait(const VerdictKey& key, uint64_t gen) {
   WaitResult result;
   for (;;) {
     if (decided_.erase(key)) {
+      unrecorded_.insert(key);
       result = WaitResult::Decided;
       break;
     }
@@ -176,6 +177,16 @@ std::vector<VerdictKey> ControlChannel::take_decided() {
   std::vector<VerdictKey> out(decided_.begin(), decided_.end());
   decided_.clear();
   return out;
+}
+
+void ControlChannel::recorded(const VerdictKey& key) {
+  std::lock_guard<std::mutex> g(mu_);
+  unrecorded_.erase(key);
+}
+
+std::vector<VerdictKey> ControlChannel::unrecorded() {
+  std::lock_guard<std::mutex> g(mu_);
+  return {unrecorded_.begin(), unrecorded_.end()};
 }
 
 void ControlChannel::end(ChannelEnd kind, const std::string& why) {

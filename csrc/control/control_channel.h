@@ -88,6 +88,12 @@ class ControlChannel {
   // before the next frame it handles, and before a loss).
   std::vector<VerdictKey> take_decided();
 
+  // A key wait() returned Decided for stays "unrecorded" until the caller
+  // has recorded the op_ok in Python's state: a failover's resume built
+  // meanwhile must still report the op committed.
+  void recorded(const VerdictKey& key);
+  std::vector<VerdictKey> unrecorded();
+
   // End the channel (idempotent; the first reason stays) and wake everyone.
   void end(ChannelEnd kind, const std::string& why);
   bool ended();
@@ -116,6 +122,7 @@ class ControlChannel {
   bool preempt_requested_ = false;
   uint64_t gen_ = 0;
   std::unordered_set<VerdictKey, VerdictKeyHash> decided_;
+  std::unordered_set<VerdictKey, VerdictKeyHash> unrecorded_;  // taken by wait(), not yet recorded()
   std::deque<std::string> queue_;  // frames for Python, in arrival order
   ChannelEnd end_ = ChannelEnd::None;
   std::string end_reason_;

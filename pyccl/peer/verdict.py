@@ -11,7 +11,10 @@ On a plain TCP master connection the core reads the socket
 the GIL released, and the ``op_ok`` for its op wakes it directly, without a
 Python thread in between (the caller may even be the thread that reads it).
 It then records the op_ok in PeerState (:meth:`~PeerState.on_op_ok`, so a
-failover's ``resume`` still lists it) and asks PeerState for the verdict.
+failover's ``resume`` lists it as committed) and asks PeerState for the
+verdict. Between taking the key and recording it, the key is the channel's
+"unrecorded" one, and a resume built in that window reports it committed
+too: a peer never commits an op it told a new master was undecided.
 Everything else still reaches PeerState through the control thread; after
 each such frame the thread bumps the channel's generation, which sends every
 caller sleeping in C++ back here to look at the new state (no wake-up can be
@@ -75,5 +78,8 @@ def report_and_wait(cv: threading.Condition, state: S.PeerState, control: Callab
         if outcome == _core.WaitResult.DECIDED:
             with cv:
                 state.on_op_ok(P.OpOk(*key))  # now verdict_known: committed
+                # Until here a failover's resume learnt of this commit from the
+                # channel (unrecorded keys); from here on, from PeerState.
+                channel.recorded(*key)
                 state.verdict(op, result, message, what)
             return

@@ -135,6 +135,11 @@ TEST(a_caller_alone_reads_its_own_verdict) {
   m.send(kHeartbeat + kOpOk7_3_9);
   CHECK(r.wait_for(2s) == std::future_status::ready);
   CHECK(r.get() == WaitResult::Decided);
+  // Taken, not yet recorded by the caller: a resume must still count it.
+  const auto pending = ch.unrecorded();
+  CHECK(pending.size() == 1 && (pending[0] == VerdictKey{7, 3, 9}));
+  ch.recorded({7, 3, 9});
+  CHECK(ch.unrecorded().empty() && ch.take_decided().empty());
 }
 
 TEST(verdicts_reach_callers_and_other_frames_reach_python_in_order) {
