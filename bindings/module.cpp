@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "common/hmac.h"
 #include "common/log.h"
 #include "common/status.h"
+#include "control/control_channel.h"
 #include "dataplane.h"
 #include "kernels/dtype.h"
 #include "kernels/hash.h"
@@ -182,6 +184,87 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "state_unpublish", [](DataPlane& d) { return d.state_server().unpublish(); },
           py::call_guard<py::gil_scoped_release>(), "Stop serving; returns the bytes served.");
+
+  py::enum_<control::ChannelEnd>(m, "ChannelEnd")
+      .value("NONE", control::ChannelEnd::None)
+      .value("CLOSED", control::ChannelEnd::Closed)
+      .value("SILENT", control::ChannelEnd::Silent)
+      .value("INVALID", control::ChannelEnd::Invalid)
+      .value("ERROR", control::ChannelEnd::Error)
+      .value("STOPPED", control::ChannelEnd::Stopped);
+
+  py::enum_<control::WaitResult>(m, "WaitResult")
+      .value("DECIDED", control::WaitResult::Decided)
+      .value("MOVED", control::WaitResult::Moved)
+      .value("ENDED", control::WaitResult::Ended);
+
+  // The master connection read by the core (csrc/control/control_channel.h):
+  // verdicts wake their caller without a Python thread.
+  py::class_<control::ControlChannel, std::shared_ptr<control::ControlChannel>>(m, "ControlChannel")
+      .def(py::init<int, double, bool>(), py::arg("fd"), py::arg("silence_s"), py::arg("preempt") = false)
+      .def(
+          "send",
+          [](control::ControlChannel& c, const py::bytes& frame) {
+            std::string data = frame;
+            py::gil_scoped_release release;
+            return c.send(data);
+          },
+          py::arg("frame"), "Send one encoded frame; False if the channel ended (a failed send ends it).")
+      .def(
+          "done_and_wait",
+          [](control::ControlChannel& c, uint64_t epoch, uint64_t tag, uint64_t seq, uint64_t gen) {
+            return c.done_and_wait(control::VerdictKey{epoch, tag, seq}, gen);
+          },
+          py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("generation"),
+          py::call_guard<py::gil_scoped_release>(), "Send `done` for the op, then wait() for it.")
+      .def(
+          "wait",
+          [](control::ControlChannel& c, uint64_t epoch, uint64_t tag, uint64_t seq, uint64_t gen) {
+            return c.wait(control::VerdictKey{epoch, tag, seq}, gen);
+          },
+          py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("generation"),
+          py::call_guard<py::gil_scoped_release>(),
+          "Wait for the op's op_ok (DECIDED, key consumed), a new generation (MOVED) or the end (ENDED).")
+      .def_property_readonly("generation", &control::ControlChannel::generation)
+      .def("wake", &control::ControlChannel::wake, py::call_guard<py::gil_scoped_release>(),
+           "New generation: every waiting caller looks at Python's state again.")
+      .def(
+          "next_frame",
+          [](control::ControlChannel& c) {
+            std::string body;
+            control::ChannelEnd end;
+            {
+              py::gil_scoped_release release;
+              end = c.next_frame(&body);
+            }
+            return py::make_tuple(end, py::bytes(body));
+          },
+          "(NONE, frame body) for Python, or (how it ended, reason) once it ended and the queue is empty.")
+      .def(
+          "take_decided",
+          [](control::ControlChannel& c) {
+            std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> out;
+            for (const auto& k : c.take_decided()) out.emplace_back(k.epoch, k.tag, k.seq);
+            return out;
+          },
+          "op_ok keys no caller has taken yet, as (epoch, tag, seq).")
+      .def(
+          "recorded",
+          [](control::ControlChannel& c, uint64_t epoch, uint64_t tag, uint64_t seq) {
+            c.recorded(control::VerdictKey{epoch, tag, seq});
+          },
+          py::arg("epoch"), py::arg("tag"), py::arg("seq"), "The caller recorded the op_ok its wait() returned.")
+      .def(
+          "unrecorded",
+          [](control::ControlChannel& c) {
+            std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> out;
+            for (const auto& k : c.unrecorded()) out.emplace_back(k.epoch, k.tag, k.seq);
+            return out;
+          },
+          "op_ok keys callers took from wait() but have not recorded yet.")
+      .def("end", &control::ControlChannel::end, py::arg("kind"), py::arg("why"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("ended", &control::ControlChannel::ended);
 
   m.def(
       "copy",

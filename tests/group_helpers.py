@@ -11,9 +11,9 @@ import numpy as np
 import pyccl
 
 
-def group(address: str, n: int, secret: bytes | None) -> list[pyccl.Communicator]:
+def group(address: str, n: int, secret: bytes | None, tls_ca: str | None = None) -> list[pyccl.Communicator]:
     """n members of one group; each connects and votes until all are in."""
-    comms = [pyccl.Communicator(address, connections=2, secret=secret) for _ in range(n)]
+    comms = [pyccl.Communicator(address, connections=2, secret=secret, tls_ca=tls_ca) for _ in range(n)]
 
     def join(c: pyccl.Communicator) -> None:
         c.connect(timeout=20)

@@ -17,6 +17,8 @@ import pytest
 from pyccl import auth
 from pyccl.master.state import Close, MasterState, PeerPhase, Send
 
+from group_helpers import all_reduce, group
+
 pytestmark = pytest.mark.timeout(60)
 
 SECRET = b"correct horse battery staple"
@@ -179,6 +181,24 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
                         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / f"{name}.key"),
                         "-out", str(d / f"{name}.pem")], check=True, capture_output=True, timeout=60)
     return str(d / "master.pem"), str(d / "master.key"), str(d / "other.pem")
+
+
+def test_tls_group_decides_ops_through_the_python_reader(tls_files: tuple[str, str, str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over TLS the core cannot read the master connection: verdicts take the
+    Python reader and the condition variable, and still commit every op."""
+    monkeypatch.delenv("PYCCL_SECRET", raising=False)
+    cert, key, _ = tls_files
+    with pyccl.Master(host="127.0.0.1", port=0, tls_cert=cert, tls_key=key) as master:
+        comms = group(master.address, 2, None, tls_ca=cert)
+        try:
+            assert all(c._control.channel is None for c in comms)
+            for _ in range(20):
+                xs = all_reduce(comms, 64)
+                assert all((x == 3.0).all() for x in xs)
+        finally:
+            for c in comms:
+                c.close()
 
 
 @pytest.mark.parametrize("with_secret", [False, True])

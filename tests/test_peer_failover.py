@@ -38,6 +38,24 @@ def test_a_lost_master_blocks_new_ops_and_votes_but_keeps_waiting_ops() -> None:
     assert r.position == 1 << VOTE_BITS and r.answered == r.position
 
 
+def test_an_op_ok_a_caller_took_but_has_not_recorded_is_reported_committed() -> None:
+    # The verdict path in the core: the caller's wait returned op_ok for (4, 0, 1),
+    # the master was lost before the caller recorded it; it will commit, so the
+    # resume must say so (and not call it undecided).
+    st = joined(me=1, ids=(1, 2, 3), number=4)
+    a, b = st.begin_op(0), st.begin_op(0)
+    st.report(a, LocalResult.OK, "")
+    st.report(b, LocalResult.OK, "")
+    st.on_op_ok(P.OpOk(4, 0, 0))
+    st.on_master_lost()
+    r = st.resume(arriving=[(4, 0, 1), (3, 0, 9)])  # a key of an older epoch is not this epoch's
+    assert r is not None and r.committed == ((0, 0), (0, 1)) and (0, 1) not in r.undecided
+    st.on_op_ok(P.OpOk(4, 0, 1))  # the caller records it
+    e = recovered(5, (1, 2, 3))
+    st.on_epoch(e, st.prepare_epoch(e))
+    st.verdict(b, LocalResult.OK, "", "all_reduce")  # committed, as the resume said
+
+
 def test_the_re_formed_epoch_commits_confirmed_ops_and_fails_the_others() -> None:
     st = joined(me=1, ids=(1, 2, 3), number=4)
     a, b = st.begin_op(0), st.begin_op(1)

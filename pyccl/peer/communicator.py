@@ -11,8 +11,9 @@ and the waiting; the protocol's decisions are the state's:
    at once);
 2. the data plane runs the ring into a work buffer (never the caller's
    input, :class:`~pyccl.peer.ops.WorkBuffers`);
-3. the peer reports ``done``/``failed`` and waits for the verdict: ``op_ok``
-   commits the result into the caller's buffer; a ``drain`` of the op's
+3. the peer reports ``done``/``failed`` and waits for the verdict
+   (:mod:`~pyccl.peer.verdict`; on plain TCP in the C++ core, woken by the
+   ``op_ok`` itself): ``op_ok`` commits the result into the caller's buffer; a ``drain`` of the op's
    epoch raises ``PeerFailure`` once the next epoch is known, so
    ``world_size`` is already the new one and the input is untouched.
 """
@@ -33,6 +34,7 @@ from pyccl.auth import epoch_key, resolve_secret
 from pyccl.errors import CCLError, LostCause, Timeout
 from pyccl.peer import hierarchy, probing
 from pyccl.peer import state as S
+from pyccl.peer.control import ControlClient
 from pyccl.peer.failover import Failover
 from pyccl.peer.ops import (
     LOCAL_RESULTS,
@@ -50,6 +52,7 @@ from pyccl.peer.ops import (
 from pyccl.peer.reconnect import Backoff, dial_any
 from pyccl.peer.state_sync import SharedStateSync
 from pyccl.peer.transport import resolve_transport
+from pyccl.peer.verdict import report_and_wait
 from pyccl.types import ReduceOp
 
 log = logging.getLogger("pyccl.comm")
@@ -464,10 +467,7 @@ class Communicator(Failover, SharedStateSync):
             kind, message, tx, rx, two = launch(self._dp, call, bufs, op.epoch, op.tag, op.seq, self.two_level)
             result = LOCAL_RESULTS[kind]
             if n > 1:
-                self._report(op, result, message)
-                with self._cv:
-                    self._cv.wait_for(lambda: self._state.verdict_known(op))
-                    self._state.verdict(op, result, message, call.name)
+                report_and_wait(self._cv, self._state, self._current_control, op, result, message, call.name)
             elif result is not S.LocalResult.OK:
                 with self._cv:
                     raise self._state.failure_for(op.epoch.number, local=(result, message), what=call.name)
@@ -478,15 +478,8 @@ class Communicator(Failover, SharedStateSync):
                 bufs.release()
             self._finish_op()
 
-    def _report(self, op: S.OpTicket, result: S.LocalResult, message: str) -> None:
-        with self._cv:
-            frame = self._state.report(op, result, message)
-        if frame is None:
-            return
-        try:
-            self._send(frame, op.session)
-        except CCLError:
-            pass  # the lost-connection path wakes the waiter
+    def _current_control(self) -> ControlClient:
+        return self._control
 
     # ----------------------------------------------------------- shared state
 

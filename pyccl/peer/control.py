@@ -4,6 +4,16 @@ One ``ControlClient`` per Communicator. It owns the TCP connection to the
 master, a reader thread that validates every incoming frame and hands it to
 the Communicator, and a heartbeat timer thread. Sending is thread-safe (op
 threads report ``done``/``failed`` directly, without a hand-off).
+
+After the handshake a plain TCP connection is read by the C++ core
+(``_core.ControlChannel``, csrc/control/control_channel.h): ``op_ok``
+frames wake the caller waiting for that op directly (:mod:`pyccl.peer.verdict`),
+heartbeats count as liveness, and every other frame comes back to the reader
+thread here, in order, to be parsed and validated as before. Before handing
+one on, the reader applies the ``op_ok`` frames that arrived ahead of it and
+that no caller has taken yet, so the Communicator sees the master's frames in
+the order they were sent. A TLS connection keeps the Python reader for
+everything (the core does not speak TLS).
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from pyccl import auth, wire
+from pyccl import _core, auth, wire
 from pyccl import protocol as P
 from pyccl.errors import AuthenticationError, CCLError, GroupLost, LostCause, ProtocolError, Timeout
 
@@ -43,6 +53,7 @@ class ControlClient:
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._channel: _core.ControlChannel | None = None  # plain TCP after start(): the core reads
         self.peer_id: int = 0
         self.heartbeat_interval = 1.0
         self.heartbeat_timeout = 5.0
@@ -127,8 +138,19 @@ class ControlClient:
         finally:
             self._sock.settimeout(None)
 
+    @property
+    def channel(self) -> _core.ControlChannel | None:
+        """The core's reader of this connection (None: TLS, or not started)."""
+        return self._channel
+
     def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         """Start the reader and heartbeat threads."""
+        assert self._sock is not None
+        if not isinstance(self._sock, ssl.SSLSocket):
+            # preempt=False: the background reader is not asked to step aside for
+            # a waiting caller; on 2 cores the extra hand-offs cost more than
+            # the hop they save (benchmarks/results/latency_split.md).
+            self._channel = _core.ControlChannel(self._sock.fileno(), self.heartbeat_timeout, preempt=False)
         reader = threading.Thread(target=self._read_loop, args=(on_frame, on_lost), name="pyccl-control", daemon=True)
         beat = threading.Thread(target=self._heartbeat_loop, name="pyccl-heartbeat", daemon=True)
         self._threads = [reader, beat]
@@ -149,6 +171,8 @@ class ControlClient:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the reader; later reads see EOF at once
             except OSError:
                 pass
+        if self._channel is not None:
+            self._channel.end(_core.ChannelEnd.STOPPED, "the connection was closed")
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5.0)
@@ -167,6 +191,11 @@ class ControlClient:
 
     def send(self, frame: P.PeerFrame) -> None:
         data = wire.encode(frame.to_wire())
+        channel = self._channel
+        if channel is not None:
+            if not channel.send(data):  # the core serialises every sender
+                raise CCLError(f"lost the connection to the master at {self.address}")
+            return
         sock = self._sock
         if sock is None:
             raise CCLError("not connected to the master")
@@ -178,6 +207,28 @@ class ControlClient:
 
     # -------------------------------------------------------------- threads
 
+    def _next_from_socket(self) -> P.MasterFrame:
+        assert self._sock is not None
+        return P.parse_master_frame(wire.recv_frame(self._sock))
+
+    def _next_from_core(self, channel: _core.ControlChannel, on_frame: FrameHandler) -> P.MasterFrame:
+        """The next frame the core hands over; its endings raise what a socket read would."""
+        end, data = channel.next_frame()
+        if end == _core.ChannelEnd.NONE:
+            self._hand_decided(channel, on_frame)  # op_ok frames that came before this one
+            return P.parse_master_frame(wire.decode_body(data))
+        why = data.decode("utf-8", "replace")
+        if end == _core.ChannelEnd.SILENT:
+            raise TimeoutError(why)
+        if end == _core.ChannelEnd.INVALID:
+            raise wire.FrameError(why)
+        raise ConnectionError(why)
+
+    @staticmethod
+    def _hand_decided(channel: _core.ControlChannel, on_frame: FrameHandler) -> None:
+        for epoch, tag, seq in channel.take_decided():
+            on_frame(P.OpOk(epoch, tag, seq))
+
     def _read_loop(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         assert self._sock is not None
         reason = f"the master at {self.address} closed the connection"
@@ -185,11 +236,14 @@ class ControlClient:
         # The master heart-beats every interval (a fifth of the timeout): a
         # timeout of silence means it froze or the path to it died.
         silence = self.heartbeat_timeout
-        self._sock.settimeout(silence)
+        channel = self._channel
+        if channel is None:
+            self._sock.settimeout(silence)
         try:
             while not self._stop.is_set():
                 try:
-                    frame = P.parse_master_frame(wire.recv_frame(self._sock))
+                    frame = (self._next_from_socket() if channel is None
+                             else self._next_from_core(channel, on_frame))
                 except TimeoutError:
                     reason = f"the master at {self.address} sent nothing for {silence:.1f} s"
                     log.warning("%s; closing the connection", reason)
@@ -202,6 +256,8 @@ class ControlClient:
                     break
                 if not isinstance(frame, P.Heartbeat):
                     on_frame(frame)
+                if channel is not None:
+                    channel.wake()  # callers waiting in the core look at the new state
         except wire.FrameError as exc:
             reason = f"the master sent an invalid frame ({exc})"
             log.error("%s; leaving the group", reason)
@@ -214,6 +270,12 @@ class ControlClient:
             reason = f"control thread failed: {type(exc).__name__}: {exc}"
             if not self._stop.is_set():
                 log.exception("control thread failed")
+        if channel is not None:
+            channel.end(_core.ChannelEnd.STOPPED, reason)  # callers now wait on the Communicator's state
+            try:
+                self._hand_decided(channel, on_frame)  # commits that arrived before the end still count
+            except Exception:
+                log.exception("control thread failed applying the last op_ok frames")
         if not self._stop.is_set():
             on_lost(cause, reason)
 

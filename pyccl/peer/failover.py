@@ -88,7 +88,10 @@ class Failover:
             if self._hello_addr is None:
                 self._hello_addr = self.advertise or (self.data_host or local_ip, self._dp.port)
             with self._cv:
-                resume = self._state.resume()
+                # op_ok keys a caller took from the lost connection's channel but has not
+                # recorded yet: they commit, so the new master must hear so.
+                lost = self._control.channel
+                resume = self._state.resume(lost.unrecorded() if lost is not None else ())
             hello = P.Hello(self.peer_group, self._hello_addr[0], self._hello_addr[1], self.name[:P.MAX_NAME_LEN],
                             beat=True, order=self.order, nonce=new_nonce(),
                             host_id=host_id() if self.transport == "auto" else "", region=self.region, resume=resume)
@@ -111,6 +114,8 @@ class Failover:
             self._state.welcome(welcome)
             self._state.term = max(self._state.term, welcome.term)
         client.start(self._on_frame, partial(self._on_lost_from, client))
+        with self._cv:
+            self._cv.notify_all()  # callers between connections wait on the new one's channel now
         old.close(say_bye=False)
         return True
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from pyccl import protocol as P
@@ -421,15 +422,21 @@ class PeerState:
         """A master of this term may be followed (never one older than a term seen)."""
         return term == 0 or term >= self.term
 
-    def resume(self) -> P.Resume | None:
-        """What this peer holds, for the hello to a new master (None: not admitted yet)."""
+    def resume(self, arriving: Collection[tuple[int, int, int]] = ()) -> P.Resume | None:
+        """What this peer holds, for the hello to a new master (None: not admitted yet).
+
+        ``arriving``: ``op_ok`` keys a caller has taken but not yet recorded
+        with :meth:`on_op_ok` (the verdict path in the core); those ops will
+        commit, so they are reported committed, not undecided."""
         e = self.epoch
         if e is None:
             return None
         n = e.number
         position = (self.ops_begun << VOTE_BITS) | self.votes_since_op
-        undecided = tuple(sorted((t, s) for ep, t, s in self._undecided if ep == n))[:P.MAX_RESUME_PAIRS]
-        committed = tuple((t, s) for ep, t, s in self._recent_ok if ep == n)[-P.MAX_RESUME_PAIRS:]
+        late = sorted((t, s) for ep, t, s in arriving if ep == n)
+        undecided = tuple(sorted((t, s) for ep, t, s in self._undecided
+                                 if ep == n and (t, s) not in late))[:P.MAX_RESUME_PAIRS]
+        committed = (tuple((t, s) for ep, t, s in self._recent_ok if ep == n) + tuple(late))[-P.MAX_RESUME_PAIRS:]
         sync, ok = (self._sync[1], self._sync[2]) if self._sync is not None and self._sync_fetched else (0, False)
         return P.Resume(self.peer_id, n, e.peer_ids, self.draining == n, tuple(sorted(self._next_seq.items())),
                         undecided, committed, self.waiting_round if self.waiting_round is not None else position,
