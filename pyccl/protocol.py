@@ -23,9 +23,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pyccl.epoch_delta import Added as Added
-from pyccl.epoch_delta import EpochDelta as EpochDelta
-from pyccl.epoch_delta import make_delta as make_delta
+from pyccl.epoch_frames import Added as Added
+from pyccl.epoch_frames import Epoch as Epoch
+from pyccl.epoch_frames import EpochDelta as EpochDelta
+from pyccl.epoch_frames import make_delta as make_delta
 from pyccl.failover_frames import Probe as Probe
 from pyccl.failover_frames import Resume as Resume
 from pyccl.failover_frames import Standing as Standing
@@ -117,9 +118,6 @@ from pyccl.frame_fields import (
     clip_reason as clip_reason,
 )
 from pyccl.frame_fields import (
-    host_ids as _host_ids,
-)
-from pyccl.frame_fields import (
     links as _links,
 )
 from pyccl.frame_fields import (
@@ -127,9 +125,6 @@ from pyccl.frame_fields import (
 )
 from pyccl.frame_fields import (
     parse_keys as parse_keys,
-)
-from pyccl.frame_fields import (
-    regions as _regions,
 )
 from pyccl.frame_fields import (
     term as _term,
@@ -345,35 +340,6 @@ class Welcome(Frame):
     def parse(cls, m: Mapping[str, Any]) -> Welcome:
         return cls(get_int(m, "peer_id", 1), get_float(m, "heartbeat_interval", 0.001, 3600.0),
                    get_float(m, "heartbeat_timeout", 0.001, 36000.0), _term(m))
-
-
-@dataclass(frozen=True, slots=True)
-class Epoch(Frame):
-    """A new membership epoch: the ring, the fence, the joiners' round position."""
-
-    TYPE: ClassVar[str] = "epoch"
-    epoch: int
-    members: tuple[Member, ...]
-    fence: tuple[tuple[int, int], ...]
-    next_round: int
-    kind: str
-    reason: str
-    salt: bytes | None = None  # a run with a secret: the epoch key's salt (see pyccl.auth)
-    hosts: tuple[str, ...] | None = None  # members' host ids, in ring order (absent: none gave one)
-    regions: tuple[str, ...] | None = None  # per member ("": unknown); issue 13, two-level all-reduce
-    term: int = 0  # failover: the term of the master that committed the epoch
-
-    @classmethod
-    def parse(cls, m: Mapping[str, Any]) -> Epoch:
-        members = _members(m, "members", "member")
-        if not members:
-            raise FrameError("'epoch' field 'members' must be a non-empty list")
-        return cls(get_int(m, "epoch"), members, tuple(get_pairs(m, "fence", MAX_FENCE_ENTRIES)),
-                   get_int(m, "next_round"), get_str(m, "kind", MAX_KIND_LEN),
-                   get_str(m, "reason", MAX_REASON_LEN, optional=True),
-                   _blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None,
-                   _host_ids(m, len(members)),
-                   _regions(m, len(members)) if m.get("regions") is not None else None, _term(m))
 
 
 @dataclass(frozen=True, slots=True)

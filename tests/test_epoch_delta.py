@@ -1,4 +1,4 @@
-"""epoch_delta (pyccl/epoch_delta.py): a delta made by the master expands on
+"""epoch_delta (pyccl/epoch_frames.py): a delta made by the master expands on
 the peer into exactly the epoch frame it stands for; what it cannot say is
 sent whole; a delta that does not fit the peer's epoch is an invalid frame."""
 

@@ -302,7 +302,7 @@ class Epochs:
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
                         kind, reason, self.salt(), hosts if any(hosts) else None,
                         topology.region_labels(group.members, group.links), self.term)
-        # Members that hold the previous epoch get the change (pyccl/epoch_delta.py); joiners the ring.
+        # Members that hold the previous epoch get the change (pyccl/epoch_frames.py); joiners the ring.
         prev, group.last_epoch = group.last_epoch, frame
         delta = P.make_delta(prev, frame) if prev is not None else None
         held = {m.peer_id for m in prev.members} if delta is not None and prev is not None else set()

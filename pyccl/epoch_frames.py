@@ -1,4 +1,5 @@
-"""``epoch_delta``: a new epoch sent as the change from the previous one.
+"""Epoch frames: ``epoch`` (the whole ring) and ``epoch_delta`` (the change
+from the previous epoch). Re-exported by :mod:`pyccl.protocol`.
 
 An ``epoch`` frame carries the whole ring (about 17 bytes per member, plus
 its host id): at 10,000 members every membership change wrote about 1.7 GB
@@ -10,14 +11,14 @@ that came in with their ring positions. It expands into exactly the
 so nothing past the control connection knows deltas exist.
 
 Pure: :func:`make_delta` on the master, :meth:`EpochDelta.expand` on the
-peer; re-exported by :mod:`pyccl.protocol`.
+peer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from pyccl.frame_fields import (
     MAX_FENCE_ENTRIES,
@@ -31,14 +32,43 @@ from pyccl.frame_fields import (
     Frame,
     Member,
     blob,
+    host_ids,
+    members,
+    regions,
     term,
 )
 from pyccl.wire import FrameError, clip, get_int, get_list, get_pairs, get_str, is_int
 
-if TYPE_CHECKING:
-    from pyccl.protocol import Epoch
+__all__ = ["Added", "Epoch", "EpochDelta", "make_delta"]
 
-__all__ = ["Added", "EpochDelta", "make_delta"]
+
+@dataclass(frozen=True, slots=True)
+class Epoch(Frame):
+    """A new membership epoch: the ring, the fence, the joiners' round position."""
+
+    TYPE: ClassVar[str] = "epoch"
+    epoch: int
+    members: tuple[Member, ...]
+    fence: tuple[tuple[int, int], ...]
+    next_round: int
+    kind: str
+    reason: str
+    salt: bytes | None = None  # a run with a secret: the epoch key's salt (see pyccl.auth)
+    hosts: tuple[str, ...] | None = None  # members' host ids, in ring order (absent: none gave one)
+    regions: tuple[str, ...] | None = None  # per member ("": unknown); issue 13, two-level all-reduce
+    term: int = 0  # failover: the term of the master that committed the epoch
+
+    @classmethod
+    def parse(cls, m: Mapping[str, Any]) -> Epoch:
+        ring = members(m, "members", "member")
+        if not ring:
+            raise FrameError("'epoch' field 'members' must be a non-empty list")
+        return cls(get_int(m, "epoch"), ring, tuple(get_pairs(m, "fence", MAX_FENCE_ENTRIES)),
+                   get_int(m, "next_round"), get_str(m, "kind", MAX_KIND_LEN),
+                   get_str(m, "reason", MAX_REASON_LEN, optional=True),
+                   blob(m, "salt", NONCE_BYTES) if m.get("salt") is not None else None,
+                   host_ids(m, len(ring)),
+                   regions(m, len(ring)) if m.get("regions") is not None else None, term(m))
 
 
 class Added(NamedTuple):
@@ -107,7 +137,6 @@ class EpochDelta(Frame):
         """The ``epoch`` frame (a :class:`pyccl.protocol.Epoch`) this delta
         stands for, given ``prev``, the epoch ``base`` as this peer holds it;
         FrameError if it does not fit."""
-        from pyccl.protocol import Epoch
 
         if prev is None or prev.epoch != self.base or self.epoch <= self.base:
             have = "no epoch" if prev is None else f"epoch {prev.epoch}"
