@@ -13,7 +13,7 @@
 // the same pass that touches it anyway: the segment sent first is copied
 // chunk by chunk right before it is sent; a reduce-scatter arrival lands in
 // save, and the fold leaves the sum in the caller's buffer and the original
-// in save (one pass of a swapping reduce kernel). All-gather
+// in save (a swap, block by block, so both stay in cache). All-gather
 // chunks then land on chunks whose originals are already saved: a chunk's
 // all-gather copy can only arrive after this peer folded (or first sent)
 // it. A failure puts the saved originals back (undo); a verdict that fails
@@ -109,12 +109,23 @@ class AllReducePlan final : public RingPlan {
  private:
   // save holds the partial sum that arrived, the caller's buffer the
   // original: afterwards the caller's buffer holds op(partial, original)
-  // (the same arithmetic as fold_input, so the same bits) and save the
-  // original, in one pass over both.
+  // (the same kernel call, operands and order as fold_input, so the bits
+  // are the same) and save the original. Blocks small enough for L1.
   void fold_swap(uint32_t c, bool owner) {
+    constexpr size_t kBlock = 16u << 10;  // a multiple of every element size
+    alignas(64) char original[kBlock];
     const Chunk& ch = op_.layout().chunk(c);
-    reduce_swap(op_.dtype(), op_.redop(), owner, op_.save() + ch.offset, op_.work() + ch.offset,
-                ch.length / op_.layout().elem_size(), op_.world_size());
+    const size_t elem = op_.layout().elem_size();
+    char* mine = op_.work() + ch.offset;
+    char* kept = op_.save() + ch.offset;
+    for (size_t off = 0; off < ch.length; off += kBlock) {
+      const size_t len = std::min<size_t>(kBlock, ch.length - off);
+      std::memcpy(original, mine + off, len);
+      if (owner) reduce_final(op_.dtype(), op_.redop(), kept + off, mine + off, len / elem, op_.world_size());
+      else reduce_step(op_.dtype(), op_.redop(), kept + off, mine + off, len / elem);
+      std::memcpy(mine + off, kept + off, len);
+      std::memcpy(kept + off, original, len);
+    }
     saved_[c] = 1;
   }
 

@@ -55,41 +55,31 @@ template <typename C> inline C mul(C a, C b) {
 template <typename C> inline C min_(C a, C b) { return (a < b || a != a) ? a : b; }
 template <typename C> inline C max_(C a, C b) { return (a > b || a != a) ? a : b; }
 
-// Swap: the result goes to src and src's old value to dst (see reduce_swap).
-template <typename Tag, bool Swap, typename F>
+template <typename Tag, typename F>
 __attribute__((always_inline)) inline void loop(void* dst_v, const void* src_v, size_t n, F f) {
   using A = Arith<Tag>;
   auto* __restrict dst = static_cast<typename A::storage*>(dst_v);
-  if constexpr (Swap) {
-    auto* __restrict src = static_cast<typename A::storage*>(const_cast<void*>(src_v));
-    for (size_t i = 0; i < n; ++i) {
-      const typename A::storage d = dst[i], s = src[i];
-      src[i] = A::store(f(A::load(d), A::load(s)));
-      dst[i] = s;
-    }
-  } else {
-    const auto* __restrict src = static_cast<const typename A::storage*>(src_v);
-    for (size_t i = 0; i < n; ++i) dst[i] = A::store(f(A::load(dst[i]), A::load(src[i])));
-  }
+  const auto* __restrict src = static_cast<const typename A::storage*>(src_v);
+  for (size_t i = 0; i < n; ++i) dst[i] = A::store(f(A::load(dst[i]), A::load(src[i])));
 }
 
-template <typename Tag, bool Swap>
+template <typename Tag>
 __attribute__((always_inline)) inline void run(RedOp op, bool final_step, void* dst, const void* src, size_t n,
                                                 int world_size) {
   using C = typename Arith<Tag>::compute;
   switch (op) {
-    case RedOp::Sum: loop<Tag, Swap>(dst, src, n, [](C a, C b) { return add(a, b); }); break;
+    case RedOp::Sum: loop<Tag>(dst, src, n, [](C a, C b) { return add(a, b); }); break;
     case RedOp::Avg:
       if (final_step) {
         const C div = static_cast<C>(world_size);
-        loop<Tag, Swap>(dst, src, n, [div](C a, C b) { return static_cast<C>(add(a, b) / div); });
+        loop<Tag>(dst, src, n, [div](C a, C b) { return static_cast<C>(add(a, b) / div); });
       } else {
-        loop<Tag, Swap>(dst, src, n, [](C a, C b) { return add(a, b); });
+        loop<Tag>(dst, src, n, [](C a, C b) { return add(a, b); });
       }
       break;
-    case RedOp::Prod: loop<Tag, Swap>(dst, src, n, [](C a, C b) { return mul(a, b); }); break;
-    case RedOp::Min: loop<Tag, Swap>(dst, src, n, [](C a, C b) { return min_(a, b); }); break;
-    case RedOp::Max: loop<Tag, Swap>(dst, src, n, [](C a, C b) { return max_(a, b); }); break;
+    case RedOp::Prod: loop<Tag>(dst, src, n, [](C a, C b) { return mul(a, b); }); break;
+    case RedOp::Min: loop<Tag>(dst, src, n, [](C a, C b) { return min_(a, b); }); break;
+    case RedOp::Max: loop<Tag>(dst, src, n, [](C a, C b) { return max_(a, b); }); break;
   }
 }
 
@@ -101,30 +91,19 @@ __attribute__((always_inline)) inline void run(RedOp op, bool final_step, void* 
 
 // One entry point, compiled once per instruction set; the loader picks the
 // best at start-up (ifunc), so wheels stay portable yet use AVX2 where present.
-template <bool Swap>
-__attribute__((always_inline)) inline void by_dtype(DType dtype, RedOp op, bool final_step, void* dst, const void* src,
-                                                     size_t n, int world_size) {
-  switch (dtype) {
-    case DType::Float32: run<float, Swap>(op, final_step, dst, src, n, world_size); break;
-    case DType::Float64: run<double, Swap>(op, final_step, dst, src, n, world_size); break;
-    case DType::Float16: run<Fp16Tag, Swap>(op, final_step, dst, src, n, world_size); break;
-    case DType::BFloat16: run<Bf16Tag, Swap>(op, final_step, dst, src, n, world_size); break;
-    case DType::Int8: run<int8_t, Swap>(op, final_step, dst, src, n, world_size); break;
-    case DType::UInt8: run<uint8_t, Swap>(op, final_step, dst, src, n, world_size); break;
-    case DType::Int16: run<int16_t, Swap>(op, final_step, dst, src, n, world_size); break;
-    case DType::Int32: run<int32_t, Swap>(op, final_step, dst, src, n, world_size); break;
-    case DType::Int64: run<int64_t, Swap>(op, final_step, dst, src, n, world_size); break;
-  }
-}
-
 PYCCL_MULTIVERSION
 void dispatch(DType dtype, RedOp op, bool final_step, void* dst, const void* src, size_t n, int world_size) {
-  by_dtype<false>(dtype, op, final_step, dst, src, n, world_size);
-}
-
-PYCCL_MULTIVERSION
-void dispatch_swap(DType dtype, RedOp op, bool final_step, void* dst, const void* src, size_t n, int world_size) {
-  by_dtype<true>(dtype, op, final_step, dst, src, n, world_size);
+  switch (dtype) {
+    case DType::Float32: run<float>(op, final_step, dst, src, n, world_size); break;
+    case DType::Float64: run<double>(op, final_step, dst, src, n, world_size); break;
+    case DType::Float16: run<Fp16Tag>(op, final_step, dst, src, n, world_size); break;
+    case DType::BFloat16: run<Bf16Tag>(op, final_step, dst, src, n, world_size); break;
+    case DType::Int8: run<int8_t>(op, final_step, dst, src, n, world_size); break;
+    case DType::UInt8: run<uint8_t>(op, final_step, dst, src, n, world_size); break;
+    case DType::Int16: run<int16_t>(op, final_step, dst, src, n, world_size); break;
+    case DType::Int32: run<int32_t>(op, final_step, dst, src, n, world_size); break;
+    case DType::Int64: run<int64_t>(op, final_step, dst, src, n, world_size); break;
+  }
 }
 
 }  // namespace
@@ -135,10 +114,6 @@ void reduce_step(DType dtype, RedOp op, void* dst, const void* src, size_t count
 
 void reduce_final(DType dtype, RedOp op, void* dst, const void* src, size_t count, int world_size) {
   dispatch(dtype, op, true, dst, src, count, world_size);
-}
-
-void reduce_swap(DType dtype, RedOp op, bool final_step, void* partial, void* mine, size_t count, int world_size) {
-  dispatch_swap(dtype, op, final_step, partial, mine, count, world_size);
 }
 
 }  // namespace pyccl

@@ -17,9 +17,5 @@ namespace pyccl {
 
 void reduce_step(DType dtype, RedOp op, void* dst, const void* src, size_t count);
 void reduce_final(DType dtype, RedOp op, void* dst, const void* src, size_t count, int world_size);
-// The in-place all-reduce's fold (collectives/ring_allreduce.cpp), in one
-// pass: mine = op(partial, mine) as reduce_step (or, final_step, as
-// reduce_final) computes it, bit for bit, and partial = mine's old value.
-void reduce_swap(DType dtype, RedOp op, bool final_step, void* partial, void* mine, size_t count, int world_size);
 
 }  // namespace pyccl
