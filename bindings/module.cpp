@@ -138,21 +138,20 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "collective",
           [](DataPlane& d, Collective kind, int root, uint64_t epoch, uint32_t tag, uint64_t seq, uintptr_t input,
-             uintptr_t work, size_t count, int dtype, int op, uintptr_t save) {
+             uintptr_t work, size_t count, int dtype, int op) {
             const DType t = to_dtype(dtype);
             const RedOp o = to_redop(op);
             OpResult r;
             {
               py::gil_scoped_release release;
               r = d.collective(kind, root, epoch, tag, seq, reinterpret_cast<const void*>(input),
-                               reinterpret_cast<void*>(work), count, t, o, reinterpret_cast<void*>(save));
+                               reinterpret_cast<void*>(work), count, t, o);
             }
             return py::make_tuple(r.status.kind, r.status.message, r.tx_bytes, r.rx_bytes);
           },
           py::arg("kind"), py::arg("root"), py::arg("epoch"), py::arg("tag"), py::arg("seq"), py::arg("input"),
-          py::arg("work"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("save") = 0,
-          "Run one ring collective; returns (FailKind, message, tx_bytes, rx_bytes). An in-place all-reduce "
-          "passes work == input and save: a buffer of the same size that ends up holding the original.")
+          py::arg("work"), py::arg("count"), py::arg("dtype"), py::arg("op"),
+          "Run one ring collective; returns (FailKind, message, tx_bytes, rx_bytes).")
       .def(
           "all_reduce_two_level",
           [](DataPlane& d, uint64_t epoch, uint32_t tag, uint64_t seq, uintptr_t input, uintptr_t work, size_t count,

@@ -137,7 +137,7 @@ void DataPlane::on_link_broken(uint64_t epoch, const std::string& reason) {
 }
 
 OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32_t tag, uint64_t seq,
-                               const void* input, void* work, size_t count, DType dtype, RedOp redop, void* save) {
+                               const void* input, void* work, size_t count, DType dtype, RedOp redop) {
   std::shared_ptr<net::RingLinks> links;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -156,8 +156,6 @@ OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32
     if (work != input && count > 0) std::memmove(work, input, count * elem);
     return {};
   }
-  if (save != nullptr && (kind != Collective::AllReduce || work != input))
-    return {Status::Fail(FailKind::Invalid, "only an in-place all-reduce takes a save buffer")};
   if (kind == Collective::AllReduceQ8 && dtype != DType::Float32)
     return {Status::Fail(FailKind::Invalid, "quantized all-reduce takes float32 tensors")};
   // A small all-reduce runs as an all-gather of the n inputs, reduced
@@ -172,7 +170,6 @@ OpResult DataPlane::collective(Collective kind, int root, uint64_t epoch, uint32
   params.redop = redop;
   params.input = input;
   params.work = work;
-  params.save = save;
   params.count = count;
   params.rank = info.rank;
   params.world_size = info.world_size;
@@ -234,10 +231,7 @@ OpResult DataPlane::run_op(net::RingLinks& links, const OpParams& params) {
   // into, the caller's buffers.
   op->wait_quiescent();
   if (published) registry_.remove(*op);
-  // The driver's outcome, not a failure that reached the op after it
-  // finished (a link breaking just then): an in-place op that finished has
-  // written its result, and only its caller may now undo it.
-  return {st, op->tx_bytes(), op->rx_bytes()};
+  return {op->status(), op->tx_bytes(), op->rx_bytes()};
 }
 
 // ----------------------------------------------------------------- incoming

@@ -81,13 +81,9 @@ class DataPlane {
   // Runs one ring collective over `count` elements (the full tensor: for
   // all-gather the output, for reduce-scatter the input). `input` is only
   // read; results land in `work` (each collective's file in collectives/ says
-  // how it lays out its buffers). An in-place all-reduce passes work ==
-  // input and a `save` buffer of the same size (OpParams::save): the result
-  // is written into the caller's buffer, a local failure puts its original
-  // back, and after a success save holds the whole original (a verdict that
-  // fails the op copies it back).
+  // how it lays out its buffers).
   OpResult collective(Collective kind, int root, uint64_t epoch, uint32_t tag, uint64_t seq, const void* input,
-                      void* work, size_t count, DType dtype, RedOp op, void* save = nullptr);
+                      void* work, size_t count, DType dtype, RedOp op);
   // All-reduce over the epoch's region and cross-region rings
   // (collectives/two_level_allreduce.h); fails if the epoch has none.
   OpResult all_reduce_two_level(uint64_t epoch, uint32_t tag, uint64_t seq, const void* input, void* work,

@@ -25,8 +25,6 @@ class GatherAllReducePlan final : public AllGatherPlan {
     const size_t count = bytes / op_.layout().elem_size();
     if (bytes == 0) return Status::Ok();
     void* result = op_.work();
-    // In place (see OpParams::save): keep the original for the verdict.
-    if (op_.save() != nullptr) std::memcpy(op_.save(), result, bytes);
     const char* gathered = gathered_.data();
     std::memcpy(result, gathered, bytes);
     for (int k = 1; k < n - 1; ++k) reduce_step(op_.dtype(), op_.redop(), result, gathered + k * bytes, count);

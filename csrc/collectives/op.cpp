@@ -28,7 +28,6 @@ Op::Op(const OpParams& p)
       redop_(p.redop),
       input_(p.input),
       work_(p.work),
-      save_(p.save),
       layout_(layout_for(spec_, p)),
       rank_(p.rank),
       world_size_(p.world_size),

@@ -42,11 +42,6 @@ struct OpParams {
   RedOp redop = RedOp::Sum;
   const void* input = nullptr;  // only read
   void* work = nullptr;         // the result
-  // In-place all-reduce (work == input): where the plan keeps the original
-  // of every byte of the input it overwrites, so that a failed op can be
-  // undone (CollectivePlan::undo, or the caller copying save back after a
-  // verdict that failed an op that succeeded here). Null otherwise.
-  void* save = nullptr;
   size_t count = 0;             // elements of the caller's tensor (see CollectiveSpec)
   int rank = 0;
   int world_size = 1;
@@ -67,7 +62,6 @@ class Op final : public net::FrameSource, public std::enable_shared_from_this<Op
   int root() const { return root_; }
   const void* input() const { return input_; }
   char* work() const { return static_cast<char*>(work_); }
-  char* save() const { return static_cast<char*>(save_); }
   CollectivePlan& plan() { return *plan_; }
   const CollectivePlan& plan() const { return *plan_; }
 
@@ -126,7 +120,6 @@ class Op final : public net::FrameSource, public std::enable_shared_from_this<Op
   const RedOp redop_;
   const void* const input_;
   void* const work_;
-  void* const save_;
   const RingLayout layout_;
   const int rank_;
   const int world_size_;

@@ -53,10 +53,6 @@ class CollectivePlan {
   // Caller's thread, after every arrival, once no other thread touches the
   // buffers, if the op succeeded.
   virtual Status finish() { return Status::Ok(); }
-  // Caller's thread, after a failure, once no other thread touches the
-  // buffers: put back whatever of the caller's input the plan overwrote
-  // (only plans that write into their input, see OpParams::save).
-  virtual void undo() {}
 
  protected:
   // Sends every chunk of `segment` in `phase`, payloads from `base` + offset.

@@ -15,10 +15,7 @@ Status close_ring(Op& op) {
   // The handlers and senders use the op's buffers (and the plan's staging):
   // no thread may touch them once we return.
   op.wait_quiescent();
-  if (Status st = op.status(); !st.ok()) {
-    op.plan().undo();
-    return st;
-  }
+  if (Status st = op.status(); !st.ok()) return st;
   return op.plan().finish();
 }
 

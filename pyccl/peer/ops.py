@@ -5,8 +5,8 @@ the work buffer it runs in, and what it returns.
 place in the sequence (dtypes, overlaps, the quantize option);
 :func:`check_for_epoch` what depends on the world size of the op's epoch
 (every participant sees the same one, so they all fail together and nobody
-waits for data). :class:`WorkBuffers` picks where the ring writes, so that
-a failed op leaves the caller's input intact.
+waits for data). :class:`WorkBuffers` picks where the ring writes: never
+the caller's input, so a failed op leaves it intact.
 """
 
 from __future__ import annotations
@@ -182,26 +182,18 @@ def check_for_epoch(call: Call, n: int) -> None:
 class WorkBuffers:
     """Where one op's ring writes, and how its result reaches the caller.
 
-    An in-place all-reduce over the ring runs in the caller's buffer itself
-    (:meth:`run_in_place`): the data plane keeps the original of every chunk
-    in a pooled scratch buffer just before it first overwrites it, undoes
-    its writes when the op fails locally, and :meth:`release` copies the
-    original back when the op succeeded here but the master failed it.
-    Otherwise all-reduce and reduce-scatter run in a scratch buffer (or in
-    ``out``, which nobody reads before the op returns) and :meth:`commit`
-    copies the result into the caller's buffer once the master committed the
-    op. All-gather writes its output directly (it is not an input);
-    broadcast is in place (only the root's buffer is an input, and the
-    root's bytes are what everyone ends with).
+    All-reduce and reduce-scatter run in a scratch buffer (or in ``out``,
+    which nobody reads before the op returns); :meth:`commit` copies the
+    result into the caller's buffer once the master committed the op.
+    All-gather writes its output directly (it is not an input); broadcast is
+    in place (only the root's buffer is an input, and the root's bytes are
+    what everyone ends with).
     """
 
     def __init__(self, call: Call, scratch: ScratchPool) -> None:
         self._call = call
         self._pool = scratch
         self.scratch: np.ndarray | None = None
-        self.save = 0  # the data plane's save buffer (run_in_place), else 0
-        self._local_ok = False
-        self._committed = False
         src, dst = call.src, call.dst
         self.count = src.count
         if call.kind in (_core.Collective.ALL_REDUCE, _core.Collective.ALL_REDUCE_Q8) and dst is not None:
@@ -216,27 +208,9 @@ class WorkBuffers:
         else:
             self.ptr = src.ptr
 
-    @property
-    def can_run_in_place(self) -> bool:
-        """A plain in-place all-reduce: the ring may write the caller's buffer."""
-        return self._call.kind == _core.Collective.ALL_REDUCE and self._call.dst is None and self.scratch is not None
-
-    def run_in_place(self) -> None:
-        """The ring writes the caller's buffer; the scratch buffer keeps the originals."""
-        assert self.scratch is not None
-        self.save = self.scratch.ctypes.data
-        self.ptr = self._call.src.ptr
-
-    def local_result(self, kind: _core.FailKind) -> None:
-        """What the data plane reported (an in-place op it finished holds the result, its original in save)."""
-        self._local_ok = kind == _core.FailKind.NONE
-
     def commit(self, rank: int) -> None:
         """The op was committed: only now may the caller's buffers change."""
         call, src, dst = self._call, self._call.src, self._call.dst
-        self._committed = True
-        if self.save:
-            return  # already in place
         if call.kind in (_core.Collective.ALL_REDUCE, _core.Collective.ALL_REDUCE_Q8) and self.scratch is not None:
             _core.copy(src.ptr, self.ptr, src.nbytes)
         elif call.kind == _core.Collective.REDUCE_SCATTER:
@@ -244,10 +218,6 @@ class WorkBuffers:
             _core.copy(dst.ptr, self.ptr + rank * dst.nbytes, dst.nbytes)
 
     def release(self) -> None:
-        """The op is over. One the master failed after it succeeded here gets its input back."""
-        if self.save and self._local_ok and not self._committed:
-            _core.copy(self._call.src.ptr, self.save, self._call.src.nbytes)
-        self.save = 0
         if self.scratch is not None:
             self._pool.put(self.scratch)
             self.scratch = None
@@ -261,9 +231,5 @@ def launch(dp: _core.DataPlane, call: Call, bufs: WorkBuffers, epoch: EpochView,
     if use_two_level(two_level, epoch.two_level, call.kind == _core.Collective.ALL_REDUCE, call.src.nbytes):
         return (*dp.all_reduce_two_level(epoch.number, tag, seq, call.src.ptr, bufs.ptr, bufs.count,
                                          call.src.dtype_code, int(call.rop)), True)
-    if bufs.can_run_in_place and epoch.world_size > 1:
-        bufs.run_in_place()
-    kind, message, tx, rx = dp.collective(call.kind, call.root, epoch.number, tag, seq, call.src.ptr, bufs.ptr,
-                                          bufs.count, call.src.dtype_code, int(call.rop), bufs.save)
-    bufs.local_result(kind)
-    return kind, message, tx, rx, False
+    return (*dp.collective(call.kind, call.root, epoch.number, tag, seq, call.src.ptr, bufs.ptr,
+                           bufs.count, call.src.dtype_code, int(call.rop)), False)
