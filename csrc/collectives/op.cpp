@@ -146,12 +146,18 @@ void Op::end_write(const net::DataHeader& h, bool ok) {
   std::lock_guard<std::mutex> lock(mu_);
   --active_writers_;
   if (ok) ++processed_;
-  cv_.notify_all();
+  notify_if_due();
+}
+
+void Op::notify_if_due() {
+  if (processed_ >= wait_target_ || (quiet_waiters_ > 0 && active_writers_ == 0 && pending_sends_ == 0)) cv_.notify_all();
 }
 
 bool Op::wait_processed(size_t count) {
   std::unique_lock<std::mutex> lock(mu_);
+  wait_target_ = count;
   cv_.wait(lock, [&] { return processed_ >= count || !status_.ok(); });
+  wait_target_ = SIZE_MAX;
   return status_.ok();
 }
 
@@ -169,12 +175,14 @@ void Op::send_done(bool ok, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   --pending_sends_;
   if (ok) tx_bytes_ += bytes;
-  cv_.notify_all();
+  notify_if_due();
 }
 
 void Op::wait_quiescent() {
   std::unique_lock<std::mutex> lock(mu_);
+  ++quiet_waiters_;
   cv_.wait(lock, [&] { return active_writers_ == 0 && pending_sends_ == 0; });
+  --quiet_waiters_;
 }
 
 void Op::fail(FailKind kind, const std::string& message) {

@@ -110,6 +110,8 @@ class Op final : public net::FrameSource, public std::enable_shared_from_this<Op
   // Why a data frame does not fit this op, or "" (checks that need no lock).
   std::string frame_problem(const net::DataHeader& h) const;
   std::string mismatch_message(const net::DataHeader& h, const std::string& from) const;
+  // Under mu_: wakes the caller if what it waits for holds now.
+  void notify_if_due();
 
   const OpKey key_;
   const CollectiveSpec& spec_;
@@ -127,6 +129,11 @@ class Op final : public net::FrameSource, public std::enable_shared_from_this<Op
   std::condition_variable cv_;
   std::vector<uint8_t> arrived_rs_, arrived_ag_;
   size_t processed_ = 0;
+  // What the caller's thread waits for, so that readers and senders wake it
+  // only when that may have come true (not once per chunk: on 2 cores each
+  // needless wake-up is a context switch in the middle of the ring).
+  size_t wait_target_ = SIZE_MAX;
+  int quiet_waiters_ = 0;
   bool start_arrived_ = false;
   int active_writers_ = 0;
   int pending_sends_ = 0;

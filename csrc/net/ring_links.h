@@ -70,7 +70,7 @@ class RingLinks final : public FrameSender {
 
   // Blocks until every outgoing connection is up; fails if the link broke.
   Status wait_ready();
-  // Stripe frames round-robin over the pool.
+  // Stripe frames over the pool, about kStripeBytes per connection in turn.
   void send(const std::shared_ptr<FrameSource>& op, const DataHeader& header, const void* payload) override;
 
   // Incoming side: claim the slot a hello names. Returns false with `why`
@@ -103,7 +103,9 @@ class RingLinks final : public FrameSender {
   std::atomic<bool> connector_done_{false};
   std::vector<int> in_fds_;        // fds of attached incoming sockets (for shutdown)
   std::vector<uint8_t> in_slots_;  // which incoming slots are taken
-  uint64_t rr_ = 0;  // round-robin cursor, guarded by mu_
+  static constexpr uint64_t kStripeBytes = 1u << 20;
+  uint64_t rr_ = 0;       // the connection frames go to now, guarded by mu_
+  uint64_t striped_ = 0;  // payload bytes given to it since it was picked
   std::thread connector_;
 };
 
