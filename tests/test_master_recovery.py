@@ -232,3 +232,21 @@ def test_a_member_that_re_dials_during_the_collection_replaces_its_first_try() -
     assert a in h.closed
     b = rejoin(h, 2, members=(1, 2))
     assert ring(last_epoch(h.take(a2))) == [1, 2] and ring(last_epoch(h.take(b))) == [1, 2]
+
+
+def test_members_whose_old_connections_closed_first_re_form_the_group() -> None:
+    """A thawed master may read a member's closed old connection before its
+    new hello: the group is still at that member's epoch, so it is collected,
+    not refused."""
+    h = Harness()
+    conns = h.join_group(3)
+    pids = [h.pid(c) for c in conns]
+    epoch = h.info().epoch
+    h.disconnect(conns[0])  # the old connection's end comes first
+    first = rejoin(h, pids[0], epoch=epoch, members=tuple(pids))
+    assert first not in h.closed and h.types(first) == ["welcome"]
+    h.disconnect(conns[1])
+    second = rejoin(h, pids[1], epoch=epoch, members=tuple(pids))
+    third = rejoin(h, pids[2], epoch=epoch, members=tuple(pids))  # its old connection is replaced
+    for c in (first, second, third):
+        assert ring(last_epoch(h.take(c))) == pids and c not in h.closed

@@ -127,7 +127,12 @@ class Recovery:
         """Why a re-registration cannot be accepted (None: accept it). ``own``:
         the peer was a member here (this master lost it, e.g. while frozen):
         it is collected like the others; if its group goes on without it
-        here, it is refused when the collection ends."""
+        here, it is refused when the collection ends. So is a member whose
+        old connection this master saw close first (a thawed master reads
+        the old connections' ends and the new hellos in any order): its
+        group is still at the peer's epoch, it has not gone on yet."""
+        if group is not None and group.epoch == resume.epoch and group.last_epoch is not None:
+            own = own or any(m.peer_id == resume.peer_id for m in group.last_epoch.members)
         if group is None or group.recovery is not None or not group.members or own:
             return None
         if group.epoch >= resume.epoch:
