@@ -25,6 +25,7 @@ import datetime
 import multiprocessing as mp
 import os
 import platform
+import queue
 import socket
 import time
 from pathlib import Path
@@ -38,6 +39,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_workers(ctx, world: int, quick: bool, attempts: int = 3) -> tuple[int, dict]:
+    """Start the ranks and wait for rank 0's results. A rank that dies (for
+    example when another process took the rendezvous port between
+    free_port() and the bind) fails the attempt at once instead of leaving
+    the wait to its timeout; the next attempt gets a fresh port."""
+    for attempt in range(1, attempts + 1):
+        q = ctx.Queue()
+        port = free_port()
+        procs = [ctx.Process(target=worker, args=(r, world, port, quick, q), daemon=True) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 1800
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    return q.get(timeout=1.0)
+                except queue.Empty:
+                    if any(p.exitcode not in (None, 0) for p in procs):
+                        break
+            else:
+                raise TimeoutError("the benchmark's ranks did not report within 1800 s")
+        finally:
+            for p in procs:
+                p.join(5)
+                if p.exitcode is None:
+                    p.kill()
+                    p.join(5)
+        print(f"attempt {attempt}: a rank exited with {[p.exitcode for p in procs]}; retrying on a new port")
+    raise RuntimeError(f"the benchmark's ranks failed {attempts} times (see their tracebacks above)")
 
 
 def samples_for(nbytes: int, quick: bool) -> int:
@@ -182,19 +214,8 @@ def main() -> None:
     args = ap.parse_args()
     world = 2
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
     t0 = time.time()
-    procs = [ctx.Process(target=worker, args=(r, world, port, args.quick, q), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        nparams, results = q.get(timeout=1800)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.exitcode is None:
-                p.kill()
+    nparams, results = run_workers(ctx, world, args.quick)
     rows = []
     for key, r in results.items():
         g, p = r["gloo"], r["pyccl"]
