@@ -224,7 +224,7 @@ class Epochs:
         if self.quorum_lost(group, now):
             # The others may be alive on the far side of a partition, re-forming
             # the group under a standby: wait for them, or for the standby's
-            # next probe (:meth:`retry_blocked`), rather than fork the run.
+            # next probe (:meth:`renew_lease`), rather than fork the run.
             log.warning("group %d: %d of the %d members of epoch %d are left and a standby may have taken over; "
                         "waiting for a probe from it or for members to return", group.gid, len(group.members),
                         group.epoch_size, group.epoch)
@@ -298,7 +298,6 @@ class Epochs:
             self.term = 1  # the first epoch this master commits makes its term firm
         # Host ids let ring neighbours on one machine use shared memory.
         hosts = tuple(m.host_id for m in group.members)
-        group.epoch_size = len(group.members)
         frame = P.Epoch(group.epoch, tuple(m.ring_entry() for m in group.members), tuple(fence), next_round,
                         kind, reason, self.salt(), hosts if any(hosts) else None,
                         topology.region_labels(group.members, group.links), self.term)

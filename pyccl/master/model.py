@@ -189,7 +189,7 @@ class SyncRound:
 
 class Group:
     __slots__ = ("gid", "epoch", "members", "pending", "rounds", "next_unused_round", "ops", "drain",
-                 "revision", "syncs", "sync", "sync_queue", "links", "epoch_size",
+                 "revision", "syncs", "sync", "sync_queue", "links",
                  "recovery", "round_floor",  # failover (pyccl/master/recovery.py)
                  "fanout", "last_epoch")
 
@@ -202,7 +202,6 @@ class Group:
         self.next_unused_round = 0
         self.ops: dict[tuple[int, int], set[int]] = {}  # (tag, seq) -> ids that reported done
         self.drain: DrainRecord | None = None
-        self.epoch_size = 0  # members of the committed epoch (a shrink to half or less may need a quorum)
         self.revision: int | None = None  # last synced shared-state revision
         self.syncs = 0  # sync rounds opened so far (the open round's number)
         self.sync: SyncRound | None = None
@@ -220,6 +219,11 @@ class Group:
         self.fanout: tuple[tuple[int, int], tuple[int, ...]] | None = None
         # The last epoch frame its members hold: the next one goes to them as an epoch_delta from it.
         self.last_epoch: P.Epoch | None = None
+
+    @property
+    def epoch_size(self) -> int:
+        """Members of the last committed epoch (a shrink to half or less may need a quorum)."""
+        return len(self.last_epoch.members) if self.last_epoch is not None else 0
 
     @property
     def phase(self) -> GroupPhase:

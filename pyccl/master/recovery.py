@@ -241,7 +241,6 @@ class Recovery:
         revisions = [r.revision for _, r in keep if r.revision is not None]
         group.epoch = max(group.epoch, top) + 1
         group.members = [p for p, _ in keep]
-        group.epoch_size = len(group.members)
         order_ring(group.members)
         group.ops.clear()
         group.rounds.clear()
